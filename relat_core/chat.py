@@ -1,0 +1,100 @@
+"""Turning chat messages into the token segments of a request, through the model's own chat template.
+
+The segments around the latent thought are cut out of templates rendered with marker strings, so any chat
+template works (ChatML for SmolLM2 and Qwen, Llama's own, ...) without a table of special tokens per family:
+
+    prompt (question)  | L latents | reconstruction: turn end, user turn with the instruction, assistant turn, Q
+                       |           | follow-up: turn end and assistant turn (bridge), or a user turn restating Q
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from .params import InvalidParameter
+
+_LATENT = "\ue000relat-latent\ue000"  # private-use characters: never in real text
+_NEXT = "\ue000relat-next\ue000"
+
+
+@dataclass
+class Segments:
+    prompt_ids: list[int]
+    question_start: int  # prompt positions from here on carry the question: hidden from the reconstruction
+    recon_ids: list[int]  # reconstruction instruction, then the question's tokens
+    recon_labels: list[int]  # next-token targets on the question's tokens, -100 elsewhere
+    follow_ids: list[int]  # between the latent thought (or the prompt, for `direct`) and the answer
+    question: str
+
+
+def normalise_messages(messages: list[dict]) -> list[dict[str, str]]:
+    """Validate roles and flatten OpenAI content parts into plain strings."""
+    if not messages:
+        raise InvalidParameter("messages", "messages must not be empty")
+    result = []
+    for index, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise InvalidParameter(f"messages[{index}].role", f"unsupported role {role!r}")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise InvalidParameter(f"messages[{index}].content", "only text content parts are supported")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise InvalidParameter(f"messages[{index}].content", "content must be a string or a list of text parts")
+        result.append({"role": "system" if role == "developer" else role, "content": content})
+    if result[-1]["role"] != "user" or not result[-1]["content"].strip():
+        raise InvalidParameter("messages", "the last message must be a non-empty user message (the question)")
+    return result
+
+
+class ChatFormat:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+
+    def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _between(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        """Template text that follows an assistant turn holding the latent thought, up to the next marker."""
+        text = self._render(messages, generation_prompt)
+        start = text.index(_LATENT) + len(_LATENT)
+        end = text.find(_NEXT, start)
+        return text[start:] if end < 0 else text[start:end]
+
+    def segments(self, messages: list[dict[str, str]], reconstruction_instruction: str, follow_up: str,
+                 latent: bool) -> Segments:
+        question = messages[-1]["content"]
+        prompt_text = self._render(messages, generation_prompt=True)
+        encoded = self.tokenizer(prompt_text, add_special_tokens=False, return_offsets_mapping=True)
+        prompt_ids = encoded["input_ids"]
+        question_char = prompt_text.rfind(question)
+        # Everything from the question's first token on is hidden: later prompt tokens have attended to it.
+        question_start = next((i for i, (_, end) in enumerate(encoded["offset_mapping"]) if end > question_char),
+                              len(prompt_ids)) if question_char >= 0 else 1
+
+        with_latent = messages + [{"role": "assistant", "content": _LATENT}]
+        instruction = self._between(with_latent + [{"role": "user", "content": reconstruction_instruction},
+                                                   {"role": "assistant", "content": _NEXT}], generation_prompt=False)
+        instruction_ids = self._encode(instruction)
+        question_ids = self._encode(question)
+        recon_ids = instruction_ids + question_ids
+        recon_labels = [-100] * (len(instruction_ids) - 1) + question_ids + [-100]
+
+        if not latent:
+            follow = ""
+        elif follow_up == "bridge":
+            follow = self._between(with_latent, generation_prompt=True)
+        else:
+            follow = self._between(with_latent + [{"role": "user", "content": question}], generation_prompt=True)
+        return Segments(prompt_ids, question_start, recon_ids, recon_labels, self._encode(follow), question)

@@ -1,0 +1,120 @@
+"""Latent thoughts over a Hugging Face causal LM: masked incremental forwards, the hidden-to-embedding map,
+the L-step rollout and the reconstruction loss.
+
+Follows LatentMAS (arXiv 2511.20639) for the open loop: the last layer's hidden state (after the final norm) at
+the last position is mapped back to input-embedding scale and fed as the next `inputs_embeds`; no LM head runs in a
+latent step. ReLAT (arXiv 2606.06252) adds the reconstruction of the question from the latent thought alone.
+
+Every forward gets an explicit 4-D additive attention mask and explicit position ids, so that one code path
+serves left-padded batches, latent steps and the reconstruction pass, which must not see the question's tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, PreTrainedModel
+
+
+@dataclass
+class SequenceState:
+    """A batch of sequences sharing one KV cache: what each row may attend to and its next position."""
+
+    cache: DynamicCache
+    visible: torch.Tensor  # (B, K) bool: cached keys a later query may attend to (False for padding)
+    next_position: torch.Tensor  # (B,) long
+
+    @classmethod
+    def empty(cls, model: PreTrainedModel, batch_size: int, device: torch.device) -> SequenceState:
+        return cls(DynamicCache(config=model.config), torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
+                   torch.zeros(batch_size, dtype=torch.long, device=device))
+
+    @property
+    def length(self) -> int:
+        return self.visible.shape[1]
+
+    def truncate(self, length: int, next_position: torch.Tensor) -> None:
+        """Drop cached positions past `length` (the reconstruction pass is scored, then forgotten)."""
+        self.cache.crop(length - self.length)  # transformers 5 takes the (negative) number of positions to drop
+        self.visible = self.visible[:, :length]
+        self.next_position = next_position
+
+
+def extend(model: PreTrainedModel, state: SequenceState, *, input_ids: torch.Tensor | None = None,
+           inputs_embeds: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+           hidden_keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Append T positions to every row and return their final-norm hidden states, (B, T, d).
+
+    valid: (B, T) bool, False for padding (not attended to, no position consumed).
+    hidden_keys: (B, K) bool, cached keys these new queries must not attend to (they stay visible afterwards).
+    """
+    new = input_ids if input_ids is not None else inputs_embeds
+    batch, steps = new.shape[0], new.shape[1]
+    device = new.device
+    if valid is None:
+        valid = torch.ones(batch, steps, dtype=torch.bool, device=device)
+    past = state.length
+    positions = (state.next_position[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+    keys = torch.cat([state.visible if hidden_keys is None else state.visible & ~hidden_keys, valid], dim=1)
+    key_index = torch.arange(past + steps, device=device)
+    query_index = past + torch.arange(steps, device=device)
+    allowed = keys[:, None, :] & (key_index[None, None, :] <= query_index[None, :, None])  # (B, T, K+T)
+    allowed |= key_index[None, None, :] == query_index[None, :, None]  # a padding query sees itself: no NaN rows
+    dtype = model.dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    output = model.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask[:, None],
+                              position_ids=positions, past_key_values=state.cache, use_cache=True)
+    state.visible = torch.cat([state.visible, valid], dim=1)
+    state.next_position = state.next_position + valid.sum(1)
+    return output.last_hidden_state
+
+
+class LatentMap:
+    """Maps a last-layer hidden state to an input embedding; the realignment matrix is solved once per model."""
+
+    def __init__(self, model: PreTrainedModel):
+        w_in = model.get_input_embeddings().weight.detach().float()  # (V, d)
+        self.target_norm = w_in.norm(dim=1).mean()
+        w_out = model.get_output_embeddings().weight.detach().float()  # (V, d)
+        gram = w_out.T @ w_out + 1e-5 * torch.eye(w_out.shape[1], device=w_out.device)
+        self.realign = torch.linalg.solve(gram, w_out.T @ w_in)  # (d, d): least squares W_out W_a ≈ W_in
+
+    def __call__(self, hidden: torch.Tensor, mapping: str) -> torch.Tensor:
+        if mapping == "none":
+            return hidden
+        if mapping == "realign":
+            hidden = hidden @ self.realign.to(hidden.dtype)
+        norm = hidden.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+        return hidden * (self.target_norm.to(hidden.dtype) / norm)
+
+
+def latent_rollout(model: PreTrainedModel, state: SequenceState, last_hidden: torch.Tensor, steps: int,
+                   latent_map: LatentMap, mapping: str, residual_alpha: float) -> torch.Tensor:
+    """Run `steps` latent positions from `last_hidden` (B, d); returns the last latent's hidden state."""
+    previous = None
+    for _ in range(steps):
+        embed = latent_map(last_hidden, mapping)
+        if residual_alpha and previous is not None:
+            embed = residual_alpha * previous + (1 - residual_alpha) * embed
+        last_hidden = extend(model, state, inputs_embeds=embed[:, None, :])[:, -1]
+        previous = embed
+    return last_hidden
+
+
+def reconstruction_loss(model: PreTrainedModel, state: SequenceState, recon_ids: torch.Tensor,
+                        recon_valid: torch.Tensor, labels: torch.Tensor, question_keys: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy per row of rebuilding the question after the latent thought, (B,).
+
+    recon_ids: (B, T) instruction + question tokens, right-padded; labels: (B, T) the next token where it is a
+    question token, else -100. question_keys: (B, K) the prompt positions that hold (or follow) the question:
+    hidden from this pass, else the model copies them and no gradient reaches the latents.
+    """
+    hidden = extend(model, state, input_ids=recon_ids, valid=recon_valid, hidden_keys=question_keys)
+    scored = labels != -100  # logits only where a loss needs them
+    logits = model.get_output_embeddings()(hidden[scored]).float()
+    token_loss = F.cross_entropy(logits, labels[scored], reduction="none")
+    rows = scored.nonzero()[:, 0]
+    total = torch.zeros(recon_ids.shape[0], device=logits.device).index_add(0, rows, token_loss)
+    return total / scored.sum(1).clamp(min=1)

@@ -1,0 +1,136 @@
+"""Request parameters of the engine, validated once when a request is built.
+
+Every field that the ReLAT paper (arXiv 2606.06252) leaves open is a parameter here; its default is the one we
+measured (bench/RESULTS.md, "quality search"). `InvalidParameter` names the offending field so that the server can
+answer with OpenAI's `param`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+Method = Literal["direct", "latent", "relat"]
+Mapping = Literal["norm", "realign", "none"]
+FollowUp = Literal["bridge", "restate"]
+
+METHODS: tuple[str, ...] = ("direct", "latent", "relat")
+MAPPINGS: tuple[str, ...] = ("norm", "realign", "none")
+FOLLOW_UPS: tuple[str, ...] = ("bridge", "restate")
+# Linear layers of a Llama/Qwen decoder block that can carry the adapter.
+ATTENTION_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+ALL_TARGETS: tuple[str, ...] = ATTENTION_TARGETS + MLP_TARGETS
+
+RECONSTRUCTION_INSTRUCTION = "Repeat the question you were asked, word for word."
+
+
+class InvalidParameter(ValueError):
+    """A request parameter is out of range; `param` names it as the API does."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _require(condition: bool, param: str, message: str) -> None:
+    if not condition:
+        raise InvalidParameter(param, message)
+
+
+@dataclass(frozen=True)
+class TTTParams:
+    """How the latent thought is built and, for `relat`, how the per-request adapter is trained."""
+
+    method: Method = "relat"
+    latent_steps: int = 4  # L; the paper uses 16, which hurts small models (bench/RESULTS.md)
+    steps: int = 2  # N, AdamW steps on the reconstruction loss; the paper uses 5
+    lr: float = 5e-3
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ATTENTION_TARGETS
+    adapter_during_answer: bool = False
+    # Stop training once the reconstruction loss is at or below this: driving it to ~0 over-fits the adapter to
+    # the copy task and breaks answers (../shared/notes/relat-notes.md, section 3).
+    stop_loss: float | None = None
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    mapping: Mapping = "norm"
+    residual_alpha: float = 0.0  # e_t = a*e_{t-1} + (1-a)*f(h_t); 0 is the plain LatentMAS feedback
+    follow_up: FollowUp = "restate"  # what separates the latent thought from the answer
+    reconstruction_instruction: str = RECONSTRUCTION_INSTRUCTION
+
+    def __post_init__(self) -> None:
+        _require(self.method in METHODS, "method",
+                 f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        _require(_is_int(self.latent_steps) and 0 <= self.latent_steps <= 256, "latent_steps",
+                 f"latent_steps must be an integer in [0, 256], got {self.latent_steps!r}")
+        _require(_is_int(self.steps) and 0 <= self.steps <= 100, "steps",
+                 f"steps must be an integer in [0, 100], got {self.steps!r}")
+        _require(_is_number(self.lr) and 0 < self.lr <= 1, "lr", f"lr must be in (0, 1], got {self.lr!r}")
+        _require(_is_int(self.rank) and 1 <= self.rank <= 256, "rank",
+                 f"rank must be an integer in [1, 256], got {self.rank!r}")
+        _require(_is_number(self.alpha) and self.alpha > 0, "alpha", f"alpha must be positive, got {self.alpha!r}")
+        _require(len(self.targets) > 0 and all(t in ALL_TARGETS for t in self.targets), "targets",
+                 f"targets must be a non-empty subset of {', '.join(ALL_TARGETS)}, got {list(self.targets)!r}")
+        _require(self.stop_loss is None or (_is_number(self.stop_loss) and self.stop_loss >= 0), "stop_loss",
+                 f"stop_loss must be null or a non-negative number, got {self.stop_loss!r}")
+        _require(_is_number(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm",
+                 f"max_grad_norm must be positive, got {self.max_grad_norm!r}")
+        _require(_is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+                 f"weight_decay must be non-negative, got {self.weight_decay!r}")
+        _require(self.mapping in MAPPINGS, "mapping", f"mapping must be one of {', '.join(MAPPINGS)}")
+        _require(_is_number(self.residual_alpha) and 0 <= self.residual_alpha < 1, "residual_alpha",
+                 f"residual_alpha must be in [0, 1), got {self.residual_alpha!r}")
+        _require(self.follow_up in FOLLOW_UPS, "follow_up", f"follow_up must be one of {', '.join(FOLLOW_UPS)}")
+        _require(bool(self.reconstruction_instruction.strip()), "reconstruction_instruction",
+                 "reconstruction_instruction must not be empty")
+        if self.method == "relat":
+            _require(self.latent_steps >= 1, "latent_steps", "relat needs at least one latent step")
+        object.__setattr__(self, "targets", tuple(dict.fromkeys(self.targets)))
+
+    def replace(self, **changes: object) -> TTTParams:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def trains(self) -> bool:
+        return self.method == "relat" and self.steps > 0
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding parameters, with OpenAI's meaning: temperature 0 is greedy."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
+                 f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        _require(_is_number(self.temperature) and 0 <= self.temperature <= 2, "temperature",
+                 f"temperature must be in [0, 2], got {self.temperature!r}")
+        _require(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p",
+                 f"top_p must be in (0, 1], got {self.top_p!r}")
+        _require(_is_int(self.top_k) and self.top_k >= 0, "top_k",
+                 f"top_k must be a non-negative integer, got {self.top_k!r}")
+        _require(self.seed is None or _is_int(self.seed), "seed", f"seed must be an integer, got {self.seed!r}")
+        _require(len(self.stop) <= 4 and all(isinstance(s, str) and s for s in self.stop), "stop",
+                 "stop must hold at most 4 non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

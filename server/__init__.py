@@ -1,0 +1,1 @@
+"""relat_server: the OpenAI-compatible HTTP service and the `relat` command."""
