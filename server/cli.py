@@ -102,6 +102,15 @@ def ask_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare_model(args: argparse.Namespace) -> int:
+    """Load (downloading or converting as needed) and cache a model, so that a later start needs nothing else."""
+    from relat_core import load_model
+
+    loaded = load_model(args.model, device="cpu", dtype="float32")  # a hub id lands in HF_HOME, a GGUF in our cache
+    print(f"{loaded.name}: ready")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relat", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     ask.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
     ask.set_defaults(handler=ask_local)
+    prepare = commands.add_parser("prepare", help="download or convert a model into the cache, then exit")
+    prepare.add_argument("--model", help="HF id, local folder or .gguf file (default: the embedded SmolLM2-135M)")
+    prepare.set_defaults(handler=prepare_model)
     return parser
 
 
