@@ -17,9 +17,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 serve: setup
 	$(VENV)/bin/relat serve $(ARGS)
 
-test: setup
+test: setup deploy-test-deps
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: deploy-test-deps
+deploy-test-deps: setup  # nginx, Prometheus and linters for tests/test_deploy_*.py (installs only what is missing)
+	bash deploy/test-deps.sh $(PY)
 
 bench: setup
 	$(PY) bench/phases.py
