@@ -1,16 +1,25 @@
-"""The `relat` command: `relat ask` runs one request (on a local engine, or against a server with --url)."""
+"""The `relat` command: `relat serve` (the HTTP server), `relat ask` (one request, on a local engine or against a
+server with --url) and `relat prepare` (fetch or convert a model into the cache)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from types import FrameType
+from typing import Any
 
+import httpx
+import uvicorn
 from tqdm import tqdm
 
 from relat_core.params import ALL_TARGETS, METHODS
+
+from .settings import add_settings_arguments
 
 
 def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +75,32 @@ def print_trace(trace: dict, usage: dict, stream=sys.stderr) -> None:
     print("\n".join(lines), file=stream)
 
 
-def ask_local(args: argparse.Namespace) -> int:
+def _show(events: Iterable[tuple[str, Any]], as_json: bool) -> None:
+    """Print a request's progress, answer and trace; events are ("step", (step, steps, loss)), ("text", str) and
+    ("done", {answer, finish_reason, usage, trace}), whether they come from a local engine or a server."""
+    progress = None
+    for kind, value in events:
+        if kind == "step":
+            step, steps, loss = value
+            if progress is None:
+                progress = tqdm(total=steps, desc="adapting", unit="step", file=sys.stderr, leave=False)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.3f}")
+            continue
+        if progress is not None:
+            progress.close()
+            progress = None
+        if kind == "text" and not as_json:
+            print(value, end="", flush=True)
+        elif kind == "done":
+            if as_json:
+                print(json.dumps(value, indent=2))
+            else:
+                print()
+                print_trace(value["trace"], value["usage"])
+
+
+def _local_events(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
     from dataclasses import asdict
 
     from relat_core import Engine, Finished, Request, SamplingParams, TextDelta, TrainStep, load_model
@@ -75,31 +109,104 @@ def ask_local(args: argparse.Namespace) -> int:
     ttt = engine.defaults.replace(**ttt_overrides(args))
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               seed=args.seed)
-    progress = None
     for event in engine.generate(Request(_messages(args), ttt, sampling)):
         if isinstance(event, TrainStep):
-            if progress is None:
-                progress = tqdm(total=event.steps, desc="adapting", unit="step", file=sys.stderr, leave=False)
-            progress.update(1)
-            progress.set_postfix(loss=f"{event.loss:.3f}")
+            yield "step", (event.step, event.steps, event.loss)
         elif isinstance(event, TextDelta):
-            if progress is not None:
-                progress.close()
-                progress = None
-            if not args.json:
-                print(event.text, end="", flush=True)
+            yield "text", event.text
         elif isinstance(event, Finished):
-            if progress is not None:
-                progress.close()
             result = event.result
             usage = {**asdict(result.usage), "total_tokens": result.usage.total_tokens}
-            if args.json:
-                print(json.dumps({"text": result.text, "finish_reason": result.finish_reason, "usage": usage,
-                                  "trace": result.trace.to_dict()}, indent=2))
-            else:
-                print()
-                print_trace(result.trace.to_dict(), usage)
+            yield "done", {"answer": result.text, "finish_reason": result.finish_reason, "usage": usage,
+                           "trace": result.trace.to_dict()}
+
+
+def _remote_events(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
+    from relat_client import Done, RelatClient, Token, TrainStep
+
+    options = {**ttt_overrides(args), "max_tokens": args.max_tokens, "temperature": args.temperature,
+               "top_p": args.top_p, "seed": args.seed, "system": args.system}
+    with RelatClient(args.url, api_key=args.api_key) as client:
+        for event in client.stream(args.question, **options):
+            if isinstance(event, TrainStep):
+                yield "step", (event.step, event.steps, event.loss)
+            elif isinstance(event, Token):
+                yield "text", event.text
+            elif isinstance(event, Done):
+                yield "done", {key: event.result[key] for key in ("answer", "finish_reason", "usage", "trace")}
+
+
+def ask(args: argparse.Namespace) -> int:
+    if args.url is None:
+        _show(_local_events(args), args.json)
+        return 0
+    from relat_client import RelatError
+
+    try:
+        _show(_remote_events(args), args.json)
+    except RelatError as error:
+        print(f"relat: server error {error.status}: {error.message}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as error:
+        print(f"relat: cannot reach {args.url}: {error}", file=sys.stderr)
+        return 1
     return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from .app import create_app
+    from .settings import settings_from_arguments
+
+    try:
+        settings = settings_from_arguments(args)
+    except ValidationError as error:
+        # Each problem without its input values: the input may hold API keys.
+        for problem in error.errors():
+            where = ".".join(str(part) for part in problem["loc"])
+            print(f"relat serve: {where + ': ' if where else ''}{problem['msg']}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(settings.log_level.upper())
+    app = create_app(settings)
+    service = app.state.service
+    server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                           timeout_graceful_shutdown=GRACEFUL_SECONDS), service)
+    server.run()
+    return 1 if service.phase == "failed" else 0
+
+
+GRACEFUL_SECONDS = 5  # after the drain: long enough for the last chunks of finished streams to go out
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn with a drain: the first SIGTERM/SIGINT turns /ready to 503 and refuses new requests while those
+    in flight finish (up to the drain timeout), then stops; a second signal is uvicorn's own (stop now)."""
+
+    def __init__(self, config: uvicorn.Config, service: Any):
+        super().__init__(config)
+        self.service = service
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.draining = False
+        service.on_fatal = self.stop
+
+    def stop(self) -> None:
+        self.should_exit = True
+
+    async def startup(self, sockets: list | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.draining or self.loop is None:
+            super().handle_exit(sig, frame)
+            return
+        self.draining = True  # not recorded as a captured signal: a completed drain exits with status 0
+        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._drain()))
+
+    async def _drain(self) -> None:
+        await self.service.drain()
+        self.stop()
 
 
 def prepare_model(args: argparse.Namespace) -> int:
@@ -114,12 +221,18 @@ def prepare_model(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relat", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    ask = commands.add_parser("ask", help="answer one question and print the trace")
-    _add_request_arguments(ask)
-    ask.add_argument("--model", help="HF id, local folder or .gguf file (default: the embedded SmolLM2-135M)")
-    ask.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
-    ask.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
-    ask.set_defaults(handler=ask_local)
+    serve_parser = commands.add_parser("serve", help="serve the OpenAI-compatible API (flags or RELAT_* variables)")
+    add_settings_arguments(serve_parser)
+    serve_parser.set_defaults(handler=serve)
+    ask_parser = commands.add_parser("ask", help="answer one question and print the trace")
+    _add_request_arguments(ask_parser)
+    ask_parser.add_argument("--url", help="ask a running server (http://127.0.0.1:8000) instead of loading a model")
+    ask_parser.add_argument("--api-key", default=os.environ.get("RELAT_API_KEY"),
+                            help="API key for --url [RELAT_API_KEY]")
+    ask_parser.add_argument("--model", help="HF id, local folder or .gguf file (default: the embedded SmolLM2-135M)")
+    ask_parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
+    ask_parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
+    ask_parser.set_defaults(handler=ask)
     prepare = commands.add_parser("prepare", help="download or convert a model into the cache, then exit")
     prepare.add_argument("--model", help="HF id, local folder or .gguf file (default: the embedded SmolLM2-135M)")
     prepare.set_defaults(handler=prepare_model)

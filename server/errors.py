@@ -1,0 +1,121 @@
+"""Errors: the server's own exception classes and the one place that maps any exception to an HTTP answer.
+
+Every error body has OpenAI's shape `{"error": {"message", "type", "param", "code"}}`. Only the exception
+classes listed in `describe` become client errors; anything else is a server bug and becomes a 500 whose body
+says nothing about it (the stack trace goes to the log), unlike servers that map every ValueError to 400.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from relat_core import EngineBusy, InvalidParameter
+
+log = logging.getLogger("relat_server")
+
+
+class APIError(Exception):
+    """An error the client caused or can act on; subclasses fix the status, type and code."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, param: str | None = None, retry_after: int | None = None):
+        super().__init__(message)
+        self.param = param
+        self.retry_after = retry_after
+
+
+class BadRequest(APIError):
+    status, type, code = 400, "invalid_request_error", "invalid_value"
+
+
+class Unauthorized(APIError):
+    status, type, code = 401, "authentication_error", "invalid_api_key"
+
+
+class ModelNotFound(APIError):
+    status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class PayloadTooLarge(APIError):
+    status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class PromptTooLong(APIError):
+    status, type, code = 413, "invalid_request_error", "context_length_exceeded"
+
+
+class QueueFull(APIError):
+    status, type, code = 429, "rate_limit_error", "queue_full"
+
+
+class Unavailable(APIError):
+    """Loading, draining or failed: the request never reached the engine."""
+
+    status, type, code = 503, "service_unavailable", "not_ready"
+
+
+class Cancelled(Unavailable):
+    """The server stopped the request (shutting down); a client that cancels is no longer there to be told."""
+
+    code = "cancelled"
+
+
+class DeadlineExceeded(APIError):
+    status, type, code = 504, "timeout_error", "deadline_exceeded"
+
+
+@dataclass
+class ErrorInfo:
+    status: int
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def json(self) -> str:
+        return json.dumps(self.body())
+
+
+def _param(location: tuple) -> str | None:
+    """('relat', 'steps') -> 'relat.steps'; ('messages', 0, 'role') -> 'messages[0].role'."""
+    parts = [p for p in location if p not in ("body",)]
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or None
+
+
+def describe(error: BaseException) -> ErrorInfo:
+    """The one mapping from an exception to status, OpenAI error object and headers."""
+    if isinstance(error, APIError):
+        headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else {}
+        return ErrorInfo(error.status, str(error), error.type, error.param, error.code, headers)
+    if isinstance(error, InvalidParameter):  # relat_core's own parameter checks
+        return ErrorInfo(400, str(error), "invalid_request_error", error.param, "invalid_value")
+    if isinstance(error, ValidationError | RequestValidationError):  # 400 like vLLM, not FastAPI's 422
+        first = error.errors()[0]
+        param = _param(tuple(first.get("loc", ())))
+        message = first["msg"] if param is None else f"{param}: {first['msg']}"
+        return ErrorInfo(400, message, "invalid_request_error", param, "invalid_value")
+    if isinstance(error, EngineBusy):  # no adapter slot free: transient, like a full queue
+        return ErrorInfo(503, "no adapter slot is free; retry shortly", "service_unavailable", None, "engine_busy",
+                         {"Retry-After": "1"})
+    if isinstance(error, HTTPException):  # Starlette's routing: unknown path, wrong method
+        kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+        return ErrorInfo(error.status_code, str(error.detail), kind, None, code, dict(error.headers or {}))
+    log.error("internal error", exc_info=error)
+    return ErrorInfo(500, "internal server error", "server_error", None, "internal_error")

@@ -1,0 +1,50 @@
+"""Prometheus metrics, prefix `relat_`, named after vLLM's where one exists (../shared/notes/relat-notes.md, §5).
+
+Each app owns its registry (tests run several apps in one process). Labels never carry a request, adapter or
+user name: only the TTT method, the outcome and the HTTP status, all from small fixed sets.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+OUTCOMES: tuple[str, ...] = ("success", "error", "cancelled", "timeout", "rejected")
+
+# Seconds: from a millisecond decode step up to the 10-minute default deadline.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+STEP_BUCKETS = (0, 1, 2, 3, 4, 5, 8, 10, 16, 25, 50, 100)
+LOSS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 4, 5, 6, 8, 10, 12, 15)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("relat_requests", "Inference requests by TTT method and outcome",
+                                ["method", "outcome"], registry=r)
+        self.errors = Counter("relat_errors", "Error responses by HTTP status", ["code"], registry=r)
+        self.queue_time = Histogram("relat_request_queue_time_seconds", "Time a request waited for the engine",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.ttt_time = Histogram("relat_ttt_time_seconds", "Test-time training time of a request",
+                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.ttt_steps = Histogram("relat_ttt_steps", "Training steps a request ran", buckets=STEP_BUCKETS,
+                                   registry=r)
+        self.ttt_steps_run = Counter("relat_ttt_steps_run", "Training steps run, finished requests or not",
+                                     registry=r)
+        self.recon_before = Histogram("relat_recon_loss_before", "Reconstruction loss before training",
+                                      buckets=LOSS_BUCKETS, registry=r)
+        self.recon_after = Histogram("relat_recon_loss_after", "Reconstruction loss after training",
+                                     buckets=LOSS_BUCKETS, registry=r)
+        self.ttft = Histogram("relat_time_to_first_token_seconds", "Arrival to first answer text",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("relat_inter_token_latency_seconds", "Time between successive answer texts",
+                             buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("relat_e2e_request_latency_seconds", "Arrival to the end of a successful request",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("relat_prompt_tokens", "Prompt tokens of successful requests", registry=r)
+        self.generation_tokens = Counter("relat_generation_tokens", "Generated tokens of successful requests",
+                                         registry=r)
+        self.running = Gauge("relat_requests_running", "Requests the engine is working on", registry=r)
+        self.waiting = Gauge("relat_requests_waiting", "Requests queued for the engine", registry=r)
+        self.slots = Gauge("relat_adapter_slots_in_use", "Adapter slots leased to requests", registry=r)

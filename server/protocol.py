@@ -1,0 +1,265 @@
+"""The wire format: OpenAI's Chat Completions objects field by field, the `relat` extension, the native endpoint.
+
+Requests accept unknown fields and log them (an SDK newer than the server must keep working); bounds live in
+the field types so that a bad value is a 400 naming its field. The TTT fields carry no bounds here: TTTParams
+(relat_core/params.py) owns them and names the field it rejects, and repeating them would let the two drift.
+`engine_request` is the one place that turns a request into engine parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from relat_core import InvalidParameter, Request, SamplingParams, TTTParams
+from relat_core.params import FollowUp, Mapping, Method
+
+from .settings import TTT_FIELDS
+
+log = logging.getLogger("relat_server")
+
+# What OpenAI does when a request leaves a sampling field out and the server sets no default.
+OPENAI_SAMPLING_DEFAULTS: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+
+
+class OpenAIBaseModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _log_ignored_fields(self) -> OpenAIBaseModel:
+        if self.model_extra:
+            log.info("%s: ignoring unknown fields %s", type(self).__name__, ", ".join(sorted(self.model_extra)))
+        return self
+
+
+def _none(value: object) -> bool:
+    return value is None
+
+
+# -- fields shared by the chat and native requests (llama-cpp-python style) -----------------------------------
+
+StopField = Field(None, description="up to 4 strings that end the answer (not included in it)")
+Stop = str | Annotated[list[str], Field(max_length=4)] | None
+TemperatureField = Field(None, ge=0, le=2, description="0 is greedy; default 1 (or the server's)")
+TopPField = Field(None, gt=0, le=1, description="nucleus sampling mass; default 1 (or the server's)")
+TopKField = Field(None, ge=0, description="sample among the k likeliest tokens; 0 disables (vLLM's extension)")
+SeedField = Field(None, description="same seed, same answer; also seeds the adapter's initialisation")
+ModelField = Field(None, description="the served model's name (GET /v1/models); may be left out")
+
+
+# -- requests -------------------------------------------------------------------------------------------------
+
+class TextContentPart(OpenAIBaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(OpenAIBaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool = False
+
+
+class RelatOptions(OpenAIBaseModel):
+    """The `relat` extension: per-request TTT parameters (relat_core/params.py) and the request's deadline.
+
+    A field left out or null takes the server's default, as OpenAI's fields do.
+    """
+
+    method: Method | None = Field(None, description="direct, latent (open loop) or relat (closed loop)")
+    steps: int | None = Field(None, description="test-time training steps N, 0..100")
+    latent_steps: int | None = Field(None, description="latent thought length L, 0..256")
+    lr: float | None = Field(None, description="AdamW learning rate of the adapter, (0, 1]")
+    rank: int | None = Field(None, description="LoRA rank, up to the server's max_rank")
+    alpha: float | None = Field(None, description="LoRA alpha (scale alpha/rank)")
+    targets: list[str] | None = Field(None, description="layers that carry the adapter, e.g. [q_proj, v_proj]")
+    adapter_during_answer: bool | None = Field(None, description="keep the adapter on while decoding the answer")
+    stop_loss: float | None = Field(None, description="stop training once the reconstruction loss is this low")
+    max_grad_norm: float | None = Field(None, description="gradient clipping norm")
+    weight_decay: float | None = Field(None, description="AdamW weight decay")
+    mapping: Mapping | None = Field(None, description="hidden-to-embedding map: norm, realign or none")
+    residual_alpha: float | None = Field(None, description="residual mixing of latent embeddings, [0, 1)")
+    follow_up: FollowUp | None = Field(None, description="what separates thought and answer: bridge or restate")
+    reconstruction_instruction: str | None = Field(None, description="the instruction of the reconstruction turn")
+    timeout: float | None = Field(None, gt=0, description="deadline in seconds, at most the server's")
+
+    def ttt_fields(self) -> dict[str, Any]:
+        """The TTT fields the client set."""
+        return self.model_dump(include=set(TTT_FIELDS) | {"reconstruction_instruction"}, exclude_none=True)
+
+
+class ChatCompletionRequest(OpenAIBaseModel):
+    # In the order of OpenAI's reference; fields it has and we do not serve fall into the logged extras.
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str | None = ModelField
+    max_completion_tokens: int | None = Field(None, ge=1, description="answer length limit in tokens")
+    max_tokens: int | None = Field(None, ge=1, deprecated="max_tokens is deprecated: use max_completion_tokens")
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    seed: int | None = SeedField
+    stop: Stop = StopField
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = TemperatureField
+    top_p: float | None = TopPField
+    user: str | None = None
+    top_k: int | None = TopKField
+    relat: RelatOptions | None = Field(None, description="ReLAT parameters (through the SDK: extra_body)")
+
+    def sampling_fields(self) -> dict[str, Any]:
+        with warnings.catch_warnings():  # the deprecation is for clients; reading the field is our job
+            warnings.simplefilter("ignore", DeprecationWarning)
+            limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return {"max_tokens": limit, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "seed": self.seed, "stop": self.stop}
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class RelatRequest(RelatOptions):
+    """POST /v1/relat: one question; TTT fields at the top level."""
+
+    question: str = Field(min_length=1, description="the question")
+    system: str | None = Field(None, description="an optional system message")
+    model: str | None = ModelField
+    stream: bool = Field(False, description="typed SSE events: ttt_step, token, done")
+    max_tokens: int | None = Field(None, ge=1, description="answer length limit in tokens")
+    temperature: float | None = TemperatureField
+    top_p: float | None = TopPField
+    top_k: int | None = TopKField
+    seed: int | None = SeedField
+    stop: Stop = StopField
+
+    def messages(self) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + [{"role": "user", "content": self.question}]
+
+    def sampling_fields(self) -> dict[str, Any]:
+        return self.model_dump(include={"max_tokens", "temperature", "top_p", "top_k", "seed", "stop"})
+
+
+# -- request -> engine ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ServerDefaults:
+    ttt: TTTParams  # the engine's default for the model, with the operator's settings applied
+    sampling: dict[str, Any]  # the operator's sampling settings (max_tokens always)
+    max_rank: int
+
+
+def engine_request(messages: list[dict], ttt_fields: dict[str, Any], sampling_fields: dict[str, Any],
+                   defaults: ServerDefaults, ttt_prefix: str = "") -> Request:
+    """Engine parameters with the precedence: the request, then the server's default, then OpenAI's.
+
+    `ttt_prefix` is where the TTT fields sit in the request ("relat." in chat), so that errors name them as sent.
+    """
+    try:
+        ttt = defaults.ttt.replace(**{k: tuple(v) if k == "targets" else v for k, v in ttt_fields.items()})
+        if ttt.trains and ttt.rank > defaults.max_rank:
+            raise InvalidParameter("rank", f"rank must be at most {defaults.max_rank} on this server")
+    except InvalidParameter as error:
+        raise InvalidParameter(ttt_prefix + error.param, str(error)) from None
+    sent = {k: v for k, v in sampling_fields.items() if v is not None}  # null means "the default" in OpenAI's API
+    if isinstance(sent.get("stop"), str):
+        sent["stop"] = [sent["stop"]]
+    if "stop" in sent:
+        sent["stop"] = tuple(sent["stop"])
+    sampling = SamplingParams(**{**OPENAI_SAMPLING_DEFAULTS, **defaults.sampling, **sent})
+    return Request(messages, ttt, sampling)
+
+
+# -- responses ------------------------------------------------------------------------------------------------
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+    system_fingerprint: None = None
+    relat: dict[str, Any] = Field(description="the trace: losses per step, phase timings")
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = Field(None, exclude_if=_none)
+    content: str | None = Field(None, exclude_if=_none)
+
+
+class ChatCompletionStreamChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: None = None
+    choices: list[ChatCompletionStreamChoice]
+    usage: UsageInfo | None = Field(None, description="null except in the usage chunk, when asked for")
+    relat: dict[str, Any] | None = Field(None, exclude_if=_none, description="the trace, on the finishing chunk")
+
+
+class RelatResponse(BaseModel):
+    id: str
+    object: Literal["relat.result"] = "relat.result"
+    created: int
+    model: str
+    answer: str
+    finish_reason: Literal["stop", "length"]
+    usage: UsageInfo
+    trace: dict[str, Any]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "relat"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,141 @@
+"""Server settings: one pydantic-settings class feeds the environment (`RELAT_*`) and the `relat serve` flags.
+
+Precedence, highest first: a command-line flag, an environment variable, the default below. The TTT and sampling
+fields left at None fall back to the engine's default for the loaded model (TTT) or to OpenAI's (sampling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from relat_core.params import ALL_TARGETS, FollowUp, Mapping, Method, TTTParams
+
+# TTT fields that the server may set a default for; a request's `relat` object overrides them one by one.
+TTT_FIELDS: tuple[str, ...] = ("method", "steps", "latent_steps", "lr", "rank", "alpha", "targets",
+                               "adapter_during_answer", "stop_loss", "max_grad_norm", "weight_decay", "mapping",
+                               "residual_alpha", "follow_up")
+SAMPLING_FIELDS: tuple[str, ...] = ("temperature", "top_p", "top_k")
+
+
+def _split_commas(value: Any) -> Any:
+    """`a,b` in an environment variable; a list from repeated flags or from Python."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RELAT_", extra="ignore")
+
+    # -- model ------------------------------------------------------------------------------------------------
+    model: str | None = Field(None, description="HF id, local folder or .gguf file (default: the embedded model)")
+    served_model_name: str | None = Field(None, description="the `model` name clients use (default: derived)")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1, ... (default: cuda if present)")
+    dtype: str | None = Field(None, description="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
+    max_rank: int = Field(64, ge=1, le=256, description="largest LoRA rank a request may ask for")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice)")
+
+    # -- HTTP -------------------------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="accepted API keys (comma-separated in RELAT_API_KEYS); none: no auth")
+    log_level: str = Field("info", description="debug, info, warning or error")
+
+    # -- limits and lifecycle ---------------------------------------------------------------------------------
+    max_concurrency: int = Field(1, ge=1, description="requests worked on at once")
+    max_queue: int = Field(16, ge=0, description="requests waiting beyond those; more are answered 429")
+    request_timeout: float = Field(600.0, gt=0, description="deadline of a request in seconds, queueing included")
+    max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt accepted, in tokens (else 413)")
+    max_body_bytes: int = Field(1 << 20, ge=1, description="largest request body accepted, in bytes (else 413)")
+    drain_timeout: float = Field(30.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
+
+    # -- defaults of a request's sampling parameters -----------------------------------------------------------
+    max_tokens: int = Field(256, ge=1, description="answer length when a request sets none")
+    temperature: float | None = Field(None, ge=0, le=2, description="default temperature (OpenAI's: 1)")
+    top_p: float | None = Field(None, gt=0, le=1, description="default nucleus mass (OpenAI's: 1)")
+    top_k: int | None = Field(None, ge=0, description="default top-k, 0 = off")
+
+    # -- defaults of a request's TTT parameters (relat_core/params.py; None: the engine's for this model) -------
+    method: Method | None = Field(None, description="direct, latent (open loop) or relat (closed loop)")
+    steps: int | None = Field(None, description="test-time training steps N")
+    latent_steps: int | None = Field(None, description="latent thought length L")
+    lr: float | None = Field(None, description="AdamW learning rate of the adapter")
+    rank: int | None = Field(None, description="LoRA rank of the adapter")
+    alpha: float | None = Field(None, description="LoRA alpha")
+    targets: Annotated[list[str] | None, NoDecode] = Field(
+        None, description=f"adapter targets among {','.join(ALL_TARGETS)} (comma-separated)")
+    adapter_during_answer: bool | None = Field(None, description="keep the adapter on while decoding the answer")
+    stop_loss: float | None = Field(None, description="stop training once the reconstruction loss is this low")
+    max_grad_norm: float | None = Field(None, description="gradient clipping norm")
+    weight_decay: float | None = Field(None, description="AdamW weight decay")
+    mapping: Mapping | None = Field(None, description="hidden-to-embedding map: norm, realign or none")
+    residual_alpha: float | None = Field(None, description="residual mixing of latent embeddings, in [0, 1)")
+    follow_up: FollowUp | None = Field(None, description="what separates thought and answer: bridge or restate")
+
+    _split = field_validator("api_keys", "targets", mode="before")(_split_commas)
+
+    @model_validator(mode="after")
+    def _check_ttt_defaults(self) -> Settings:
+        # Fail at start-up, not on the first request; the message names the setting as the user wrote it.
+        TTTParams().replace(**self.ttt_defaults())
+        return self
+
+    def ttt_defaults(self) -> dict[str, Any]:
+        """The TTT fields the operator set, as TTTParams keyword arguments."""
+        values = {name: getattr(self, name) for name in TTT_FIELDS if getattr(self, name) is not None}
+        if "targets" in values:
+            values["targets"] = tuple(values["targets"])
+        return values
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The sampling fields the operator set, as SamplingParams keyword arguments."""
+        values = {name: getattr(self, name) for name in SAMPLING_FIELDS if getattr(self, name) is not None}
+        return {"max_tokens": self.max_tokens, **values}
+
+
+# -- the same definition as command-line flags ------------------------------------------------------------------
+
+_FLAG_NAMES = {"api_keys": "--api-key"}  # repeatable: one key per flag
+
+
+def _flag_kind(annotation: Any) -> tuple[Any, tuple[str, ...] | None]:
+    """(int, float, str, bool or list; the allowed values of a Literal) from a field's annotation."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return _flag_kind(next(a for a in typing.get_args(annotation) if a is not type(None)))
+    if origin is typing.Annotated:
+        return _flag_kind(typing.get_args(annotation)[0])
+    if origin is typing.Literal:
+        return str, typing.get_args(annotation)
+    if origin is list:
+        return list, None
+    return annotation, None
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; unset flags stay out of the namespace so that the environment still applies."""
+    for name, field in Settings.model_fields.items():
+        flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        kind, choices = _flag_kind(field.annotation)
+        options: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS,
+                                   "help": f"{field.description} [RELAT_{name.upper()}]"}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif kind is list:
+            options["action"] = "append" if name in _FLAG_NAMES else "store"  # else comma-separated, as in env
+        else:
+            options.update(type=kind, choices=choices)
+        parser.add_argument(flag, **options)
+
+
+def settings_from_arguments(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, overridden by the flags given (init arguments beat the environment)."""
+    given = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
+    return Settings(**given)

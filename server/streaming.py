@@ -1,0 +1,156 @@
+"""From a job's engine events to HTTP: Server-Sent Events for streams, one result for everything else.
+
+Chat streams follow OpenAI (`data: {chunk}` lines, a role chunk first, `data: [DONE]` last); training steps go
+out as SSE comment lines, which clients ignore and proxies count as traffic. The native stream sends typed
+events (`ttt_step`, `token`, `done`). Whatever ends a stream early, the job is cancelled on the way out, so a
+client that disconnects stops its work at the next step or token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
+
+from starlette.requests import Request as HTTPRequest
+
+from relat_core import Finished, Result, TextDelta, TrainStep
+
+from .errors import ErrorInfo, describe
+from .protocol import (
+    AssistantMessage,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    DeltaMessage,
+    RelatResponse,
+    UsageInfo,
+)
+from .runner import HEARTBEAT, Job
+
+HEARTBEAT_SECONDS = 10.0  # well under the idle timeouts of common proxies (nginx: 60 s)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx: pass each event through at once
+
+
+def usage_of(result: Result) -> UsageInfo:
+    return UsageInfo(prompt_tokens=result.usage.prompt_tokens, completion_tokens=result.usage.completion_tokens,
+                     total_tokens=result.usage.total_tokens)
+
+
+def data_line(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+def typed_event(name: str, payload: dict) -> str:
+    return f"event: {name}\ndata: {json.dumps(payload)}\n\n"
+
+
+class ChatRenderer:
+    """OpenAI's chat.completion.chunk stream."""
+
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool):
+        self.fields = {"id": completion_id, "created": created, "model": model}
+        self.include_usage = include_usage
+
+    def _chunk(self, delta: DeltaMessage, finish_reason: str | None = None, trace: dict | None = None) -> str:
+        choice = ChatCompletionStreamChoice(delta=delta, finish_reason=finish_reason)
+        return data_line(ChatCompletionChunk(**self.fields, choices=[choice], relat=trace).model_dump_json())
+
+    def start(self) -> str:
+        return self._chunk(DeltaMessage(role="assistant", content=""))
+
+    def event(self, event: TrainStep | TextDelta | Finished) -> str:
+        if isinstance(event, TrainStep):
+            return f": ttt step {event.step}/{event.steps} loss {event.loss:.4f}\n\n"
+        if isinstance(event, TextDelta):
+            return self._chunk(DeltaMessage(content=event.text))
+        result = event.result
+        text = self._chunk(DeltaMessage(), result.finish_reason, result.trace.to_dict())
+        if self.include_usage:
+            usage = ChatCompletionChunk(**self.fields, choices=[], usage=usage_of(result))
+            text += data_line(usage.model_dump_json())
+        return text
+
+    def end(self) -> str:
+        return data_line("[DONE]")
+
+    def error(self, info: ErrorInfo) -> str:
+        return data_line(info.json()) + data_line("[DONE]")
+
+
+class NativeRenderer:
+    """The /v1/relat stream: ttt_step, token and done events (error on failure)."""
+
+    def __init__(self, fields: dict):
+        self.fields = fields  # id, created, model
+
+    def start(self) -> str:
+        return ""
+
+    def event(self, event: TrainStep | TextDelta | Finished) -> str:
+        if isinstance(event, TrainStep):
+            return typed_event("ttt_step", asdict(event))
+        if isinstance(event, TextDelta):
+            return typed_event("token", {"text": event.text})
+        return typed_event("done", relat_response(event.result, self.fields).model_dump())
+
+    def end(self) -> str:
+        return ""
+
+    def error(self, info: ErrorInfo) -> str:
+        return typed_event("error", {**info.body(), "status": info.status})
+
+
+async def sse_stream(job: Job, renderer: ChatRenderer | NativeRenderer,
+                     on_error: Callable[[ErrorInfo], None]) -> AsyncIterator[str]:
+    """The body of a streaming response; an error after the 200 went out becomes an error event."""
+    try:
+        yield renderer.start()
+        async for event in job.events(heartbeat=HEARTBEAT_SECONDS):
+            yield ": keep-alive\n\n" if event is HEARTBEAT else renderer.event(event)
+        yield renderer.end()
+    except Exception as error:  # CancelledError (the client left) is not an Exception: it passes through
+        info = describe(error)
+        on_error(info)
+        yield renderer.error(info)
+    finally:
+        job.cancel()
+
+
+async def _disconnected(request: HTTPRequest) -> None:
+    """Returns when the client goes away (the body was read already, so only http.disconnect can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def run_to_end(job: Job, request: HTTPRequest) -> Result | None:
+    """The job's result, or None if the client disconnected first (the job is then cancelled)."""
+
+    async def result() -> Result:
+        async for event in job.events():
+            if isinstance(event, Finished):
+                return event.result
+        raise AssertionError("events ended without a result")
+
+    finished = asyncio.ensure_future(result())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
+        return finished.result() if finished.done() else None
+    finally:
+        finished.cancel()
+        gone.cancel()
+        job.cancel()
+
+
+def chat_response(result: Result, completion_id: str, created: int, model: str) -> ChatCompletionResponse:
+    choice = ChatCompletionChoice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)
+    return ChatCompletionResponse(id=completion_id, created=created, model=model, choices=[choice],
+                                  usage=usage_of(result), relat=result.trace.to_dict())
+
+
+def relat_response(result: Result, fields: dict) -> RelatResponse:
+    return RelatResponse(**fields, answer=result.text, finish_reason=result.finish_reason, usage=usage_of(result),
+                         trace=result.trace.to_dict())

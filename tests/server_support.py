@@ -1,0 +1,84 @@
+"""Helpers for the server tests: a real uvicorn server on 127.0.0.1 (in a thread, or `relat serve` in a process),
+metrics read back through prometheus-client's own parser, and waiting on a condition without asserting timings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+from relat_server.app import create_app
+from relat_server.settings import Settings
+
+KEY = "sk-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# Enough work per request on the tiny model to outlast any check made while it runs (about a minute on one
+# core): a slow request is made of many training steps with long latent thoughts, never of sleeps.
+SLOW = {"steps": 100, "latent_steps": 64}
+
+
+def wait_for(condition: Callable[[], object], what: str, limit: float = 120.0) -> object:
+    """Poll until `condition()` is truthy; the limit only turns a hang into a failure, it measures nothing."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def bound_socket() -> socket.socket:
+    """A listening-ready socket on a free port; handing it to uvicorn avoids a race for the port number."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def free_port() -> int:
+    with contextlib.closing(bound_socket()) as sock:
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_in_thread(settings: Settings, load_engine: Callable) -> Iterator[tuple[str, object]]:
+    """(base URL, app) of a uvicorn server running `create_app(settings, load_engine)` until the block ends."""
+    app = create_app(settings, load_engine=load_engine)
+    sock = bound_socket()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, "the server to start")
+        yield url, app
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def metrics(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of /metrics, keyed by (name, sorted labels), parsed by prometheus-client."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def sample(values: dict, name: str, **labels: str) -> float:
+    return values.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def sse_lines(response: httpx.Response) -> Iterator[str]:
+    """Non-empty lines of an event stream, comments included."""
+    for line in response.iter_lines():
+        if line:
+            yield line

@@ -1,0 +1,206 @@
+"""The API's schema, parameter mapping, error mapping and settings, without a model or a server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import warnings
+
+import pytest
+from pydantic import ValidationError
+from relat_client.client import SSEParser
+from relat_server.errors import (
+    DeadlineExceeded,
+    ModelNotFound,
+    PayloadTooLarge,
+    PromptTooLong,
+    QueueFull,
+    Unauthorized,
+    Unavailable,
+    describe,
+)
+from relat_server.protocol import ChatCompletionRequest, RelatRequest, ServerDefaults, engine_request
+from relat_server.settings import Settings, add_settings_arguments, settings_from_arguments
+from starlette.exceptions import HTTPException
+
+from relat_core import EngineBusy, InvalidParameter, TTTParams
+
+USER = [{"role": "user", "content": "hi"}]
+DEFAULTS = ServerDefaults(TTTParams(steps=3), {"max_tokens": 256}, max_rank=16)
+
+
+def chat(**fields) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"messages": USER, **fields})
+
+
+def to_engine(body: ChatCompletionRequest, defaults: ServerDefaults = DEFAULTS):
+    ttt = body.relat.ttt_fields() if body.relat else {}
+    return engine_request(USER, ttt, body.sampling_fields(), defaults, "relat.")
+
+
+# -- requests ---------------------------------------------------------------------------------------------------
+
+def test_minimal_chat_request_and_openai_shapes():
+    body = ChatCompletionRequest.model_validate({
+        "model": "m", "messages": [{"role": "system", "content": "be brief"},
+                                   {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                {"type": "text", "text": "b"}]}],
+        "stream": True, "stream_options": {"include_usage": True}, "stop": "\n"})
+    assert body.include_usage and body.n == 1 and body.relat is None
+    assert body.messages[1].content[1].text == "b"
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ({"n": 2}, "n"),
+    ({"temperature": 2.5}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"relat": {"method": "magic"}}, "relat.method"),
+    ({"relat": {"timeout": -1}}, "relat.timeout"),
+    ({"stream_options": "yes"}, "stream_options"),
+])
+def test_invalid_fields_are_400_naming_the_field(fields, param):
+    with pytest.raises(ValidationError) as caught:
+        ChatCompletionRequest.model_validate({"messages": USER, **fields})
+    info = describe(caught.value)
+    assert info.status == 400 and info.type == "invalid_request_error"
+    assert info.param is not None and info.param.startswith(param)
+
+
+@pytest.mark.parametrize("body", [[], [1, 2], "text", 3, None])
+def test_a_body_that_is_not_an_object_is_a_400(body):
+    with pytest.raises(ValidationError) as caught:
+        ChatCompletionRequest.model_validate(body)
+    assert describe(caught.value).status == 400
+
+
+def test_unknown_fields_are_accepted_and_logged(caplog):
+    with caplog.at_level(logging.INFO, logger="relat_server"):
+        body = chat(presence_penalty=0.5, logit_bias={}, relat={"steps": 1, "future_knob": 2})
+    assert body.model_extra == {"presence_penalty": 0.5, "logit_bias": {}}
+    assert "presence_penalty" in caplog.text and "future_knob" in caplog.text
+
+
+def test_max_tokens_is_deprecated_but_honoured_and_max_completion_tokens_wins():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reading it on the client's behalf must not warn
+        assert to_engine(chat(max_tokens=7)).sampling.max_tokens == 7
+        assert to_engine(chat(max_tokens=7, max_completion_tokens=9)).sampling.max_tokens == 9
+    assert ChatCompletionRequest.model_fields["max_tokens"].deprecated
+
+
+def test_native_request_puts_ttt_fields_at_the_top():
+    body = RelatRequest.model_validate({"question": "q", "system": "s", "steps": 4, "max_tokens": 5, "seed": 1})
+    assert body.messages() == [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+    request = engine_request(body.messages(), body.ttt_fields(), body.sampling_fields(), DEFAULTS)
+    assert (request.ttt.steps, request.sampling.max_tokens, request.sampling.seed) == (4, 5, 1)
+    with pytest.raises(ValidationError):
+        RelatRequest.model_validate({"question": ""})
+
+
+# -- request -> engine parameters -----------------------------------------------------------------------------
+
+def test_precedence_request_then_server_then_openai():
+    server = ServerDefaults(TTTParams(steps=3, lr=0.01), {"max_tokens": 64, "temperature": 0.3}, max_rank=16)
+    plain = to_engine(chat(), server)
+    assert (plain.sampling.temperature, plain.sampling.max_tokens, plain.sampling.top_p) == (0.3, 64, 1.0)
+    assert (plain.ttt.steps, plain.ttt.lr) == (3, 0.01)
+    openai_default = to_engine(chat(), DEFAULTS)
+    assert openai_default.sampling.temperature == 1.0  # OpenAI's default when neither request nor server says
+    sent = to_engine(chat(temperature=0, relat={"steps": 5, "targets": ["q_proj"], "lr": None}), server)
+    assert (sent.sampling.temperature, sent.ttt.steps, sent.ttt.targets, sent.ttt.lr) == (0, 5, ("q_proj",), 0.01)
+    assert to_engine(chat(stop="END")).sampling.stop == ("END",)
+
+
+@pytest.mark.parametrize("relat, param", [({"steps": 1000}, "relat.steps"), ({"rank": 32}, "relat.rank"),
+                                          ({"targets": ["nope"]}, "relat.targets"), ({"lr": 0}, "relat.lr")])
+def test_engine_parameter_errors_name_the_field_as_sent(relat, param):
+    with pytest.raises(InvalidParameter) as caught:
+        to_engine(chat(relat=relat))
+    assert caught.value.param == param
+    assert describe(caught.value).status == 400
+
+
+# -- errors -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("error, status", [
+    (Unauthorized("x"), 401), (ModelNotFound("x"), 404), (PayloadTooLarge("x"), 413), (PromptTooLong("x"), 413),
+    (QueueFull("x", retry_after=3), 429), (Unavailable("x"), 503), (DeadlineExceeded("x"), 504),
+    (EngineBusy("x"), 503), (HTTPException(404), 404), (HTTPException(405), 405),
+])
+def test_error_classes_map_to_their_status(error, status):
+    info = describe(error)
+    assert info.status == status
+    assert set(info.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_retry_after_goes_into_the_headers():
+    assert describe(QueueFull("full", retry_after=7)).headers == {"Retry-After": "7"}
+
+
+def test_an_unexpected_exception_is_a_500_that_says_nothing(caplog):
+    with caplog.at_level(logging.ERROR, logger="relat_server"):
+        info = describe(KeyError("secret internals"))
+    assert info.status == 500 and "secret" not in info.json()
+    assert "secret internals" in caplog.text  # ... but the operator's log has it
+
+
+def test_a_plain_value_error_is_not_a_client_error():
+    assert describe(ValueError("a bug")).status == 500
+
+
+# -- settings ---------------------------------------------------------------------------------------------------
+
+def test_settings_from_the_environment(monkeypatch):
+    monkeypatch.setenv("RELAT_API_KEYS", "k1, k2")
+    monkeypatch.setenv("RELAT_MAX_QUEUE", "3")
+    monkeypatch.setenv("RELAT_TARGETS", "q_proj,v_proj")
+    monkeypatch.setenv("RELAT_STEPS", "4")
+    settings = Settings()
+    assert settings.api_keys == ["k1", "k2"] and settings.max_queue == 3
+    assert settings.ttt_defaults() == {"steps": 4, "targets": ("q_proj", "v_proj")}
+    assert (settings.host, settings.port, settings.max_concurrency, settings.max_body_bytes) == \
+        ("127.0.0.1", 8000, 1, 1 << 20)
+
+
+def test_flags_override_the_environment_and_unset_flags_do_not(monkeypatch):
+    monkeypatch.setenv("RELAT_PORT", "9000")
+    monkeypatch.setenv("RELAT_MAX_QUEUE", "5")
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    args = parser.parse_args(["--port", "9001", "--api-key", "a", "--api-key", "b", "--method", "latent",
+                              "--no-adapter-during-answer", "--request-timeout", "2.5"])
+    settings = settings_from_arguments(args)
+    assert (settings.port, settings.max_queue, settings.api_keys) == (9001, 5, ["a", "b"])
+    assert settings.ttt_defaults() == {"method": "latent", "adapter_during_answer": False}
+    assert settings.request_timeout == 2.5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--method", "magic"])
+
+
+def test_an_invalid_ttt_default_fails_at_start_up():
+    with pytest.raises(ValidationError, match="steps"):
+        Settings(steps=1000)
+
+
+# -- the client -------------------------------------------------------------------------------------------------
+
+def test_sse_parser_skips_comments_and_joins_data_lines():
+    parser = SSEParser()
+    lines = [": ttt step 1/2 loss 3.0", "", "event: token", 'data: {"text":', 'data: "a"}', "", "data: [DONE]", ""]
+    messages = [m for m in map(parser.feed, lines) if m is not None]
+    assert messages == [("token", '{"text":\n"a"}'), ("message", "[DONE]")]
+    assert json.loads(messages[0][1]) == {"text": "a"}
+
+
+def test_the_client_package_needs_neither_the_engine_nor_the_server():
+    code = ("import sys, relat_client; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('relat_core', 'relat_server', 'torch')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
