@@ -13,7 +13,8 @@ import subprocess
 
 import pytest
 import yaml
-from deploy_support import (
+
+from .deploy_support import (
     COMPOSE,
     COMPOSE_CPU,
     DASHBOARD,
