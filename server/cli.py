@@ -56,8 +56,8 @@ def _messages(args: argparse.Namespace) -> list[dict]:
     return system + [{"role": "user", "content": args.question}]
 
 
-def print_trace(trace: dict, usage: dict, stream=sys.stderr) -> None:
-    """A compact, human-readable trace: losses per step and time per phase."""
+def print_trace(trace: dict, usage: dict, stream=None) -> None:
+    """A compact, human-readable trace: losses per step and time per phase (on stderr unless told)."""
     lines = [f"method={trace['method']} latent_steps={trace['latent_steps']} "
              f"adapter_during_answer={trace['adapter_during_answer']}"]
     for step in trace.get("steps", []):
@@ -72,7 +72,7 @@ def print_trace(trace: dict, usage: dict, stream=sys.stderr) -> None:
         lines.append(f"update abandoned: {trace['aborted']} (answered by the base model)")
     lines.append("timings: " + "  ".join(f"{k}={v:.2f}s" for k, v in trace.get("timings", {}).items()))
     lines.append(f"tokens: prompt {usage['prompt_tokens']}  completion {usage['completion_tokens']}")
-    print("\n".join(lines), file=stream)
+    print("\n".join(lines), file=stream or sys.stderr)  # looked up now: tests and callers may replace it
 
 
 def _show(events: Iterable[tuple[str, Any]], as_json: bool) -> None:

@@ -5,6 +5,7 @@ metrics read back through prometheus-client's own parser, and waiting on a condi
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -19,6 +20,7 @@ from relat_server.settings import Settings
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUICK = {"steps": 2, "latent_steps": 2}  # a full relat request in a fraction of a second
 # Enough work per request on the tiny model to outlast any check made while it runs (about a minute on one
 # core): a slow request is made of many training steps with long latent thoughts, never of sleeps.
 SLOW = {"steps": 100, "latent_steps": 64}
@@ -82,3 +84,27 @@ def sse_lines(response: httpx.Response) -> Iterator[str]:
     for line in response.iter_lines():
         if line:
             yield line
+
+
+def chat(server_or_model, **fields) -> dict:
+    model = getattr(server_or_model, "model", server_or_model)
+    return {"model": model, "messages": QUESTION, "max_completion_tokens": 8, "temperature": 0, "relat": QUICK,
+            **fields}
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.headers.get("x-request-id")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+def data_events(lines) -> list:
+    """The `data:` payloads of an event stream, parsed, and "[DONE]"."""
+    return [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in lines if line.startswith("data: ")]

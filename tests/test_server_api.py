@@ -1,0 +1,331 @@
+"""The HTTP API end to end: a real uvicorn server on 127.0.0.1 serving a tiny random Qwen3, driven by the official
+`openai` package and by plain HTTP. Answers of a random model are gibberish; the tests compare them, never read them.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+import torch
+from relat_server.settings import Settings
+
+from relat_core import Engine, TrainStep
+
+from .conftest import base_checksum, build_tiny
+from .server_support import (
+    AUTH,
+    KEY,
+    QUESTION,
+    assert_error,
+    chat,
+    data_events,
+    metrics,
+    sample,
+    serve_in_thread,
+    sse_lines,
+    wait_for,
+)
+
+MAX_PROMPT_TOKENS = 256
+MAX_BODY_BYTES = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model is faster on one thread, and the machine is shared
+    yield Engine(build_tiny("qwen3", tokenizer, seed=1))
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    settings = Settings(api_keys=[KEY, "sk-second"], max_prompt_tokens=MAX_PROMPT_TOKENS,
+                        max_body_bytes=MAX_BODY_BYTES)
+    with serve_in_thread(settings, lambda: engine) as (url, app):
+        wait_for(lambda: httpx.get(f"{url}/ready").status_code == 200, "readiness")
+        yield SimpleNamespace(url=url, app=app, model=engine.name,
+                              http=httpx.Client(base_url=url, headers=AUTH, timeout=120))
+
+
+@pytest.fixture
+def sdk(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def post(server, body, path="/v1/chat/completions", headers: dict | None = None) -> httpx.Response:
+    """POST a JSON value, or raw text as a JSON body."""
+    if isinstance(body, dict | list):
+        return server.http.post(path, json=body, headers=headers)
+    return server.http.post(path, content=body, headers={"Content-Type": "application/json", **(headers or {})})
+
+
+# -- the official SDK -------------------------------------------------------------------------------------------
+
+def test_openai_sdk_answers_streamed_and_not_alike(server, sdk):
+    extra = {"relat": {"steps": 3, "latent_steps": 2}}
+    completion = sdk.chat.completions.create(model=server.model, messages=QUESTION, max_completion_tokens=8,
+                                             temperature=0, seed=3, extra_body=extra)
+    assert completion.object == "chat.completion" and completion.id.startswith("chatcmpl-")
+    assert completion.model == server.model
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    trace = completion.model_extra["relat"]
+    assert trace["method"] == "relat" and [s["step"] for s in trace["steps"]] == [1, 2, 3]
+    assert set(trace["timings"]) >= {"train_s", "think_s", "decode_s", "total_s"}
+
+    stream = sdk.chat.completions.create(model=server.model, messages=QUESTION, max_completion_tokens=8,
+                                         temperature=0, seed=3, extra_body=extra, stream=True,
+                                         stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishing) == 1 and finishing[0].choices[0].finish_reason == choice.finish_reason
+    losses = [step["loss"] for step in trace["steps"]]
+    assert [step["loss"] for step in finishing[0].model_extra["relat"]["steps"]] == losses
+    usage = chunks[-1]
+    assert usage.choices == [] and usage.usage.completion_tokens == completion.usage.completion_tokens
+
+
+def test_openai_sdk_sees_errors_as_its_own_exceptions(server, sdk):
+    with pytest.raises(openai.NotFoundError):
+        sdk.chat.completions.create(model="no-such-model", messages=QUESTION)
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.chat.completions.create(model=server.model, messages=QUESTION, n=2)
+    assert caught.value.body["param"] == "n"
+    wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.chat.completions.create(model=server.model, messages=QUESTION)
+    assert [m.id for m in sdk.models.list()] == [server.model]
+
+
+def test_multi_turn_and_content_parts(server):
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]}]
+    as_parts = post(server, chat(server, messages=messages, seed=1)).json()
+    messages[-1]["content"] = "What is 2+2?"
+    as_text = post(server, chat(server, messages=messages, seed=1)).json()
+    assert as_parts["choices"][0]["message"]["content"] == as_text["choices"][0]["message"]["content"]
+    assert as_parts["usage"]["prompt_tokens"] > post(server, chat(server)).json()["usage"]["prompt_tokens"]
+
+
+# -- the native endpoint --------------------------------------------------------------------------------------
+
+def test_native_endpoint_streams_typed_events_and_agrees_with_its_result(server):
+    body = {"question": "Why is the sky blue?", "max_tokens": 6, "temperature": 0, "steps": 3, "latent_steps": 2}
+    result = post(server, body, "/v1/relat").json()
+    assert result["object"] == "relat.result" and len(result["trace"]["steps"]) == 3
+    with server.http.stream("POST", "/v1/relat", json={**body, "stream": True}) as response:
+        assert response.headers["x-accel-buffering"] == "no"
+        lines = list(sse_lines(response))
+    names = [line[7:] for line in lines if line.startswith("event: ")]
+    assert names[:3] == ["ttt_step"] * 3 and names[-1] == "done" and set(names[3:-1]) <= {"token"}
+    payloads = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    assert [p["step"] for p in payloads[:3]] == [1, 2, 3]
+    assert "".join(p["text"] for p in payloads[3:-1]) == payloads[-1]["answer"] == result["answer"]
+
+
+# -- probes and headers -----------------------------------------------------------------------------------------
+
+def test_probes_need_no_key_and_the_api_does(server):
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/ready").status_code == 200
+    assert httpx.get(f"{server.url}/metrics").status_code == 200
+    assert_error(httpx.get(f"{server.url}/v1/models"), 401, "invalid_api_key")
+    assert httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer sk-second"}).status_code == 200
+
+
+def test_request_id_is_echoed_or_made(server):
+    echoed = post(server, chat(server), headers={"X-Request-Id": "trace-42"})
+    assert echoed.headers["x-request-id"] == "trace-42"
+    made = post(server, chat(server), headers={"X-Request-Id": "bad id\twith spaces"})
+    assert made.headers["x-request-id"] not in ("", "bad id\twith spaces")
+    error = post(server, "[]", headers={"X-Request-Id": "err-7"})
+    assert error.status_code == 400 and error.headers["x-request-id"] == "err-7"
+    with server.http.stream("POST", "/v1/chat/completions", json=chat(server, stream=True),
+                            headers={"X-Request-Id": "stream-1"}) as response:
+        assert response.headers["x-request-id"] == "stream-1"
+
+
+# -- each error for real --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, param", [
+    ("{not json", None),
+    ("[1, 2]", None),
+    ('"a string"', None),
+    ("42", None),
+    ("", None),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "messages"),
+    ({"messages": QUESTION, "n": 3}, "n"),
+    ({"messages": QUESTION, "temperature": -1}, "temperature"),
+    ({"messages": QUESTION, "relat": {"steps": 101}}, "relat.steps"),
+    ({"messages": QUESTION, "relat": {"rank": 512}}, "relat.rank"),
+    ({"messages": QUESTION, "relat": {"method": "relat", "latent_steps": 0}}, "relat.latent_steps"),
+    ({"messages": QUESTION, "relat": "steps=3"}, "relat"),
+])
+def test_400_for_invalid_requests(server, body, param):
+    assert_error(post(server, body), 400, param=param)
+
+
+def test_400_on_the_native_endpoint_names_top_level_fields(server):
+    assert_error(post(server, {"question": "q", "steps": -1}, "/v1/relat"), 400, param="steps")
+    assert_error(post(server, {"steps": 1}, "/v1/relat"), 400, param="question")
+
+
+def test_401_without_or_with_a_wrong_key(server):
+    assert_error(httpx.post(f"{server.url}/v1/chat/completions", json=chat(server)), 401, "invalid_api_key")
+    for header in ("Bearer sk-wrong", f"Basic {KEY}", KEY, f"Bearer {KEY}x"):
+        response = httpx.post(f"{server.url}/v1/relat", json={"question": "q"}, headers={"Authorization": header})
+        assert_error(response, 401, "invalid_api_key")
+
+
+def test_404_for_an_unknown_model_or_path(server):
+    assert_error(post(server, chat(server, model="gpt-4o")), 404, "model_not_found", "model")
+    assert_error(post(server, {"question": "q", "model": "other"}, "/v1/relat"), 404, "model_not_found")
+    assert_error(server.http.get("/v1/nothing-here"), 404)
+
+
+def test_413_for_a_body_over_the_limit_declared_or_streamed(server):
+    huge = json.dumps(chat(server, messages=[{"role": "user", "content": "x" * MAX_BODY_BYTES}]))
+    assert_error(post(server, huge), 413, "payload_too_large")
+
+    def chunks():  # no Content-Length: the limit must hold while reading
+        for _ in range(MAX_BODY_BYTES // 1024 + 2):
+            yield b" " * 1024
+
+    response = server.http.post("/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert "content-length" not in response.request.headers
+    assert_error(response, 413, "payload_too_large")
+
+
+def test_413_for_a_prompt_over_the_token_limit(server):
+    long_question = [{"role": "user", "content": "word " * (MAX_PROMPT_TOKENS + 10)}]
+    assert_error(post(server, chat(server, messages=long_question)), 413, "context_length_exceeded", "messages")
+    assert post(server, chat(server, messages=[{"role": "user", "content": "word " * 100}])).status_code == 200
+
+
+def test_500_without_a_stack_trace_when_the_engine_fails(server, engine, monkeypatch):
+    def exploding(request):
+        yield TrainStep(1, 2, 1.0, 0.5, 0.01)
+        raise RuntimeError("secret engine internals")
+
+    monkeypatch.setattr(engine, "generate", exploding)
+    before = metrics(server.url)
+    error = assert_error(post(server, chat(server)), 500, "internal_error")
+    assert "secret" not in json.dumps(error) and "Traceback" not in json.dumps(error)
+
+    with server.http.stream("POST", "/v1/chat/completions", json=chat(server, stream=True)) as response:
+        assert response.status_code == 200  # the stream had begun: the error comes as an event
+        lines = list(sse_lines(response))
+    assert ": ttt step 1/2 loss 1.0000" in lines
+    events = data_events(lines)
+    assert events[-2]["error"]["code"] == "internal_error" and events[-1] == "[DONE]"
+    assert "secret" not in "\n".join(lines)
+    after = metrics(server.url)
+    assert sample(after, "relat_errors_total", code="500") - sample(before, "relat_errors_total", code="500") == 2
+    assert sample(after, "relat_requests_total", method="relat", outcome="error") - \
+        sample(before, "relat_requests_total", method="relat", outcome="error") == 2
+
+
+def test_500_from_the_server_itself_keeps_the_shape_and_the_request_id(server, monkeypatch):
+    service = server.app.state.service
+
+    class BrokenTokenizer:
+        def apply_chat_template(self, *args, **kwargs):
+            raise KeyError("secret template internals")
+
+    monkeypatch.setattr(service, "tokenizer", BrokenTokenizer())
+    response = post(server, chat(server), headers={"X-Request-Id": "broken-1"})
+    error = assert_error(response, 500, "internal_error")
+    assert "secret" not in json.dumps(error) and response.headers["x-request-id"] == "broken-1"
+
+
+# -- determinism, isolation and metrics ---------------------------------------------------------------------
+
+def test_concurrent_requests_answer_as_when_sent_alone_and_leave_the_base_weights(server, engine):
+    bodies = [chat(server, seed=seed, temperature=0.9, max_completion_tokens=6, relat={"steps": 2, "latent_steps": 3})
+              for seed in (1, 2, 3, 1)]
+    checksum = base_checksum(engine.model)
+    alone = [post(server, body).json() for body in bodies]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda body: post(server, body).json(), bodies * 2))
+    answers = [r["choices"][0]["message"]["content"] for r in alone]
+    assert [r["choices"][0]["message"]["content"] for r in together] == answers * 2
+    assert answers[0] == answers[3] and len(set(answers[:3])) > 1  # the seed decides, and it does matter
+    losses = [[s["loss"] for s in r["relat"]["steps"]] for r in alone]
+    assert [[s["loss"] for s in r["relat"]["steps"]] for r in together] == losses * 2
+    assert base_checksum(engine.model) == checksum
+
+
+def test_metrics_parse_and_histograms_count_what_was_sent(server):
+    before = metrics(server.url)
+    sent = [(steps, seed) for steps, seed in ((1, 1), (2, 2), (3, 3))]
+    results, texts = [], []
+    for steps, seed in sent:
+        with server.http.stream("POST", "/v1/chat/completions", json=chat(
+                server, seed=seed, relat={"steps": steps, "latent_steps": 2}, stream=True,
+                stream_options={"include_usage": True})) as response:
+            events = data_events(sse_lines(response))
+        texts.append([e["choices"][0]["delta"]["content"] for e in events[1:-1]
+                      if e != "[DONE]" and e["choices"] and e["choices"][0]["delta"].get("content")])
+        results.append(next(e for e in events if e != "[DONE]" and e.get("usage")))
+    assert_error(post(server, "[]"), 400)
+    after = metrics(server.url)
+
+    def grew(name, **labels):
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert grew("relat_requests_total", method="relat", outcome="success") == 3
+    for histogram in ("relat_request_queue_time_seconds", "relat_e2e_request_latency_seconds",
+                      "relat_ttt_time_seconds", "relat_ttt_steps", "relat_recon_loss_before",
+                      "relat_recon_loss_after"):
+        assert grew(histogram + "_count") == 3, histogram
+    assert grew("relat_ttt_steps_sum") == 1 + 2 + 3
+    assert grew("relat_ttt_steps_bucket", le="1.0") == 1 and grew("relat_ttt_steps_bucket", le="+Inf") == 3
+    assert grew("relat_time_to_first_token_seconds_count") == sum(1 for t in texts if t)
+    assert grew("relat_inter_token_latency_seconds_count") == sum(max(len(t) - 1, 0) for t in texts)
+    assert grew("relat_prompt_tokens_total") == sum(r["usage"]["prompt_tokens"] for r in results)
+    assert grew("relat_generation_tokens_total") == sum(r["usage"]["completion_tokens"] for r in results)
+    assert grew("relat_errors_total", code="400") == 1
+    assert sample(after, "relat_requests_running") == sample(after, "relat_requests_waiting") == 0
+    assert sample(after, "relat_adapter_slots_in_use") == 0
+
+
+# -- loading ----------------------------------------------------------------------------------------------------
+
+def test_ready_is_503_while_loading_and_requests_are_refused(engine):
+    loaded = threading.Event()
+
+    def slow_load() -> Engine:
+        loaded.wait(60)
+        return engine
+
+    with serve_in_thread(Settings(), slow_load) as (url, _):
+        assert httpx.get(f"{url}/health").status_code == 200
+        assert httpx.get(f"{url}/ready").status_code == 503
+        assert_error(httpx.post(f"{url}/v1/chat/completions", json=chat(engine.name)), 503, "not_ready")
+        loaded.set()
+        wait_for(lambda: httpx.get(f"{url}/ready").status_code == 200, "readiness")
+        assert httpx.post(f"{url}/v1/chat/completions", json=chat(engine.name), timeout=60).status_code == 200
+
+
+def test_a_model_that_fails_to_load_makes_the_server_unhealthy():
+    def broken() -> Engine:
+        raise OSError("no such model")
+
+    with serve_in_thread(Settings(), broken) as (url, app):
+        wait_for(lambda: app.state.service.phase == "failed", "the failure")
+        assert httpx.get(f"{url}/health").status_code == 503
+        assert httpx.get(f"{url}/ready").status_code == 503
+        assert_error(httpx.post(f"{url}/v1/relat", json={"question": "q"}), 503, "not_ready")
