@@ -111,13 +111,15 @@ class Service:
         log.info("serving %s; default TTT parameters: %s", self.model_name, defaults)
 
     async def drain(self) -> None:
-        """Refuse new requests and wait for in-flight ones, up to the drain timeout."""
+        """Refuse new requests and wait for in-flight ones, up to the drain timeout; then cancel what is left,
+        so that its clients get an error event (503) instead of a stream cut off by the shutdown."""
         if self.phase == "ready":
             self.phase = "draining"
         if self.runner is not None:
             log.info("draining: waiting up to %.0f s for in-flight requests", self.settings.drain_timeout)
             if not await self.runner.drain(self.settings.drain_timeout):
                 log.warning("drain timeout: cancelling the requests still in flight")
+                await self.stop()
 
     async def stop(self) -> None:
         if self.runner is not None:
@@ -156,15 +158,15 @@ class Service:
             raise PromptTooLong(f"the prompt has {count} tokens; this server accepts at most {limit}",
                                 param="messages")
 
-    def submit(self, messages: list[dict], ttt_fields: dict, sampling_fields: dict, timeout: float | None,
-               ttt_prefix: str) -> Job:
+    def submit(self, request_id: str, messages: list[dict], ttt_fields: dict, sampling_fields: dict,
+               timeout: float | None, ttt_prefix: str) -> Job:
         """Validate a request's parameters and prompt, then queue it (the deadline: at most the server's)."""
         assert self.runner is not None and self.defaults is not None
         messages = normalise_messages(messages)
         request = engine_request(messages, ttt_fields, sampling_fields, self.defaults, ttt_prefix)
         self.check_prompt(messages)
         deadline = min(timeout or self.settings.request_timeout, self.settings.request_timeout)
-        return self.runner.submit(request, request.ttt.method, deadline)
+        return self.runner.submit(request_id, request, deadline)
 
     def count_error(self, info: ErrorInfo) -> None:
         self.metrics.errors.labels(str(info.status)).inc()
@@ -221,8 +223,8 @@ async def chat_completions(request: HTTPRequest) -> Response:
     body: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
     messages = [m.model_dump(include={"role", "content"}) for m in body.messages]
     relat = body.relat
-    job = service.submit(messages, relat.ttt_fields() if relat else {}, body.sampling_fields(),
-                         relat.timeout if relat else None, ttt_prefix="relat.")
+    job = service.submit(request.state.request_id, messages, relat.ttt_fields() if relat else {},
+                         body.sampling_fields(), relat.timeout if relat else None, ttt_prefix="relat.")
     completion_id, created = new_id("chatcmpl"), now()
     if body.stream:
         renderer = ChatRenderer(completion_id, created, service.model_name, body.include_usage)
@@ -237,7 +239,8 @@ async def chat_completions(request: HTTPRequest) -> Response:
 async def relat(request: HTTPRequest) -> Response:
     service = service_of(request)
     body: RelatRequest = await parse(request, RelatRequest)
-    job = service.submit(body.messages(), body.ttt_fields(), body.sampling_fields(), body.timeout, ttt_prefix="")
+    job = service.submit(request.state.request_id, body.messages(), body.ttt_fields(), body.sampling_fields(),
+                         body.timeout, ttt_prefix="")
     fields = {"id": new_id("relat"), "created": now(), "model": service.model_name}
     if body.stream:
         return stream_response(service, job, NativeRenderer(fields))

@@ -89,13 +89,28 @@ class ErrorInfo:
         return json.dumps(self.body())
 
 
+# Pydantic puts the member of a union it tried into the location ("str", "list[str]", ...); clients know fields.
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def _param(location: tuple) -> str | None:
-    """('relat', 'steps') -> 'relat.steps'; ('messages', 0, 'role') -> 'messages[0].role'."""
-    parts = [p for p in location if p not in ("body",)]
+    """('relat', 'steps') -> 'relat.steps'; ('messages', 0, 'content', 'str') -> 'messages[0].content'."""
     text = ""
-    for part in parts:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    for part in location:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part != "body" and part not in _UNION_TAGS and "[" not in part:
+            text += f".{part}" if text else part
     return text or None
+
+
+def _most_specific(errors: list[dict]) -> dict:
+    """Of the errors pydantic reports (one per union member tried), the deepest one, and not a mere "missing"."""
+    def depth(error: dict) -> tuple[int, bool]:
+        param = _param(tuple(error.get("loc", ())))
+        return (param or "").count(".") + (param or "").count("["), error.get("type") != "missing"
+
+    return max(reversed(errors), key=depth)  # reversed: among equals, the later union member (the richer type)
 
 
 def describe(error: BaseException) -> ErrorInfo:
@@ -106,9 +121,9 @@ def describe(error: BaseException) -> ErrorInfo:
     if isinstance(error, InvalidParameter):  # relat_core's own parameter checks
         return ErrorInfo(400, str(error), "invalid_request_error", error.param, "invalid_value")
     if isinstance(error, ValidationError | RequestValidationError):  # 400 like vLLM, not FastAPI's 422
-        first = error.errors()[0]
-        param = _param(tuple(first.get("loc", ())))
-        message = first["msg"] if param is None else f"{param}: {first['msg']}"
+        chosen = _most_specific(error.errors())
+        param = _param(tuple(chosen.get("loc", ())))
+        message = chosen["msg"] if param is None else f"{param}: {chosen['msg']}"
         return ErrorInfo(400, message, "invalid_request_error", param, "invalid_value")
     if isinstance(error, EngineBusy):  # no adapter slot free: transient, like a full queue
         return ErrorInfo(503, "no adapter slot is free; retry shortly", "service_unavailable", None, "engine_busy",

@@ -104,10 +104,10 @@ class ChatCompletionRequest(OpenAIBaseModel):
     model: str | None = ModelField
     max_completion_tokens: int | None = Field(None, ge=1, description="answer length limit in tokens")
     max_tokens: int | None = Field(None, ge=1, deprecated="max_tokens is deprecated: use max_completion_tokens")
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    n: int | None = Field(1, ge=1, le=1, description="only 1 is supported")
     seed: int | None = SeedField
     stop: Stop = StopField
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = TemperatureField
     top_p: float | None = TopPField
@@ -133,7 +133,7 @@ class RelatRequest(RelatOptions):
     question: str = Field(min_length=1, description="the question")
     system: str | None = Field(None, description="an optional system message")
     model: str | None = ModelField
-    stream: bool = Field(False, description="typed SSE events: ttt_step, token, done")
+    stream: bool | None = Field(False, description="typed SSE events: ttt_step, token, done")
     max_tokens: int | None = Field(None, ge=1, description="answer length limit in tokens")
     temperature: float | None = TemperatureField
     top_p: float | None = TopPField

@@ -31,13 +31,18 @@ HEARTBEAT = object()  # yielded by Job.events when nothing happened for a while
 
 @dataclass(eq=False)
 class Job:
+    request_id: str  # X-Request-Id, for the log
     request: Request
-    method: str  # TTT method, the metrics label
     deadline: float  # time.monotonic()
     loop: asyncio.AbstractEventLoop
     submitted: float = field(default_factory=time.monotonic)
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # bounded by steps + max_tokens + 1 events
     _cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def method(self) -> str:
+        """The TTT method: the metrics label."""
+        return self.request.ttt.method
 
     def cancel(self) -> None:
         """Stop the work at the next step or token; harmless once the job has ended."""
@@ -93,7 +98,7 @@ class Runner:
                         max_concurrency)
         self.engine = engine
         self.metrics = metrics
-        self.capacity = 1 + max_queue  # running + waiting
+        self.capacity = 1 + max_queue  # one running (see above) + the waiting
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
@@ -108,14 +113,14 @@ class Runner:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, request: Request, method: str, timeout: float) -> Job:
+    def submit(self, request_id: str, request: Request, timeout: float) -> Job:
         """Queue a request or refuse it at once (429 with a Retry-After estimate, 503 when stopping)."""
-        job = Job(request, method, time.monotonic() + timeout, asyncio.get_running_loop())
+        job = Job(request_id, request, time.monotonic() + timeout, asyncio.get_running_loop())
         with self._lock:
             if self._stopping:
                 raise Unavailable("the server is shutting down")
             if self._waiting + self._running >= self.capacity:
-                self.metrics.requests.labels(method, "rejected").inc()
+                self.metrics.requests.labels(job.method, "rejected").inc()
                 raise QueueFull(f"the queue is full ({self.capacity - 1} waiting); retry later",
                                 retry_after=self._retry_after())
             self._waiting += 1
@@ -168,6 +173,8 @@ class Runner:
                     self.metrics.running.set(self._running)
                     self._service_seconds = 0.8 * self._service_seconds + 0.2 * (time.monotonic() - started)
             self.metrics.requests.labels(job.method, outcome).inc()
+            log.info("request %s: %s %s, %.2f s queued, %.2f s in the engine", job.request_id, job.method, outcome,
+                     started - job.submitted, time.monotonic() - started)
 
     def _run(self, job: Job, started: float) -> str:
         """Run one job to its end; returns its outcome. Errors go to the job, never up into the thread."""

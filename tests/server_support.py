@@ -4,12 +4,14 @@ metrics read back through prometheus-client's own parser, and waiting on a condi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 
 import httpx
 import uvicorn
@@ -51,20 +53,22 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_in_thread(settings: Settings, load_engine: Callable) -> Iterator[tuple[str, object]]:
-    """(base URL, app) of a uvicorn server running `create_app(settings, load_engine)` until the block ends."""
+def serve_in_thread(settings: Settings, load_engine: Callable) -> Iterator[SimpleNamespace]:
+    """A uvicorn server running `create_app(settings, load_engine)` until the block ends: its url, app and event
+    loop (to run the app's coroutines, such as a drain, where they belong)."""
     app = create_app(settings, load_engine=load_engine)
     sock = bound_socket()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    loop = asyncio.new_event_loop()
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(sockets=[sock]),), daemon=True)
     thread.start()
     try:
         wait_for(lambda: server.started, "the server to start")
-        yield url, app
+        yield SimpleNamespace(url=f"http://127.0.0.1:{sock.getsockname()[1]}", app=app, loop=loop)
     finally:
         server.should_exit = True
         thread.join(30)
+        loop.close()
         sock.close()
 
 

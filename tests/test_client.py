@@ -27,9 +27,9 @@ def server(tokenizer):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     engine = Engine(build_tiny("qwen3", tokenizer, seed=4))
-    with serve_in_thread(Settings(api_keys=[KEY]), lambda: engine) as (url, _):
-        wait_for(lambda: httpx.get(f"{url}/ready").status_code == 200, "readiness")
-        yield SimpleNamespace(url=url, model=engine.name)
+    with serve_in_thread(Settings(api_keys=[KEY]), lambda: engine) as served:
+        wait_for(lambda: httpx.get(f"{served.url}/ready").status_code == 200, "readiness")
+        yield SimpleNamespace(url=served.url, model=engine.name)
     torch.set_num_threads(threads)
 
 

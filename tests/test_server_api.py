@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import httpx
 import openai
@@ -48,10 +47,11 @@ def engine(tokenizer):
 def server(engine):
     settings = Settings(api_keys=[KEY, "sk-second"], max_prompt_tokens=MAX_PROMPT_TOKENS,
                         max_body_bytes=MAX_BODY_BYTES)
-    with serve_in_thread(settings, lambda: engine) as (url, app):
-        wait_for(lambda: httpx.get(f"{url}/ready").status_code == 200, "readiness")
-        yield SimpleNamespace(url=url, app=app, model=engine.name,
-                              http=httpx.Client(base_url=url, headers=AUTH, timeout=120))
+    with serve_in_thread(settings, lambda: engine) as served:
+        wait_for(lambda: httpx.get(f"{served.url}/ready").status_code == 200, "readiness")
+        served.model = engine.name
+        served.http = httpx.Client(base_url=served.url, headers=AUTH, timeout=120)
+        yield served
 
 
 @pytest.fixture
@@ -311,7 +311,8 @@ def test_ready_is_503_while_loading_and_requests_are_refused(engine):
         loaded.wait(60)
         return engine
 
-    with serve_in_thread(Settings(), slow_load) as (url, _):
+    with serve_in_thread(Settings(), slow_load) as served:
+        url = served.url
         assert httpx.get(f"{url}/health").status_code == 200
         assert httpx.get(f"{url}/ready").status_code == 503
         assert_error(httpx.post(f"{url}/v1/chat/completions", json=chat(engine.name)), 503, "not_ready")
@@ -324,8 +325,9 @@ def test_a_model_that_fails_to_load_makes_the_server_unhealthy():
     def broken() -> Engine:
         raise OSError("no such model")
 
-    with serve_in_thread(Settings(), broken) as (url, app):
-        wait_for(lambda: app.state.service.phase == "failed", "the failure")
+    with serve_in_thread(Settings(), broken) as served:
+        url = served.url
+        wait_for(lambda: served.app.state.service.phase == "failed", "the failure")
         assert httpx.get(f"{url}/health").status_code == 503
         assert httpx.get(f"{url}/ready").status_code == 503
         assert_error(httpx.post(f"{url}/v1/relat", json={"question": "q"}), 503, "not_ready")

@@ -7,13 +7,13 @@ never by sleeping; every wait is on an observable state (a progress line, a metr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -50,10 +50,11 @@ def engine(tokenizer):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    with serve_in_thread(Settings(api_keys=[KEY], max_concurrency=1, max_queue=1), lambda: engine) as (url, app):
-        wait_for(lambda: httpx.get(f"{url}/ready").status_code == 200, "readiness")
-        yield SimpleNamespace(url=url, app=app, model=engine.name,
-                              http=httpx.Client(base_url=url, headers=AUTH, timeout=120))
+    with serve_in_thread(Settings(api_keys=[KEY], max_concurrency=1, max_queue=1), lambda: engine) as served:
+        wait_for(lambda: httpx.get(f"{served.url}/ready").status_code == 200, "readiness")
+        served.model = engine.name
+        served.http = httpx.Client(base_url=served.url, headers=AUTH, timeout=120)
+        yield served
 
 
 def idle(url: str) -> dict:
@@ -144,6 +145,24 @@ def test_a_passed_deadline_is_a_504(server):
     assert grew(before, after, "relat_requests_total", method="relat", outcome="timeout") == 3
     assert grew(before, after, "relat_errors_total", code="504") == 3
     assert grew(before, after, "relat_ttt_steps_run_total") < SLOW["steps"]
+
+
+def test_a_drain_that_times_out_cancels_what_is_left_with_an_error_event(engine):
+    with serve_in_thread(Settings(drain_timeout=0.5), lambda: engine) as served:
+        wait_for(lambda: httpx.get(f"{served.url}/ready").status_code == 200, "readiness")
+        http = httpx.Client(base_url=served.url, timeout=120)
+        with http.stream("POST", "/v1/chat/completions", json=chat(engine.name, relat=SLOW, stream=True)) as response:
+            lines = sse_lines(response)
+            until_training(lines)
+            drained = asyncio.run_coroutine_threadsafe(served.app.state.service.drain(), served.loop)
+            events = data_events(lines)
+        drained.result(120)
+        assert events[-2]["error"]["code"] == "cancelled" and events[-1] == "[DONE]"
+        assert httpx.get(f"{served.url}/ready").status_code == 503
+        assert_error(http.post("/v1/chat/completions", json=chat(engine.name)), 503, "not_ready")
+        after = metrics(served.url)
+        assert sample(after, "relat_requests_total", method="relat", outcome="cancelled") == 1
+        assert sample(after, "relat_ttt_steps_run_total") < SLOW["steps"]
 
 
 # -- `relat serve` in its own process: settings from the environment, SIGTERM drains ---------------------------

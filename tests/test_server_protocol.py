@@ -43,6 +43,11 @@ def to_engine(body: ChatCompletionRequest, defaults: ServerDefaults = DEFAULTS):
 
 # -- requests ---------------------------------------------------------------------------------------------------
 
+def test_nulls_mean_defaults_as_in_openai():
+    body = chat(stream=None, n=None, temperature=None, stream_options=None, relat=None)
+    assert not body.stream and not body.include_usage
+
+
 def test_minimal_chat_request_and_openai_shapes():
     body = ChatCompletionRequest.model_validate({
         "model": "m", "messages": [{"role": "system", "content": "be brief"},
@@ -64,13 +69,15 @@ def test_minimal_chat_request_and_openai_shapes():
     ({"relat": {"method": "magic"}}, "relat.method"),
     ({"relat": {"timeout": -1}}, "relat.timeout"),
     ({"stream_options": "yes"}, "stream_options"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content[0].type"),
 ])
 def test_invalid_fields_are_400_naming_the_field(fields, param):
     with pytest.raises(ValidationError) as caught:
         ChatCompletionRequest.model_validate({"messages": USER, **fields})
     info = describe(caught.value)
     assert info.status == 400 and info.type == "invalid_request_error"
-    assert info.param is not None and info.param.startswith(param)
+    assert info.param == param and info.message.startswith(param + ": ")
 
 
 @pytest.mark.parametrize("body", [[], [1, 2], "text", 3, None])
