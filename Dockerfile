@@ -7,10 +7,11 @@
 # cuda or cpu. Both bases are Ubuntu 24.04, so the virtual environment built below (Python 3.12) runs on either.
 ARG VARIANT=cuda
 # torch's CUDA wheels bring their own CUDA libraries (cuBLAS, cuDNN, ...), so the image needs only NVIDIA's `base`
-# flavour (the CUDA runtime and the hooks of the NVIDIA container toolkit), not the 3 GB larger `runtime` one.
-# Its CUDA major version must be torch's: the pinned torch's PyPI wheel is built for CUDA 13 (NVIDIA driver 580 or
-# newer). For an older driver: --build-arg CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
-#                            --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# flavour (the CUDA runtime and the hooks of the NVIDIA container toolkit); the `runtime` flavour would add those
+# libraries a second time (about 3 GB). Its CUDA major version must be torch's: the pinned torch's PyPI wheel is
+# built for CUDA 13 (NVIDIA driver 580 or newer). For an older driver, pick a CUDA 12 build of the same torch, e.g.
+#   --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126
+#   --build-arg CUDA_IMAGE=nvidia/cuda:12.6.3-base-ubuntu24.04
 ARG CUDA_IMAGE=nvidia/cuda:13.0.0-base-ubuntu24.04
 ARG CPU_IMAGE=ubuntu:24.04
 
@@ -71,9 +72,10 @@ USER 10001:10001
 RUN relat prepare
 VOLUME ["/models"]
 EXPOSE 8000
-# Long start period: a first start with a hub model downloads its weights, and loading a large one takes minutes,
-# before relat answers at all; failures then do not count. /health is liveness; compose and Kubernetes use /ready
-# for readiness.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=10m --retries=3 CMD ["relat-probe", "/health"]
+# /health is liveness: 200 from the moment relat listens, also while the model loads, and 503 if loading failed.
+# Long start period (failures in it do not count): relat opens its port only after importing torch and CUDA, a
+# minute or more on a cold disk or a busy host. Compose and Kubernetes add readiness on /ready (503 while loading or
+# draining), with a longer allowance for a first model download.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=5m --retries=3 CMD ["relat-probe", "/health"]
 # Arguments after the image name go to `relat serve`; every flag also has a RELAT_* environment variable.
 ENTRYPOINT ["relat", "serve"]
