@@ -241,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request would break `ask --url` output
     args = build_parser().parse_args(argv)
     from relat_core import InvalidParameter, ModelLoadError
 
