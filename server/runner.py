@@ -92,13 +92,14 @@ class Runner:
 
     def __init__(self, engine: Engine, metrics: Metrics, max_queue: int, max_concurrency: int = 1):
         if max_concurrency > 1:
-            # The engine holds one adapter slot and global autograd/binding state across its yields, so two
-            # requests cannot interleave on it; the batched engine (issue 4) lifts this.
-            log.warning("max_concurrency=%d: this engine runs one request at a time; the rest wait in the queue",
+            # The engine holds global autograd and adapter-binding state across its yields, so two requests cannot
+            # interleave on it; the batched engine (issue 4) lifts this. Admission still counts max_concurrency
+            # places, so that the limits clients see stay as configured when it does.
+            log.warning("max_concurrency=%d: this engine runs one request at a time; the others wait their turn",
                         max_concurrency)
         self.engine = engine
         self.metrics = metrics
-        self.capacity = 1 + max_queue  # one running (see above) + the waiting
+        self.capacity = max_concurrency + max_queue  # requests admitted at once, running or waiting
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
@@ -121,7 +122,7 @@ class Runner:
                 raise Unavailable("the server is shutting down")
             if self._waiting + self._running >= self.capacity:
                 self.metrics.requests.labels(job.method, "rejected").inc()
-                raise QueueFull(f"the queue is full ({self.capacity - 1} waiting); retry later",
+                raise QueueFull(f"the server is at capacity ({self.capacity} requests admitted); retry later",
                                 retry_after=self._retry_after())
             self._waiting += 1
             self._active.add(job)

@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="debug, info, warning or error")
 
     # -- limits and lifecycle ---------------------------------------------------------------------------------
-    max_concurrency: int = Field(1, ge=1, description="requests worked on at once")
+    max_concurrency: int = Field(1, ge=1, description="requests worked on at once (today's engine: one at a time)")
     max_queue: int = Field(16, ge=0, description="requests waiting beyond those; more are answered 429")
     request_timeout: float = Field(600.0, gt=0, description="deadline of a request in seconds, queueing included")
     max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt accepted, in tokens (else 413)")
