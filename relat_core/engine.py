@@ -223,7 +223,7 @@ class Engine:
             if step == 1:
                 trace.recon_loss_before = value
             if not math.isfinite(value):
-                return self._abort(slot, ttt, trace, f"non-finite reconstruction loss at step {step}")
+                return self._abort(trace, f"non-finite reconstruction loss at step {step}")
             if ttt.stop_loss is not None and value <= ttt.stop_loss:
                 trace.stopped_early = True
                 trace.steps.append({"step": step, "loss": value, "grad_norm": None,
@@ -234,7 +234,7 @@ class Engine:
             del state  # frees the graph's activations before the optimiser allocates
             norm = optimizer.grad_norms(slots)
             if not torch.isfinite(norm).all():
-                return self._abort(slot, ttt, trace, f"non-finite gradient at step {step}")
+                return self._abort(trace, f"non-finite gradient at step {step}")
             optimizer.step(slots, lr, weight_decay, max_norm, norm)
             seconds = time.perf_counter() - step_start
             trace.steps.append({"step": step, "loss": value, "grad_norm": float(norm[0]), "seconds": seconds})
@@ -242,12 +242,10 @@ class Engine:
         self.bank.zero_grad()
         return None
 
-    def _abort(self, slot: int, ttt: TTTParams, trace: Trace, reason: str) -> None:
-        """Abandon the update: the request is answered by the base model, and the trace says why."""
+    def _abort(self, trace: Trace, reason: str) -> None:
+        """Abandon the update: the slot is not bound again, so the base model answers; the trace says why."""
         self.bank.zero_grad()
-        self.bank.reset(slot, ttt.rank, ttt.targets, torch.Generator(self.device).manual_seed(0))
         trace.aborted = reason
-        return None
 
     def _answer(self, segments: Segments, ttt: TTTParams, sampling: SamplingParams, slot: int | None,
                 state: SequenceState, hidden: torch.Tensor, trace: Trace, start: float) -> Iterator[Event]:
