@@ -1,23 +1,25 @@
-"""relat_core: ReLAT, reconstruction-guided latent reasoning with per-request test-time training (no HTTP)."""
+"""relat_core: ReLAT, reconstruction-guided latent reasoning with per-request test-time training (no HTTP).
 
-from .engine import (
-    Engine,
-    EngineBusy,
-    Event,
-    Finished,
-    Request,
-    Result,
-    TextDelta,
-    Trace,
-    TrainStep,
-    Usage,
-    default_ttt_params,
-)
-from .loading import EMBEDDED_MODEL, LoadedModel, ModelLoadError, load_model, prepare
-from .params import InvalidParameter, SamplingParams, TTTParams
+Names are exported lazily (PEP 562): `relat_core.params` and the CLI's argument parsing stay free of torch, which
+matters for `relat ask --url`, a thin client.
+"""
 
-__all__ = [
-    "EMBEDDED_MODEL", "Engine", "EngineBusy", "Event", "Finished", "InvalidParameter", "LoadedModel",
-    "ModelLoadError", "Request", "Result", "SamplingParams", "TTTParams", "TextDelta", "Trace", "TrainStep", "Usage",
-    "default_ttt_params", "load_model", "prepare",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Engine": "engine", "EngineBusy": "engine", "Event": "engine", "Finished": "engine", "Request": "engine",
+    "Result": "engine", "TextDelta": "engine", "Trace": "engine", "TrainStep": "engine", "Usage": "engine",
+    "default_ttt_params": "engine",
+    "EMBEDDED_MODEL": "loading", "LoadedModel": "loading", "ModelLoadError": "loading", "load_model": "loading",
+    "prepare": "loading",
+    "InvalidParameter": "params", "SamplingParams": "params", "TTTParams": "params",
+}
+__all__ = sorted(_EXPORTS)
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

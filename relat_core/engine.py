@@ -132,13 +132,28 @@ class Engine:
 
     # -- public ---------------------------------------------------------------------------------------------
 
+    @property
+    def slots_in_use(self) -> int:
+        return self.bank.num_slots - len(self.bank.free)
+
+    def check(self, request: Request) -> list[dict[str, str]]:
+        """Refuse what this engine cannot run (InvalidParameter); returns the normalised messages.
+
+        Cheap and thread-safe (no tokenizer, no tensors), so a server can call it before queueing a request.
+        """
+        messages = normalise_messages(request.messages)
+        if request.ttt.trains and request.ttt.rank > self.bank.max_rank:
+            raise InvalidParameter("rank", f"rank must be at most {self.bank.max_rank} on this server")
+        return messages
+
     def generate(self, request: Request) -> Iterator[Event]:
-        """Run one request; close the iterator to cancel it (its adapter slot is released at once)."""
+        """Check the request now, then return its event stream; close the stream to cancel the request (its
+        adapter slot is released at once)."""
+        return self._generate(request, self.check(request))
+
+    def _generate(self, request: Request, messages: list[dict[str, str]]) -> Iterator[Event]:
         start = time.perf_counter()
         ttt, sampling = request.ttt, request.sampling
-        messages = normalise_messages(request.messages)
-        if ttt.trains and ttt.rank > self.bank.max_rank:
-            raise InvalidParameter("rank", f"rank must be at most {self.bank.max_rank} on this server")
         thinks = ttt.method != "direct" and ttt.latent_steps > 0
         segments = self.chat.segments(messages, ttt.reconstruction_instruction, ttt.follow_up, latent=thinks)
         trace = Trace(ttt.method, ttt.latent_steps if thinks else 0, ttt.adapter_during_answer and ttt.trains)

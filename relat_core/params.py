@@ -73,8 +73,9 @@ class TTTParams:
         _require(_is_int(self.rank) and 1 <= self.rank <= 256, "rank",
                  f"rank must be an integer in [1, 256], got {self.rank!r}")
         _require(_is_number(self.alpha) and self.alpha > 0, "alpha", f"alpha must be positive, got {self.alpha!r}")
-        _require(len(self.targets) > 0 and all(t in ALL_TARGETS for t in self.targets), "targets",
-                 f"targets must be a non-empty subset of {', '.join(ALL_TARGETS)}, got {list(self.targets)!r}")
+        _require(isinstance(self.targets, (tuple, list)) and len(self.targets) > 0
+                 and all(t in ALL_TARGETS for t in self.targets), "targets",
+                 f"targets must be a non-empty subset of {', '.join(ALL_TARGETS)}, got {self.targets!r}")
         _require(self.stop_loss is None or (_is_number(self.stop_loss) and self.stop_loss >= 0), "stop_loss",
                  f"stop_loss must be null or a non-negative number, got {self.stop_loss!r}")
         _require(_is_number(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm",
@@ -85,11 +86,12 @@ class TTTParams:
         _require(_is_number(self.residual_alpha) and 0 <= self.residual_alpha < 1, "residual_alpha",
                  f"residual_alpha must be in [0, 1), got {self.residual_alpha!r}")
         _require(self.follow_up in FOLLOW_UPS, "follow_up", f"follow_up must be one of {', '.join(FOLLOW_UPS)}")
-        _require(bool(self.reconstruction_instruction.strip()), "reconstruction_instruction",
+        _require(isinstance(self.reconstruction_instruction, str) and bool(self.reconstruction_instruction.strip()),
+                 "reconstruction_instruction",
                  "reconstruction_instruction must not be empty")
         if self.method == "relat":
             _require(self.latent_steps >= 1, "latent_steps", "relat needs at least one latent step")
-        object.__setattr__(self, "targets", tuple(dict.fromkeys(self.targets)))
+        object.__setattr__(self, "targets", tuple(dict.fromkeys(self.targets)))  # hashable, without repeats
 
     def replace(self, **changes: object) -> TTTParams:
         return dataclasses.replace(self, **changes)
@@ -111,6 +113,8 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
         _require(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
                  f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         _require(_is_number(self.temperature) and 0 <= self.temperature <= 2, "temperature",
@@ -120,7 +124,8 @@ class SamplingParams:
         _require(_is_int(self.top_k) and self.top_k >= 0, "top_k",
                  f"top_k must be a non-negative integer, got {self.top_k!r}")
         _require(self.seed is None or _is_int(self.seed), "seed", f"seed must be an integer, got {self.seed!r}")
-        _require(len(self.stop) <= 4 and all(isinstance(s, str) and s for s in self.stop), "stop",
+        _require(isinstance(self.stop, (tuple, list)) and len(self.stop) <= 4
+                 and all(isinstance(s, str) and s for s in self.stop), "stop",
                  "stop must hold at most 4 non-empty strings")
 
     @property

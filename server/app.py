@@ -29,7 +29,6 @@ from starlette.requests import Request as HTTPRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from relat_core import Engine, InvalidParameter, load_model
-from relat_core.chat import normalise_messages
 
 from .errors import (
     APIError,
@@ -101,7 +100,7 @@ class Service:
             if self.on_fatal is not None:
                 self.on_fatal()
             return
-        self.defaults = ServerDefaults(defaults, self.settings.sampling_defaults(), self.settings.max_rank)
+        self.defaults = ServerDefaults(defaults, self.settings.sampling_defaults())
         # The engine's thread uses its tokenizer; a fast tokenizer must not be used by two threads at once.
         self.tokenizer = copy.deepcopy(engine.tokenizer)
         self.model_name = self.settings.served_model_name or engine.name
@@ -162,8 +161,13 @@ class Service:
                timeout: float | None, ttt_prefix: str) -> Job:
         """Validate a request's parameters and prompt, then queue it (the deadline: at most the server's)."""
         assert self.runner is not None and self.defaults is not None
-        messages = normalise_messages(messages)
         request = engine_request(messages, ttt_fields, sampling_fields, self.defaults, ttt_prefix)
+        try:
+            messages = self.runner.engine.check(request)
+        except InvalidParameter as error:
+            if error.param.startswith("messages"):
+                raise
+            raise InvalidParameter(ttt_prefix + error.param, str(error)) from None
         self.check_prompt(messages)
         deadline = min(timeout or self.settings.request_timeout, self.settings.request_timeout)
         return self.runner.submit(request_id, request, deadline)

@@ -155,7 +155,6 @@ class RelatRequest(RelatOptions):
 class ServerDefaults:
     ttt: TTTParams  # the engine's default for the model, with the operator's settings applied
     sampling: dict[str, Any]  # the operator's sampling settings (max_tokens always)
-    max_rank: int
 
 
 def engine_request(messages: list[dict], ttt_fields: dict[str, Any], sampling_fields: dict[str, Any],
@@ -166,8 +165,6 @@ def engine_request(messages: list[dict], ttt_fields: dict[str, Any], sampling_fi
     """
     try:
         ttt = defaults.ttt.replace(**{k: tuple(v) if k == "targets" else v for k, v in ttt_fields.items()})
-        if ttt.trains and ttt.rank > defaults.max_rank:
-            raise InvalidParameter("rank", f"rank must be at most {defaults.max_rank} on this server")
     except InvalidParameter as error:
         raise InvalidParameter(ttt_prefix + error.param, str(error)) from None
     sent = {k: v for k, v in sampling_fields.items() if v is not None}  # null means "the default" in OpenAI's API

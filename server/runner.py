@@ -192,7 +192,7 @@ class Runner:
                 now = time.monotonic()
                 if isinstance(event, TrainStep):
                     metrics.ttt_steps_run.inc()
-                    metrics.slots.set(self._slots_in_use())
+                    metrics.slots.set(self.engine.slots_in_use)
                 elif isinstance(event, TextDelta):
                     if last_text is None:
                         metrics.ttft.observe(now - job.submitted)
@@ -214,7 +214,7 @@ class Runner:
             return "error"
         finally:
             generator.close()  # cancels the engine's work and releases the adapter slot
-            metrics.slots.set(self._slots_in_use())
+            metrics.slots.set(self.engine.slots_in_use)
 
     def _observe_result(self, event: Finished, job: Job, now: float) -> None:
         result, metrics = event.result, self.metrics
@@ -229,11 +229,6 @@ class Runner:
             metrics.recon_before.observe(trace.recon_loss_before)
         if trace.recon_loss_after is not None:
             metrics.recon_after.observe(trace.recon_loss_after)
-
-    def _slots_in_use(self) -> int:
-        # The engine has no public count yet; its slot bank's free list is the truth about leaked slots.
-        bank = self.engine.bank
-        return bank.num_slots - len(bank.free)
 
 
 def _stop_error(reason: str) -> Exception:

@@ -188,6 +188,7 @@ def test_stop_string_ends_generation(engine):
     (dict(lr=0.0), "lr"), (dict(latent_steps=-2), "latent_steps"), (dict(targets=("lm_head",)), "targets"),
     (dict(targets=()), "targets"), (dict(mapping="pca"), "mapping"), (dict(stop_loss=-1.0), "stop_loss"),
     (dict(method="relat", latent_steps=0), "latent_steps"), (dict(steps=True), "steps"),
+    (dict(targets=None), "targets"), (dict(reconstruction_instruction=None), "reconstruction_instruction"),
 ])
 def test_bad_parameters_are_refused_by_name(changes, param):
     with pytest.raises(InvalidParameter) as error:

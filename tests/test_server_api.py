@@ -171,6 +171,7 @@ def test_request_id_is_echoed_or_made(server):
     ({"messages": QUESTION, "temperature": -1}, "temperature"),
     ({"messages": QUESTION, "relat": {"steps": 101}}, "relat.steps"),
     ({"messages": QUESTION, "relat": {"rank": 512}}, "relat.rank"),
+    ({"messages": QUESTION, "relat": {"rank": 100}}, "relat.rank"),  # within TTTParams, above the max_rank 64
     ({"messages": QUESTION, "relat": {"method": "relat", "latent_steps": 0}}, "relat.latent_steps"),
     ({"messages": QUESTION, "relat": "steps=3"}, "relat"),
 ])

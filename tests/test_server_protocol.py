@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 from relat_core import EngineBusy, InvalidParameter, TTTParams
 
 USER = [{"role": "user", "content": "hi"}]
-DEFAULTS = ServerDefaults(TTTParams(steps=3), {"max_tokens": 256}, max_rank=16)
+DEFAULTS = ServerDefaults(TTTParams(steps=3), {"max_tokens": 256})
 
 
 def chat(**fields) -> ChatCompletionRequest:
@@ -114,7 +114,7 @@ def test_native_request_puts_ttt_fields_at_the_top():
 # -- request -> engine parameters -----------------------------------------------------------------------------
 
 def test_precedence_request_then_server_then_openai():
-    server = ServerDefaults(TTTParams(steps=3, lr=0.01), {"max_tokens": 64, "temperature": 0.3}, max_rank=16)
+    server = ServerDefaults(TTTParams(steps=3, lr=0.01), {"max_tokens": 64, "temperature": 0.3})
     plain = to_engine(chat(), server)
     assert (plain.sampling.temperature, plain.sampling.max_tokens, plain.sampling.top_p) == (0.3, 64, 1.0)
     assert (plain.ttt.steps, plain.ttt.lr) == (3, 0.01)
@@ -125,7 +125,7 @@ def test_precedence_request_then_server_then_openai():
     assert to_engine(chat(stop="END")).sampling.stop == ("END",)
 
 
-@pytest.mark.parametrize("relat, param", [({"steps": 1000}, "relat.steps"), ({"rank": 32}, "relat.rank"),
+@pytest.mark.parametrize("relat, param", [({"steps": 1000}, "relat.steps"), ({"rank": 0}, "relat.rank"),
                                           ({"targets": ["nope"]}, "relat.targets"), ({"lr": 0}, "relat.lr")])
 def test_engine_parameter_errors_name_the_field_as_sent(relat, param):
     with pytest.raises(InvalidParameter) as caught:
