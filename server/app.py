@@ -93,7 +93,7 @@ class Service:
     async def load(self) -> None:
         try:
             engine = await asyncio.to_thread(self._load_engine)
-            defaults = engine.defaults.replace(**self.settings.ttt_defaults())
+            defaults = engine.defaults.replace(**self.settings.ttt_fields())
         except Exception:
             log.exception("cannot load the model")
             self.phase = "failed"

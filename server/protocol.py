@@ -18,9 +18,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from relat_core import InvalidParameter, Request, SamplingParams, TTTParams
-from relat_core.params import FollowUp, Mapping, Method
 
-from .settings import TTT_FIELDS
+from .settings import TTTOptions
 
 log = logging.getLogger("relat_server")
 
@@ -70,32 +69,13 @@ class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
 
 
-class RelatOptions(OpenAIBaseModel):
-    """The `relat` extension: per-request TTT parameters (relat_core/params.py) and the request's deadline.
+class RelatOptions(OpenAIBaseModel, TTTOptions):
+    """The `relat` extension: per-request TTT parameters (the fields of TTTOptions) and the request's deadline.
 
     A field left out or null takes the server's default, as OpenAI's fields do.
     """
 
-    method: Method | None = Field(None, description="direct, latent (open loop) or relat (closed loop)")
-    steps: int | None = Field(None, description="test-time training steps N, 0..100")
-    latent_steps: int | None = Field(None, description="latent thought length L, 0..256")
-    lr: float | None = Field(None, description="AdamW learning rate of the adapter, (0, 1]")
-    rank: int | None = Field(None, description="LoRA rank, up to the server's max_rank")
-    alpha: float | None = Field(None, description="LoRA alpha (scale alpha/rank)")
-    targets: list[str] | None = Field(None, description="layers that carry the adapter, e.g. [q_proj, v_proj]")
-    adapter_during_answer: bool | None = Field(None, description="keep the adapter on while decoding the answer")
-    stop_loss: float | None = Field(None, description="stop training once the reconstruction loss is this low")
-    max_grad_norm: float | None = Field(None, description="gradient clipping norm")
-    weight_decay: float | None = Field(None, description="AdamW weight decay")
-    mapping: Mapping | None = Field(None, description="hidden-to-embedding map: norm, realign or none")
-    residual_alpha: float | None = Field(None, description="residual mixing of latent embeddings, [0, 1)")
-    follow_up: FollowUp | None = Field(None, description="what separates thought and answer: bridge or restate")
-    reconstruction_instruction: str | None = Field(None, description="the instruction of the reconstruction turn")
     timeout: float | None = Field(None, gt=0, description="deadline in seconds, at most the server's")
-
-    def ttt_fields(self) -> dict[str, Any]:
-        """The TTT fields the client set."""
-        return self.model_dump(include=set(TTT_FIELDS) | {"reconstruction_instruction"}, exclude_none=True)
 
 
 class ChatCompletionRequest(OpenAIBaseModel):
@@ -164,7 +144,7 @@ def engine_request(messages: list[dict], ttt_fields: dict[str, Any], sampling_fi
     `ttt_prefix` is where the TTT fields sit in the request ("relat." in chat), so that errors name them as sent.
     """
     try:
-        ttt = defaults.ttt.replace(**{k: tuple(v) if k == "targets" else v for k, v in ttt_fields.items()})
+        ttt = defaults.ttt.replace(**ttt_fields)
     except InvalidParameter as error:
         raise InvalidParameter(ttt_prefix + error.param, str(error)) from None
     sent = {k: v for k, v in sampling_fields.items() if v is not None}  # null means "the default" in OpenAI's API

@@ -11,15 +11,11 @@ import types
 import typing
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from relat_core.params import ALL_TARGETS, FollowUp, Mapping, Method, TTTParams
 
-# TTT fields that the server may set a default for; a request's `relat` object overrides them one by one.
-TTT_FIELDS: tuple[str, ...] = ("method", "steps", "latent_steps", "lr", "rank", "alpha", "targets",
-                               "adapter_during_answer", "stop_loss", "max_grad_norm", "weight_decay", "mapping",
-                               "residual_alpha", "follow_up")
 SAMPLING_FIELDS: tuple[str, ...] = ("temperature", "top_p", "top_k")
 
 
@@ -30,7 +26,42 @@ def _split_commas(value: Any) -> Any:
     return value
 
 
-class Settings(BaseSettings):
+class TTTOptions(BaseModel):
+    """The TTT parameters (relat_core/params.py) that a server default or a request's `relat` object may set.
+
+    Shared by `Settings` and the request models so that a new parameter is declared once. Left out (None), a field
+    takes the next default down: the request's, the server's, then the engine's for the loaded model.
+    """
+
+    method: Method | None = Field(None, description="direct, latent (open loop) or relat (closed loop)")
+    steps: int | None = Field(None, description="test-time training steps N, 0..100")
+    latent_steps: int | None = Field(None, description="latent thought length L, 0..256")
+    lr: float | None = Field(None, description="AdamW learning rate of the adapter, (0, 1]")
+    rank: int | None = Field(None, description="LoRA rank of the adapter, up to the server's max_rank")
+    alpha: float | None = Field(None, description="LoRA alpha (scale alpha/rank)")
+    targets: Annotated[list[str] | None, NoDecode] = Field(
+        None, description=f"layers that carry the adapter, among {','.join(ALL_TARGETS)}")
+    adapter_during_answer: bool | None = Field(None, description="keep the adapter on while decoding the answer")
+    stop_loss: float | None = Field(None, description="stop training once the reconstruction loss is this low")
+    max_grad_norm: float | None = Field(None, description="gradient clipping norm")
+    weight_decay: float | None = Field(None, description="AdamW weight decay")
+    mapping: Mapping | None = Field(None, description="hidden-to-embedding map: norm, realign or none")
+    residual_alpha: float | None = Field(None, description="residual mixing of latent embeddings, in [0, 1)")
+    follow_up: FollowUp | None = Field(None, description="what separates thought and answer: bridge or restate")
+    reconstruction_instruction: str | None = Field(None, description="the instruction of the reconstruction turn")
+
+    def ttt_fields(self) -> dict[str, Any]:
+        """The TTT fields that were set, as TTTParams keyword arguments."""
+        values = self.model_dump(include=set(TTT_FIELDS), exclude_none=True)
+        if "targets" in values:
+            values["targets"] = tuple(values["targets"])
+        return values
+
+
+TTT_FIELDS: tuple[str, ...] = tuple(TTTOptions.model_fields)
+
+
+class Settings(BaseSettings, TTTOptions):
     model_config = SettingsConfigDict(env_prefix="RELAT_", extra="ignore")
 
     # -- model ------------------------------------------------------------------------------------------------
@@ -62,37 +93,14 @@ class Settings(BaseSettings):
     top_p: float | None = Field(None, gt=0, le=1, description="default nucleus mass (OpenAI's: 1)")
     top_k: int | None = Field(None, ge=0, description="default top-k, 0 = off")
 
-    # -- defaults of a request's TTT parameters (relat_core/params.py; None: the engine's for this model) -------
-    method: Method | None = Field(None, description="direct, latent (open loop) or relat (closed loop)")
-    steps: int | None = Field(None, description="test-time training steps N")
-    latent_steps: int | None = Field(None, description="latent thought length L")
-    lr: float | None = Field(None, description="AdamW learning rate of the adapter")
-    rank: int | None = Field(None, description="LoRA rank of the adapter")
-    alpha: float | None = Field(None, description="LoRA alpha")
-    targets: Annotated[list[str] | None, NoDecode] = Field(
-        None, description=f"adapter targets among {','.join(ALL_TARGETS)} (comma-separated)")
-    adapter_during_answer: bool | None = Field(None, description="keep the adapter on while decoding the answer")
-    stop_loss: float | None = Field(None, description="stop training once the reconstruction loss is this low")
-    max_grad_norm: float | None = Field(None, description="gradient clipping norm")
-    weight_decay: float | None = Field(None, description="AdamW weight decay")
-    mapping: Mapping | None = Field(None, description="hidden-to-embedding map: norm, realign or none")
-    residual_alpha: float | None = Field(None, description="residual mixing of latent embeddings, in [0, 1)")
-    follow_up: FollowUp | None = Field(None, description="what separates thought and answer: bridge or restate")
-
     _split = field_validator("api_keys", "targets", mode="before")(_split_commas)
 
     @model_validator(mode="after")
     def _check_ttt_defaults(self) -> Settings:
         # Fail at start-up, not on the first request; the message names the setting as the user wrote it.
-        TTTParams().replace(**self.ttt_defaults())
+        TTTParams().replace(**self.ttt_fields())
         return self
 
-    def ttt_defaults(self) -> dict[str, Any]:
-        """The TTT fields the operator set, as TTTParams keyword arguments."""
-        values = {name: getattr(self, name) for name in TTT_FIELDS if getattr(self, name) is not None}
-        if "targets" in values:
-            values["targets"] = tuple(values["targets"])
-        return values
 
     def sampling_defaults(self) -> dict[str, Any]:
         """The sampling fields the operator set, as SamplingParams keyword arguments."""
@@ -121,7 +129,10 @@ def _flag_kind(annotation: Any) -> tuple[Any, tuple[str, ...] | None]:
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting; unset flags stay out of the namespace so that the environment still applies."""
-    for name, field in Settings.model_fields.items():
+    # The server's own settings first, then the TTT defaults (inherited, so pydantic lists them first).
+    names = [name for name in Settings.model_fields if name not in TTT_FIELDS] + list(TTT_FIELDS)
+    for name in names:
+        field = Settings.model_fields[name]
         flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
         kind, choices = _flag_kind(field.annotation)
         options: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS,

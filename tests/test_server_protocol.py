@@ -171,7 +171,7 @@ def test_settings_from_the_environment(monkeypatch):
     monkeypatch.setenv("RELAT_STEPS", "4")
     settings = Settings()
     assert settings.api_keys == ["k1", "k2"] and settings.max_queue == 3
-    assert settings.ttt_defaults() == {"steps": 4, "targets": ("q_proj", "v_proj")}
+    assert settings.ttt_fields() == {"steps": 4, "targets": ("q_proj", "v_proj")}
     assert (settings.host, settings.port, settings.max_concurrency, settings.max_body_bytes) == \
         ("127.0.0.1", 8000, 1, 1 << 20)
 
@@ -185,7 +185,7 @@ def test_flags_override_the_environment_and_unset_flags_do_not(monkeypatch):
                               "--no-adapter-during-answer", "--request-timeout", "2.5"])
     settings = settings_from_arguments(args)
     assert (settings.port, settings.max_queue, settings.api_keys) == (9001, 5, ["a", "b"])
-    assert settings.ttt_defaults() == {"method": "latent", "adapter_during_answer": False}
+    assert settings.ttt_fields() == {"method": "latent", "adapter_during_answer": False}
     assert settings.request_timeout == 2.5
     with pytest.raises(SystemExit):
         parser.parse_args(["--method", "magic"])
