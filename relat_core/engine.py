@@ -156,7 +156,7 @@ class Engine:
         ttt, sampling = request.ttt, request.sampling
         thinks = ttt.method != "direct" and ttt.latent_steps > 0
         segments = self.chat.segments(messages, ttt.reconstruction_instruction, ttt.follow_up, latent=thinks)
-        trace = Trace(ttt.method, ttt.latent_steps if thinks else 0, ttt.adapter_during_answer and ttt.trains)
+        trace = Trace(ttt.method, ttt.latent_steps if thinks else 0, adapter_during_answer=False)
         slot = None
         try:
             adapted = False
@@ -168,6 +168,7 @@ class Engine:
                 self.bank.reset(slot, ttt.rank, ttt.targets, torch.Generator(self.device).manual_seed(seed))
                 loss_now = yield from self._train(segments, ttt, slot, trace)
                 adapted = trace.aborted is None
+                trace.adapter_during_answer = adapted and ttt.adapter_during_answer
             trace.timings["train_s"] = time.perf_counter() - start
 
             think_start = time.perf_counter()

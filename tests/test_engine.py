@@ -91,10 +91,11 @@ def test_non_finite_loss_abandons_the_update(engine):
     handle = lm_head.register_forward_hook(
         lambda module, args, output: output * float("nan") if torch.is_grad_enabled() else None)
     try:
-        guarded = run(engine, method="relat", latent_steps=3, steps=3)
+        guarded = run(engine, method="relat", latent_steps=3, steps=3, adapter_during_answer=True)
     finally:
         handle.remove()
     assert guarded.trace.aborted == "non-finite reconstruction loss at step 1"
+    assert not guarded.trace.adapter_during_answer
     baseline = run(engine, method="latent", latent_steps=3)
     assert guarded.token_ids == baseline.token_ids
 
