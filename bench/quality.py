@@ -240,7 +240,8 @@ def markdown_table(rows: list[dict]) -> str:
         accuracy = f"{row['correct']}/{row['n']} ({100 * row['correct'] / row['n']:.0f}%)" if row["n"] else "0/0"
         recon = "–" if row["recon_before"] is None else \
             f"{_fmt(row['recon_before'])} → {_fmt(row['recon_after'])}"
-        paired = "–" if row["variant"] == base else f"+{row['wins']} / −{row['losses']} (p={row['p']:.2f})"
+        p = "<0.001" if row["p"] < 0.001 else f"={row['p']:.3f}"
+        paired = "–" if row["variant"] == base else f"+{row['wins']} / −{row['losses']} (p{p})"
         lines.append(f"| {row['variant']} | `{row['spec'] or 'defaults'}` | {accuracy} | {recon} | "
                      f"{_fmt(row['steps'], 1)} | {row['length']} | {_fmt(row['seconds'], 1)} | {paired} |")
     return "\n".join(lines) + "\n"
