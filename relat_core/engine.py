@@ -195,7 +195,7 @@ class Engine:
     def _adapter(self, slot: int | None, ttt: TTTParams):
         if slot is None:
             return nullcontext()
-        return self.bank.bind([slot], [ttt.alpha / ttt.rank], ttt.targets)
+        return self.bank.bind([slot], [ttt.alpha / ttt.rank], ttt.targets, ttt.rank)
 
     def _think(self, segments: Segments, ttt: TTTParams, thinks: bool) -> tuple[SequenceState, torch.Tensor]:
         """Prefill the prompt and run the latent thought; returns the state and the last hidden state (1, d)."""

@@ -34,6 +34,7 @@ class Binding:
     slots: torch.Tensor  # (B,) long
     scale: torch.Tensor  # (B,) float
     kinds: frozenset[str]  # target kinds at least one row adapts; other layers skip the adapter entirely
+    rank: int  # the largest rank among the rows: rows of A past it are zero for every row, so never gathered
 
 
 class AdaptedLinear:
@@ -53,8 +54,8 @@ class AdaptedLinear:
         if binding is None or self.kind not in binding.kinds:
             return None
         x = args[0]  # (B, T, in)
-        a = self.A[binding.slots].to(x.dtype)  # (B, r, in)
-        b = self.B[binding.slots].to(x.dtype)  # (B, out, r)
+        a = self.A[binding.slots, :binding.rank].to(x.dtype)  # (B, r, in)
+        b = self.B[binding.slots, :, :binding.rank].to(x.dtype)  # (B, out, r)
         delta = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))  # (B, T, out)
         return output + delta * binding.scale.to(x.dtype)[:, None, None]
 
@@ -107,11 +108,13 @@ class SlotBank:
         self.optimizer.reset(slot)
 
     @contextmanager
-    def bind(self, slots: Sequence[int], scales: Sequence[float], kinds: Sequence[str]) -> Iterator[None]:
+    def bind(self, slots: Sequence[int], scales: Sequence[float], kinds: Sequence[str],
+             rank: int | None = None) -> Iterator[None]:
+        """Route the next forwards' batch rows through these slots (rank: the largest of the rows' ranks)."""
         device = self.layers[0].A.device
         self.binding = Binding(torch.tensor(list(slots), device=device),
                                torch.tensor(list(scales), dtype=torch.float32, device=device),
-                               frozenset(kinds))
+                               frozenset(kinds), self.max_rank if rank is None else rank)
         try:
             yield
         finally:

@@ -43,7 +43,7 @@ def test_slot_matches_peft_lora(tokenizer):
                 module.lora_B["default"].weight.copy_(slot_layer.B[1, :, :4])
 
     ids = torch.tensor([[5, 17, 99, 300, 7]])
-    with torch.no_grad(), bank.bind([1], [8 / 4], targets):
+    with torch.no_grad(), bank.bind([1], [8 / 4], targets, rank=4):
         ours = loaded.model(input_ids=ids).logits
     with torch.no_grad():
         theirs = peft_model(input_ids=ids).logits
