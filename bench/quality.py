@@ -248,7 +248,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def write_summary(args: argparse.Namespace, kind: str, items: dict[int, dict], names: list[str]) -> str:
-    records = [r for r in read_records(args.out) if r["index"] in items]
+    # --also adds other runs' records on the same items, so that variants run at different times can be paired.
+    records = [r for path in [args.out, *args.also] for r in read_records(path) if r["index"] in items]
     names = names or list(dict.fromkeys(r["variant"] for r in records))
     table = markdown_table(summary_rows(records, names))
     header = (f"{kind}: {args.data}, items {args.start}–{args.start + len(items) - 1} ({len(items)}), greedy, "
@@ -274,6 +275,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-minutes", type=float, default=None, help="start no new request after this long")
     parser.add_argument("--summary-only", action="store_true", help="summarise --out without running anything")
     parser.add_argument("--out", required=True, type=Path, help="results JSONL (appended to, resumable)")
+    parser.add_argument("--also", action="append", type=Path, default=[],
+                        help="another results JSONL of the same data to include in the summary (repeatable)")
     return parser.parse_args(argv)
 
 
@@ -292,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("variant names must be unique")
     if not variants and not args.summary_only:
         raise SystemExit("give at least one --variant (or --summary-only)")
-    check_compatible(read_records(args.out), variants, items)
+    for path in [args.out, *args.also]:
+        check_compatible(read_records(path), variants, items)
     if not args.summary_only:
         run(args, kind, items, variants)
     print(write_summary(args, kind, items, [v.name for v in variants]))
