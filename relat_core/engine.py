@@ -100,10 +100,17 @@ Event = TrainStep | TextDelta | Finished
 
 
 def default_ttt_params(num_parameters: int) -> TTTParams:
-    """The measured default for small models; the paper's setting (L=16, N=5, adapter on) for large ones."""
+    """The engine's default for a model of this size (bench/RESULTS.md, "the search for the default").
+
+    Below 1B parameters: measured on SmolLM2-135M, where long latent thoughts and long training hurt answers.
+    From 1B on, unmeasured here (no GPU, no large weights): the paper's published L=16 and N=5 (rank 8 is common
+    to both); of the choices the paper leaves open, the adapter stays off while answering (an adapter trained to
+    rebuild the question pulls answers toward repeating it, whatever the size), and the bridge replaces the
+    restatement, which made up for a small model that reads its own latents badly.
+    """
     if num_parameters < 1_000_000_000:
         return TTTParams()
-    return TTTParams(latent_steps=16, steps=5, adapter_during_answer=True, follow_up="bridge")
+    return TTTParams(latent_steps=16, steps=5, follow_up="bridge")
 
 
 class Engine:

@@ -229,3 +229,12 @@ def test_text_content_parts_and_system_messages(engine):
 def test_events_are_well_formed(engine):
     *_, last = engine.generate(Request(QUESTION, TTTParams(method="direct"), SamplingParams(max_tokens=2)))
     assert isinstance(last, Finished)
+
+
+def test_default_parameters_depend_on_model_size(engine):
+    from relat_core import default_ttt_params
+
+    assert engine.defaults == default_ttt_params(engine.num_parameters) == TTTParams()  # tiny: the measured default
+    large = default_ttt_params(8_000_000_000)
+    assert (large.latent_steps, large.steps, large.rank) == (16, 5, 8)  # the paper's L, N and r
+    assert not large.adapter_during_answer and large.follow_up == "bridge"
