@@ -27,11 +27,11 @@ from .deploy_support import (
     ROOT,
     compose_yaml,
     dockerfile_instructions,
-    free_port,
     gateway_config,
     nginx_command,
     tool,
 )
+from .server_support import free_port
 
 
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:

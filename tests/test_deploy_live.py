@@ -19,7 +19,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import build_tiny
-from .deploy_support import DASHBOARD, PROBE, Service, free_port, gateway_config, nginx_command, prometheus_config, tool
+from .deploy_support import DASHBOARD, PROBE, Service, gateway_config, nginx_command, prometheus_config, tool
+from .server_support import free_port
 
 KEY = "sk-deploy-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
