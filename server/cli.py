@@ -83,7 +83,9 @@ def _show(events: Iterable[tuple[str, Any]], as_json: bool) -> None:
         if kind == "step":
             step, steps, loss = value
             if progress is None:
-                progress = tqdm(total=steps, desc="adapting", unit="step", file=sys.stderr, leave=False)
+                # Created at the first finished step, so tqdm's rate would be meaningless: show steps and loss.
+                progress = tqdm(total=steps, desc="adapting", file=sys.stderr, leave=False,
+                                bar_format="{desc}: {n_fmt}/{total_fmt} steps |{bar:20}| {elapsed}{postfix}")
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.3f}")
             continue
