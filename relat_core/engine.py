@@ -99,6 +99,19 @@ class Finished:
 Event = TrainStep | TextDelta | Finished
 
 
+@dataclass
+class _Adapting:
+    """A request whose adapter is being trained: the row a training batch is made of."""
+
+    segments: Segments
+    ttt: TTTParams
+    slot: int
+    trace: Trace
+    step: int = 0  # steps taken
+    done: bool = False
+    loss_now: float | None = None  # the loss at the current weights, when it was measured last (an early stop)
+
+
 def default_ttt_params(num_parameters: int) -> TTTParams:
     """The engine's default for a model of this size (bench/RESULTS.md, "the search for the default").
 
@@ -181,7 +194,7 @@ class Engine:
             think_start = time.perf_counter()
             with torch.no_grad():
                 with self._adapter(slot if adapted else None, ttt):
-                    state, hidden = self._think(segments, ttt, thinks)
+                    state, hidden = self._think([segments], [ttt], thinks)
                     if adapted:
                         trace.recon_loss_after = loss_now if loss_now is not None else self._score(segments, state)
             trace.timings["think_s"] = time.perf_counter() - think_start
@@ -189,6 +202,32 @@ class Engine:
         finally:
             if slot is not None:
                 self.bank.release(slot)
+
+    def adapt(self, requests: list[Request]) -> list[Trace]:
+        """Train several requests' adapters together, each for its own N steps (or until it stops early), as one
+        batch whose finished rows leave it; returns their traces and releases their slots. The training phase
+        of `generate`, batched: it gives each request the losses and updates it would get alone."""
+        rows: list[_Adapting] = []
+        try:
+            for request in requests:
+                messages = self.check(request)
+                ttt = request.ttt
+                if not ttt.trains:
+                    raise InvalidParameter("method", "adapt needs relat requests with at least one step")
+                slot = self.bank.acquire()
+                if slot is None:
+                    raise EngineBusy("no free adapter slot")
+                seed = request.sampling.seed if request.sampling.seed is not None else DEFAULT_ADAPTER_SEED
+                self.bank.reset(slot, ttt.rank, ttt.targets, torch.Generator(self.device).manual_seed(seed))
+                segments = self.chat.segments(messages, ttt.reconstruction_instruction, ttt.follow_up, latent=True)
+                rows.append(_Adapting(segments, ttt, slot, Trace("relat", ttt.latent_steps, False)))
+            while active := [row for row in rows if not row.done]:
+                for _ in self._train_step(active):
+                    pass
+            return [row.trace for row in rows]
+        finally:
+            for row in rows:
+                self.bank.release(row.slot)
 
     def run(self, request: Request) -> Result:
         """Run a request to the end and return its result."""
@@ -204,71 +243,119 @@ class Engine:
             return nullcontext()
         return self.bank.bind([slot], [ttt.alpha / ttt.rank], ttt.targets, ttt.rank)
 
-    def _think(self, segments: Segments, ttt: TTTParams, thinks: bool) -> tuple[SequenceState, torch.Tensor]:
-        """Prefill the prompt and run the latent thought; returns the state and the last hidden state (1, d)."""
-        state = SequenceState.empty(self.model, 1, self.device)
-        prompt = torch.tensor([segments.prompt_ids], device=self.device)
-        hidden = extend(self.model, state, input_ids=prompt)[:, -1]
-        if thinks:
-            hidden = latent_rollout(self.model, state, hidden, ttt.latent_steps, self.latent_map, ttt.mapping,
-                                    ttt.residual_alpha)
+    def _bind_rows(self, rows: list[_Adapting]):
+        ranks = [row.ttt.rank for row in rows]
+        kinds = {kind for row in rows for kind in row.ttt.targets}
+        return self.bank.bind([row.slot for row in rows], [row.ttt.alpha / row.ttt.rank for row in rows], kinds,
+                              max(ranks))
+
+    def _think(self, segments: list[Segments], ttts: list[TTTParams], thinks: bool
+               ) -> tuple[SequenceState, torch.Tensor]:
+        """Prefill the prompts (left-padded) and run each row's latent thought; returns the state and the last
+        hidden state of each row, (B, d). A row with a shorter thought gets padding positions, invisible to all."""
+        batch = len(segments)
+        width = max(len(s.prompt_ids) for s in segments)
+        prompt = torch.full((batch, width), self.tokenizer.pad_token_id, device=self.device)
+        valid = torch.zeros(batch, width, dtype=torch.bool, device=self.device)
+        for row, s in enumerate(segments):
+            prompt[row, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids, device=self.device)
+            valid[row, width - len(s.prompt_ids):] = True
+        state = SequenceState.empty(self.model, batch, self.device)
+        hidden = extend(self.model, state, input_ids=prompt, valid=valid)[:, -1]  # (B, d)
+        steps = [ttt.latent_steps if thinks else 0 for ttt in ttts]
+        hidden = latent_rollout(self.model, state, hidden, steps, self.latent_map, [ttt.mapping for ttt in ttts],
+                                [ttt.residual_alpha for ttt in ttts])
         return state, hidden
 
-    def _reconstruction(self, segments: Segments, state: SequenceState) -> torch.Tensor:
-        recon_ids = torch.tensor([segments.recon_ids], device=self.device)
-        labels = torch.tensor([segments.recon_labels], device=self.device)
-        question_keys = torch.zeros(1, state.length, dtype=torch.bool, device=self.device)
-        question_keys[:, segments.question_start:len(segments.prompt_ids)] = True
-        valid = torch.ones_like(recon_ids, dtype=torch.bool)
+    def _reconstruction(self, segments: list[Segments], state: SequenceState) -> torch.Tensor:
+        """Per-row reconstruction loss (B,): the question's tokens after the latent thought, with the question's
+        own prompt positions hidden (prompts are left-padded to a common width in `state`)."""
+        batch = len(segments)
+        width = max(len(s.prompt_ids) for s in segments)
+        length = max(len(s.recon_ids) for s in segments)
+        recon_ids = torch.full((batch, length), self.tokenizer.pad_token_id, device=self.device)
+        labels = torch.full((batch, length), -100, device=self.device)
+        valid = torch.zeros(batch, length, dtype=torch.bool, device=self.device)
+        question_keys = torch.zeros(batch, state.length, dtype=torch.bool, device=self.device)
+        for row, s in enumerate(segments):
+            recon_ids[row, :len(s.recon_ids)] = torch.tensor(s.recon_ids, device=self.device)
+            labels[row, :len(s.recon_labels)] = torch.tensor(s.recon_labels, device=self.device)
+            valid[row, :len(s.recon_ids)] = True
+            question_keys[row, width - len(s.prompt_ids) + s.question_start:width] = True
         return reconstruction_loss(self.model, state, recon_ids, valid, labels, question_keys)
 
     def _score(self, segments: Segments, state: SequenceState) -> float:
         """Reconstruction loss of the current weights, leaving the state as it was."""
         length, position = state.length, state.next_position
-        loss = float(self._reconstruction(segments, state)[0])
+        loss = float(self._reconstruction([segments], state)[0])
         state.truncate(length, position)
         return loss
 
     def _train(self, segments: Segments, ttt: TTTParams, slot: int, trace: Trace) -> Iterator[Event]:
-        """Test-time training of the slot; returns the loss at the final weights if it was measured."""
-        slots = torch.tensor([slot], device=self.device)
-        lr = torch.tensor([ttt.lr], device=self.device)
-        weight_decay = torch.tensor([ttt.weight_decay], device=self.device)
-        max_norm = torch.tensor([ttt.max_grad_norm], device=self.device)
-        optimizer = self.bank.optimizer
-        for step in range(1, ttt.steps + 1):
-            step_start = time.perf_counter()
-            self.bank.zero_grad()
-            with self._adapter(slot, ttt):
-                state, _ = self._think(segments, ttt, thinks=True)
-                loss = self._reconstruction(segments, state)[0]
-            value = loss.item()
-            if step == 1:
-                trace.recon_loss_before = value
-            if not math.isfinite(value):
-                return self._abort(trace, f"non-finite reconstruction loss at step {step}")
-            if ttt.stop_loss is not None and value <= ttt.stop_loss:
-                trace.stopped_early = True
-                trace.steps.append({"step": step, "loss": value, "grad_norm": None,
-                                    "seconds": time.perf_counter() - step_start})
-                yield TrainStep(step, ttt.steps, value, None, time.perf_counter() - step_start)
-                return value
-            loss.backward()
-            del state  # frees the graph's activations before the optimiser allocates
-            norm = optimizer.grad_norms(slots)
-            if not torch.isfinite(norm).all():
-                return self._abort(trace, f"non-finite gradient at step {step}")
-            optimizer.step(slots, lr, weight_decay, max_norm, norm)
-            seconds = time.perf_counter() - step_start
-            trace.steps.append({"step": step, "loss": value, "grad_norm": float(norm[0]), "seconds": seconds})
-            yield TrainStep(step, ttt.steps, value, float(norm[0]), seconds)
-        self.bank.zero_grad()
-        return None
+        """Test-time training of one request (a batch of one); returns the loss at the final weights if it was
+        measured."""
+        row = _Adapting(segments, ttt, slot, trace)
+        while not row.done:
+            yield from self._train_step([row])
+        return row.loss_now
 
-    def _abort(self, trace: Trace, reason: str) -> None:
-        """Abandon the update: the slot is not bound again, so the base model answers; the trace says why."""
+    def _train_step(self, rows: list[_Adapting]) -> Iterator[TrainStep]:
+        """One training step of every row as one batched forward and backward pass; each row's loss reaches only
+        its own slot, so its update is exactly the one it would get alone. Rows that stop or fail are marked done."""
+        start = time.perf_counter()
+        optimizer = self.bank.optimizer
         self.bank.zero_grad()
-        trace.aborted = reason
+        with self._bind_rows(rows):
+            state, _ = self._think([row.segments for row in rows], [row.ttt for row in rows], thinks=True)
+            losses = self._reconstruction([row.segments for row in rows], state)
+        values = losses.tolist()
+        stepping = []
+        for index, (row, value) in enumerate(zip(rows, values, strict=True)):
+            row.step += 1
+            if row.step == 1:
+                row.trace.recon_loss_before = value
+            if not math.isfinite(value):
+                self._abort(row, f"non-finite reconstruction loss at step {row.step}")
+            elif row.ttt.stop_loss is not None and value <= row.ttt.stop_loss:
+                row.trace.stopped_early = True
+                row.loss_now, row.done = value, True
+                yield self._record(row, value, None, time.perf_counter() - start)
+            else:
+                stepping.append(index)
+        if stepping:
+            losses[stepping].sum().backward()
+            del state, losses  # frees the graph's activations before the optimiser allocates
+            slots = torch.tensor([rows[i].slot for i in stepping], device=self.device)
+            norms = optimizer.grad_norms(slots)
+            finite = torch.isfinite(norms)
+            for i, ok in zip(stepping, finite.tolist(), strict=True):
+                if not ok:
+                    self._abort(rows[i], f"non-finite gradient at step {rows[i].step}")
+            kept = [i for i, ok in zip(stepping, finite.tolist(), strict=True) if ok]
+            if kept:
+                def column(name: str) -> torch.Tensor:
+                    return torch.tensor([getattr(rows[i].ttt, name) for i in kept], device=self.device)
+
+                optimizer.step(slots[finite], column("lr"), column("weight_decay"), column("max_grad_norm"),
+                               norms[finite])
+            seconds = time.perf_counter() - start
+            for i, norm in zip(stepping, norms.tolist(), strict=True):
+                row = rows[i]
+                if row.trace.aborted is None:
+                    row.done = row.step >= row.ttt.steps
+                    yield self._record(row, values[i], norm, seconds)
+        self.bank.zero_grad()
+
+    @staticmethod
+    def _record(row: _Adapting, loss: float, grad_norm: float | None, seconds: float) -> TrainStep:
+        row.trace.steps.append({"step": row.step, "loss": loss, "grad_norm": grad_norm, "seconds": seconds})
+        return TrainStep(row.step, row.ttt.steps, loss, grad_norm, seconds)
+
+    @staticmethod
+    def _abort(row: _Adapting, reason: str) -> None:
+        """Abandon the update: the slot is not bound again, so the base model answers; the trace says why."""
+        row.trace.aborted = reason
+        row.done = True
 
     def _answer(self, segments: Segments, ttt: TTTParams, sampling: SamplingParams, slot: int | None,
                 state: SequenceState, hidden: torch.Tensor, trace: Trace, start: float) -> Iterator[Event]:

@@ -11,6 +11,7 @@ serves left-padded batches, latent steps and the reconstruction pass, which must
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -90,16 +91,26 @@ class LatentMap:
         return hidden * (self.target_norm.to(hidden.dtype) / norm)
 
 
-def latent_rollout(model: PreTrainedModel, state: SequenceState, last_hidden: torch.Tensor, steps: int,
-                   latent_map: LatentMap, mapping: str, residual_alpha: float) -> torch.Tensor:
-    """Run `steps` latent positions from `last_hidden` (B, d); returns the last latent's hidden state."""
-    previous = None
-    for _ in range(steps):
-        embed = latent_map(last_hidden, mapping)
-        if residual_alpha and previous is not None:
-            embed = residual_alpha * previous + (1 - residual_alpha) * embed
-        last_hidden = extend(model, state, inputs_embeds=embed[:, None, :])[:, -1]
-        previous = embed
+def latent_rollout(model: PreTrainedModel, state: SequenceState, last_hidden: torch.Tensor, steps: Sequence[int],
+                   latent_map: LatentMap, mappings: Sequence[str], residual_alphas: Sequence[float]) -> torch.Tensor:
+    """Run each row's latent thought from `last_hidden` (B, d); returns each row's last latent hidden state.
+
+    Rows may differ in length, mapping and mixing: a row past its own length gets padding positions (invisible,
+    no position consumed) and keeps its hidden state, so a batch computes what each row would alone.
+    """
+    batch = last_hidden.shape[0]
+    previous: list[torch.Tensor | None] = [None] * batch
+    for t in range(max(steps, default=0)):
+        active = torch.tensor([t < length for length in steps], device=last_hidden.device)
+        embeds = []
+        for row in range(batch):  # (d,) operations: cheap next to the forward pass
+            embed = latent_map(last_hidden[row], mappings[row])
+            if residual_alphas[row] and previous[row] is not None:
+                embed = residual_alphas[row] * previous[row] + (1 - residual_alphas[row]) * embed
+            previous[row] = embed
+            embeds.append(embed)
+        latest = extend(model, state, inputs_embeds=torch.stack(embeds)[:, None], valid=active[:, None])[:, -1]
+        last_hidden = torch.where(active[:, None], latest, last_hidden)
     return last_hidden
 
 
