@@ -239,15 +239,13 @@ class Engine:
     # -- phases ---------------------------------------------------------------------------------------------
 
     def _adapter(self, slot: int | None, ttt: TTTParams):
-        if slot is None:
-            return nullcontext()
-        return self.bank.bind([slot], [ttt.alpha / ttt.rank], ttt.targets, ttt.rank)
+        """One request's adapter on for the forwards inside, or none (the base model) when slot is None."""
+        return nullcontext() if slot is None else self._bind([(slot, ttt)])
 
-    def _bind_rows(self, rows: list[_Adapting]):
-        ranks = [row.ttt.rank for row in rows]
-        kinds = {kind for row in rows for kind in row.ttt.targets}
-        return self.bank.bind([row.slot for row in rows], [row.ttt.alpha / row.ttt.rank for row in rows], kinds,
-                              max(ranks))
+    def _bind(self, rows: list[tuple[int, TTTParams]]):
+        """Batch row i runs through slot rows[i][0] with its request's scale, targets and rank."""
+        return self.bank.bind([slot for slot, _ in rows], [ttt.alpha / ttt.rank for _, ttt in rows],
+                              {kind for _, ttt in rows for kind in ttt.targets}, max(ttt.rank for _, ttt in rows))
 
     def _think(self, segments: list[Segments], ttts: list[TTTParams], thinks: bool
                ) -> tuple[SequenceState, torch.Tensor]:
@@ -305,7 +303,7 @@ class Engine:
         start = time.perf_counter()
         optimizer = self.bank.optimizer
         self.bank.zero_grad()
-        with self._bind_rows(rows):
+        with self._bind([(row.slot, row.ttt) for row in rows]):
             state, _ = self._think([row.segments for row in rows], [row.ttt for row in rows], thinks=True)
             losses = self._reconstruction([row.segments for row in rows], state)
         values = losses.tolist()
