@@ -1,4 +1,4 @@
-"""The engine: `direct`, `latent` (open loop) and `relat` (closed loop) behind one streaming interface.
+"""The engine: `direct`, `latent` (open loop) and `relat` (closed loop), many requests batched together.
 
 relat, per request (arXiv 2606.06252):
   1. a fresh LoRA slot (B = 0, so step 0 is the base model);
@@ -7,15 +7,19 @@ relat, per request (arXiv 2606.06252):
   3. with the adapted weights, prefill and think again, then decode the answer after the follow-up segment,
      with the adapter on or off;
   4. the slot is released; the base weights are never touched (they have no gradient and no optimiser).
-`generate` yields a TrainStep per step, TextDelta as text becomes safe to show, and Finished at the end, so a
-caller can stop between steps or tokens simply by closing the iterator.
+Requests run together as the rows of one batch (continuous batching, as vLLM does for decoding): the requests
+still training share one forward and backward pass per step, each row through its own adapter slot, and the
+requests answering share one forward pass per token. `add_request` / `step` / `abort_request` drive it;
+`generate` runs one request alone as a stream of TrainStep, TextDelta and Finished events.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
@@ -27,6 +31,8 @@ from .latent import LatentMap, SequenceState, extend, latent_rollout, reconstruc
 from .loading import LoadedModel
 from .lora import SlotBank
 from .params import ALL_TARGETS, InvalidParameter, SamplingParams, TTTParams
+
+log = logging.getLogger("relat_core")
 
 DEFAULT_ADAPTER_SEED = 0  # adapters are drawn from the request's seed, else this: same request, same answer
 
@@ -96,20 +102,52 @@ class Finished:
     result: Result
 
 
-Event = TrainStep | TextDelta | Finished
 
 
 @dataclass
-class _Adapting:
-    """A request whose adapter is being trained: the row a training batch is made of."""
+class Failed:
+    """This request failed on its own (its sampling, its text, its batch row run alone); the others go on."""
 
+    error: Exception
+
+
+Event = TrainStep | TextDelta | Finished | Failed
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """One request's life in the engine: training ("train"), the latent thought with the final weights ("think"),
+    then decoding ("decode") as a row of the decoding batch."""
+
+    request_id: str
     segments: Segments
     ttt: TTTParams
-    slot: int
+    sampling: SamplingParams
     trace: Trace
-    step: int = 0  # steps taken
-    done: bool = False
+    start: float
+    slot: int | None = None  # the leased adapter slot (relat)
+    phase: str = "think"
+    step: int = 0  # training steps taken
+    adapted: bool = False  # training ended with an adapter the answer may use
     loss_now: float | None = None  # the loss at the current weights, when it was measured last (an early stop)
+    generator: torch.Generator | None = None
+    detokenizer: IncrementalDetokenizer | None = None
+    tokens: list[int] = field(default_factory=list)
+    decode_start: float = 0.0
+
+    @property
+    def answers_with_adapter(self) -> bool:
+        return self.adapted and self.ttt.adapter_during_answer
+
+
+@dataclass
+class _Decoding:
+    """The decoding batch: every decoding request is a row of one KV cache; `hidden` (B, d) gives each row's next
+    token."""
+
+    rows: list[_Sequence]
+    state: SequenceState
+    hidden: torch.Tensor
 
 
 def default_ttt_params(num_parameters: int) -> TTTParams:
@@ -127,6 +165,14 @@ def default_ttt_params(num_parameters: int) -> TTTParams:
 
 
 class Engine:
+    """Runs many requests as one batch: `add_request`, then `step` until they finish (continuous batching).
+
+    Each `step` advances every request by one unit of work: one batched training step for the requests still
+    training, the latent thought of those that just finished training (or need none), and one decoding step for
+    every request that is answering. Requests join between steps and leave as they finish or are aborted; each
+    gets the losses and answer it would get alone (tests/test_batching.py). Not thread-safe: one thread owns it.
+    """
+
     def __init__(self, loaded: LoadedModel, max_rank: int = 64, num_slots: int = 1,
                  defaults: TTTParams | None = None):
         self.model = loaded.model
@@ -135,10 +181,13 @@ class Engine:
         self.device = self.model.device
         self.chat = ChatFormat(self.tokenizer)
         self.latent_map = LatentMap(self.model)  # realignment solved once, not per request
+        self.lm_head = self.model.get_output_embeddings()
         self.bank = SlotBank(self.model, num_slots=num_slots, max_rank=max_rank, targets=ALL_TARGETS)
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         self.defaults = defaults or default_ttt_params(self.num_parameters)
         self.stop_ids = self._stop_token_ids()
+        self._sequences: dict[str, _Sequence] = {}  # in arrival order
+        self._decoding: _Decoding | None = None
 
     def _stop_token_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -156,6 +205,14 @@ class Engine:
     def slots_in_use(self) -> int:
         return self.bank.num_slots - len(self.bank.free)
 
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._sequences)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._sequences)
+
     def check(self, request: Request) -> list[dict[str, str]]:
         """Refuse what this engine cannot run (InvalidParameter); returns the normalised messages.
 
@@ -166,68 +223,70 @@ class Engine:
             raise InvalidParameter("rank", f"rank must be at most {self.bank.max_rank} on this server")
         return messages
 
-    def generate(self, request: Request) -> Iterator[Event]:
-        """Check the request now, then return its event stream; close the stream to cancel the request (its
-        adapter slot is released at once)."""
-        return self._generate(request, self.check(request))
-
-    def _generate(self, request: Request, messages: list[dict[str, str]]) -> Iterator[Event]:
-        start = time.perf_counter()
+    def add_request(self, request_id: str, request: Request) -> None:
+        """Admit a request; it starts with the next `step`. Raises InvalidParameter, or EngineBusy when a `relat`
+        request finds every adapter slot leased."""
+        if request_id in self._sequences:
+            raise ValueError(f"request {request_id!r} is already in the engine")
+        messages = self.check(request)
         ttt, sampling = request.ttt, request.sampling
         thinks = ttt.method != "direct" and ttt.latent_steps > 0
         segments = self.chat.segments(messages, ttt.reconstruction_instruction, ttt.follow_up, latent=thinks)
-        trace = Trace(ttt.method, ttt.latent_steps if thinks else 0, adapter_during_answer=False)
-        slot = None
-        try:
-            adapted = False
-            if ttt.trains:
-                slot = self.bank.acquire()
-                if slot is None:
-                    raise EngineBusy("no free adapter slot")
-                seed = sampling.seed if sampling.seed is not None else DEFAULT_ADAPTER_SEED
-                self.bank.reset(slot, ttt.rank, ttt.targets, torch.Generator(self.device).manual_seed(seed))
-                loss_now = yield from self._train(segments, ttt, slot, trace)
-                adapted = trace.aborted is None
-                trace.adapter_during_answer = adapted and ttt.adapter_during_answer
-            trace.timings["train_s"] = time.perf_counter() - start
+        sequence = _Sequence(request_id, segments, ttt, sampling,
+                             Trace(ttt.method, ttt.latent_steps if thinks else 0, adapter_during_answer=False),
+                             time.perf_counter())
+        if ttt.trains:
+            slot = self.bank.acquire()
+            if slot is None:
+                raise EngineBusy("no free adapter slot")
+            seed = sampling.seed if sampling.seed is not None else DEFAULT_ADAPTER_SEED
+            self.bank.reset(slot, ttt.rank, ttt.targets, torch.Generator(self.device).manual_seed(seed))
+            sequence.slot, sequence.phase = slot, "train"
+        self._sequences[request_id] = sequence
 
-            think_start = time.perf_counter()
-            with torch.no_grad():
-                with self._adapter(slot if adapted else None, ttt):
-                    state, hidden = self._think([segments], [ttt], thinks)
-                    if adapted:
-                        trace.recon_loss_after = loss_now if loss_now is not None else self._score(segments, state)
-            trace.timings["think_s"] = time.perf_counter() - think_start
-            yield from self._answer(segments, ttt, sampling, slot if adapted else None, state, hidden, trace, start)
-        finally:
-            if slot is not None:
-                self.bank.release(slot)
+    def abort_request(self, request_id: str) -> None:
+        """Drop a request between steps (cancelled, past its deadline); its slot is free for the next one at once.
+        Unknown or finished ids are ignored."""
+        sequence = self._sequences.pop(request_id, None)
+        if sequence is None:
+            return
+        if sequence.slot is not None:
+            self.bank.release(sequence.slot)
+        if sequence.phase == "decode":
+            self._leave_decoding([sequence])
 
-    def adapt(self, requests: list[Request]) -> list[Trace]:
-        """Train several requests' adapters together, each for its own N steps (or until it stops early), as one
-        batch whose finished rows leave it; returns their traces and releases their slots. The training phase
-        of `generate`, batched: it gives each request the losses and updates it would get alone."""
-        rows: list[_Adapting] = []
+    def step(self) -> list[tuple[str, Event]]:
+        """One unit of work for every unfinished request; returns the events it produced, in order."""
+        events: list[tuple[str, Event]] = []
+        training = [s for s in self._sequences.values() if s.phase == "train"]
+        if training:
+            events += self._isolated(training, self._train_step)
+        thinking = [s for s in self._sequences.values() if s.phase == "think"]
+        if thinking:
+            events += self._isolated(thinking, self._start_decoding)
+        if self._decoding is not None:
+            events += self._decode_step()
+        return events
+
+    def generate(self, request: Request) -> Iterator[Event]:
+        """One request alone, as an event stream (check it now; close the stream to cancel it, which frees its
+        adapter slot at once). A request's failure is raised from the stream."""
+        self.check(request)
+        return self._generate(request)
+
+    def _generate(self, request: Request) -> Iterator[Event]:
+        if self._sequences:
+            raise EngineBusy("generate runs a request alone; batch requests with add_request and step")
+        request_id = "generate"
+        self.add_request(request_id, request)
         try:
-            for request in requests:
-                messages = self.check(request)
-                ttt = request.ttt
-                if not ttt.trains:
-                    raise InvalidParameter("method", "adapt needs relat requests with at least one step")
-                slot = self.bank.acquire()
-                if slot is None:
-                    raise EngineBusy("no free adapter slot")
-                seed = request.sampling.seed if request.sampling.seed is not None else DEFAULT_ADAPTER_SEED
-                self.bank.reset(slot, ttt.rank, ttt.targets, torch.Generator(self.device).manual_seed(seed))
-                segments = self.chat.segments(messages, ttt.reconstruction_instruction, ttt.follow_up, latent=True)
-                rows.append(_Adapting(segments, ttt, slot, Trace("relat", ttt.latent_steps, False)))
-            while active := [row for row in rows if not row.done]:
-                for _ in self._train_step(active):
-                    pass
-            return [row.trace for row in rows]
+            while request_id in self._sequences:
+                for _, event in self.step():
+                    if isinstance(event, Failed):
+                        raise event.error
+                    yield event
         finally:
-            for row in rows:
-                self.bank.release(row.slot)
+            self.abort_request(request_id)
 
     def run(self, request: Request) -> Result:
         """Run a request to the end and return its result."""
@@ -236,162 +295,274 @@ class Engine:
                 return event.result
         raise AssertionError("generate ended without a result")
 
+    # -- scheduling -----------------------------------------------------------------------------------------
+
+    def _isolated(self, rows: list[_Sequence], phase: Callable[[list[_Sequence]], list[tuple[str, Event]]]
+                  ) -> list[tuple[str, Event]]:
+        """Run a phase over its rows as one batch; if the batch fails, run each row alone so that only the row
+        that fails alone fails (the training and thinking phases change nothing until they succeed)."""
+        try:
+            return phase(rows)
+        except Exception:
+            if len(rows) == 1:
+                return [self._fail(rows[0])]
+            log.exception("a batch of %d failed; running its requests one at a time", len(rows))
+        events = []
+        for row in rows:
+            try:
+                events += phase([row])
+            except Exception:
+                events.append(self._fail(row))
+        return events
+
+    def _fail(self, sequence: _Sequence) -> tuple[str, Event]:
+        """End one request with the exception being handled."""
+        error = sys.exc_info()[1]
+        assert isinstance(error, Exception)
+        log.error("request %s failed: %r", sequence.request_id, error)
+        self.abort_request(sequence.request_id)
+        return sequence.request_id, Failed(error)
+
+    def _bind(self, rows: list[_Sequence], on: list[bool]):
+        """Route batch row i through its request's adapter where on[i], else through none (the base model)."""
+        if not any(on):
+            return nullcontext()
+        pairs = list(zip(rows, on, strict=True))
+        adapted = [row for row, use in pairs if use]
+        return self.bank.bind([row.slot if use else 0 for row, use in pairs],
+                              [row.ttt.alpha / row.ttt.rank if use else 0.0 for row, use in pairs],
+                              {kind for row in adapted for kind in row.ttt.targets},
+                              max(row.ttt.rank for row in adapted))
+
     # -- phases ---------------------------------------------------------------------------------------------
 
-    def _adapter(self, slot: int | None, ttt: TTTParams):
-        """One request's adapter on for the forwards inside, or none (the base model) when slot is None."""
-        return nullcontext() if slot is None else self._bind([(slot, ttt)])
-
-    def _bind(self, rows: list[tuple[int, TTTParams]]):
-        """Batch row i runs through slot rows[i][0] with its request's scale, targets and rank."""
-        return self.bank.bind([slot for slot, _ in rows], [ttt.alpha / ttt.rank for _, ttt in rows],
-                              {kind for _, ttt in rows for kind in ttt.targets}, max(ttt.rank for _, ttt in rows))
-
-    def _think(self, segments: list[Segments], ttts: list[TTTParams], thinks: bool
-               ) -> tuple[SequenceState, torch.Tensor]:
+    def _think(self, rows: list[_Sequence]) -> tuple[SequenceState, torch.Tensor]:
         """Prefill the prompts (left-padded) and run each row's latent thought; returns the state and the last
         hidden state of each row, (B, d). A row with a shorter thought gets padding positions, invisible to all."""
+        segments = [row.segments for row in rows]
         batch = len(segments)
         width = max(len(s.prompt_ids) for s in segments)
         prompt = torch.full((batch, width), self.tokenizer.pad_token_id, device=self.device)
         valid = torch.zeros(batch, width, dtype=torch.bool, device=self.device)
-        for row, s in enumerate(segments):
-            prompt[row, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids, device=self.device)
-            valid[row, width - len(s.prompt_ids):] = True
+        for index, s in enumerate(segments):
+            prompt[index, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids, device=self.device)
+            valid[index, width - len(s.prompt_ids):] = True
         state = SequenceState.empty(self.model, batch, self.device)
         hidden = extend(self.model, state, input_ids=prompt, valid=valid)[:, -1]  # (B, d)
-        steps = [ttt.latent_steps if thinks else 0 for ttt in ttts]
-        hidden = latent_rollout(self.model, state, hidden, steps, self.latent_map, [ttt.mapping for ttt in ttts],
-                                [ttt.residual_alpha for ttt in ttts])
+        hidden = latent_rollout(self.model, state, hidden, [row.trace.latent_steps for row in rows], self.latent_map,
+                                [row.ttt.mapping for row in rows], [row.ttt.residual_alpha for row in rows])
         return state, hidden
 
-    def _reconstruction(self, segments: list[Segments], state: SequenceState) -> torch.Tensor:
+    def _reconstruction(self, rows: list[_Sequence], state: SequenceState, scored: list[bool] | None = None
+                        ) -> torch.Tensor:
         """Per-row reconstruction loss (B,): the question's tokens after the latent thought, with the question's
-        own prompt positions hidden (prompts are left-padded to a common width in `state`)."""
+        own prompt positions hidden (prompts are left-padded to a common width in `state`). Rows not `scored`
+        take no part (all padding; their loss is 0)."""
+        scored = scored or [True] * len(rows)
+        segments = [row.segments for row in rows]
         batch = len(segments)
         width = max(len(s.prompt_ids) for s in segments)
-        length = max(len(s.recon_ids) for s in segments)
+        length = max(len(s.recon_ids) for s, use in zip(segments, scored, strict=True) if use)
         recon_ids = torch.full((batch, length), self.tokenizer.pad_token_id, device=self.device)
         labels = torch.full((batch, length), -100, device=self.device)
         valid = torch.zeros(batch, length, dtype=torch.bool, device=self.device)
         question_keys = torch.zeros(batch, state.length, dtype=torch.bool, device=self.device)
-        for row, s in enumerate(segments):
-            recon_ids[row, :len(s.recon_ids)] = torch.tensor(s.recon_ids, device=self.device)
-            labels[row, :len(s.recon_labels)] = torch.tensor(s.recon_labels, device=self.device)
-            valid[row, :len(s.recon_ids)] = True
-            question_keys[row, width - len(s.prompt_ids) + s.question_start:width] = True
+        for index, (s, use) in enumerate(zip(segments, scored, strict=True)):
+            if use:
+                recon_ids[index, :len(s.recon_ids)] = torch.tensor(s.recon_ids, device=self.device)
+                labels[index, :len(s.recon_labels)] = torch.tensor(s.recon_labels, device=self.device)
+                valid[index, :len(s.recon_ids)] = True
+                question_keys[index, width - len(s.prompt_ids) + s.question_start:width] = True
         return reconstruction_loss(self.model, state, recon_ids, valid, labels, question_keys)
 
-    def _score(self, segments: Segments, state: SequenceState) -> float:
-        """Reconstruction loss of the current weights, leaving the state as it was."""
-        length, position = state.length, state.next_position
-        loss = float(self._reconstruction([segments], state)[0])
-        state.truncate(length, position)
-        return loss
-
-    def _train(self, segments: Segments, ttt: TTTParams, slot: int, trace: Trace) -> Iterator[Event]:
-        """Test-time training of one request (a batch of one); returns the loss at the final weights if it was
-        measured."""
-        row = _Adapting(segments, ttt, slot, trace)
-        while not row.done:
-            yield from self._train_step([row])
-        return row.loss_now
-
-    def _train_step(self, rows: list[_Adapting]) -> Iterator[TrainStep]:
+    def _train_step(self, rows: list[_Sequence]) -> list[tuple[str, Event]]:
         """One training step of every row as one batched forward and backward pass; each row's loss reaches only
-        its own slot, so its update is exactly the one it would get alone. Rows that stop or fail are marked done."""
+        its own slot, so its update is exactly the one it would get alone. Rows that stop or fail leave training.
+        Nothing about a row changes until the whole step has succeeded (a failed batch is re-run row by row)."""
         start = time.perf_counter()
         optimizer = self.bank.optimizer
         self.bank.zero_grad()
-        with self._bind([(row.slot, row.ttt) for row in rows]):
-            state, _ = self._think([row.segments for row in rows], [row.ttt for row in rows], thinks=True)
-            losses = self._reconstruction([row.segments for row in rows], state)
-        values = losses.tolist()
-        stepping = []
-        for index, (row, value) in enumerate(zip(rows, values, strict=True)):
+        try:
+            with self._bind(rows, [True] * len(rows)):
+                state, _ = self._think(rows)
+                losses = self._reconstruction(rows, state)
+            values = losses.tolist()
+            stepping = [i for i, (row, value) in enumerate(zip(rows, values, strict=True))
+                        if math.isfinite(value) and (row.ttt.stop_loss is None or value > row.ttt.stop_loss)]
+            norms: list[float | None] = [None] * len(rows)
+            if stepping:
+                losses[stepping].sum().backward()
+                del state, losses  # frees the graph's activations before the optimiser allocates
+                slots = torch.tensor([rows[i].slot for i in stepping], device=self.device)
+                slot_norms = optimizer.grad_norms(slots)
+                finite = torch.isfinite(slot_norms)
+                if bool(finite.any()):
+                    def column(name: str) -> torch.Tensor:
+                        return torch.tensor([getattr(rows[i].ttt, name) for i in stepping], device=self.device)[finite]
+
+                    optimizer.step(slots[finite], column("lr"), column("weight_decay"), column("max_grad_norm"),
+                                   slot_norms[finite])
+                for i, norm in zip(stepping, slot_norms.tolist(), strict=True):
+                    norms[i] = norm
+        finally:
+            self.bank.zero_grad()
+        seconds = time.perf_counter() - start
+        events: list[tuple[str, Event]] = []
+        for row, value, norm in zip(rows, values, norms, strict=True):
             row.step += 1
             if row.step == 1:
                 row.trace.recon_loss_before = value
             if not math.isfinite(value):
-                self._abort(row, f"non-finite reconstruction loss at step {row.step}")
-            elif row.ttt.stop_loss is not None and value <= row.ttt.stop_loss:
+                self._abort_update(row, f"non-finite reconstruction loss at step {row.step}")
+            elif norm is None:  # at or below stop_loss: the current weights are final
                 row.trace.stopped_early = True
-                row.loss_now, row.done = value, True
-                yield self._record(row, value, None, time.perf_counter() - start)
+                row.loss_now = value
+                events.append(self._record(row, value, None, seconds))
+                self._end_training(row, adapted=True)
+            elif not math.isfinite(norm):
+                self._abort_update(row, f"non-finite gradient at step {row.step}")
             else:
-                stepping.append(index)
-        if stepping:
-            losses[stepping].sum().backward()
-            del state, losses  # frees the graph's activations before the optimiser allocates
-            slots = torch.tensor([rows[i].slot for i in stepping], device=self.device)
-            norms = optimizer.grad_norms(slots)
-            finite = torch.isfinite(norms)
-            for i, ok in zip(stepping, finite.tolist(), strict=True):
-                if not ok:
-                    self._abort(rows[i], f"non-finite gradient at step {rows[i].step}")
-            kept = [i for i, ok in zip(stepping, finite.tolist(), strict=True) if ok]
-            if kept:
-                def column(name: str) -> torch.Tensor:
-                    return torch.tensor([getattr(rows[i].ttt, name) for i in kept], device=self.device)
-
-                optimizer.step(slots[finite], column("lr"), column("weight_decay"), column("max_grad_norm"),
-                               norms[finite])
-            seconds = time.perf_counter() - start
-            for i, norm in zip(stepping, norms.tolist(), strict=True):
-                row = rows[i]
-                if row.trace.aborted is None:
-                    row.done = row.step >= row.ttt.steps
-                    yield self._record(row, values[i], norm, seconds)
-        self.bank.zero_grad()
+                events.append(self._record(row, value, norm, seconds))
+                if row.step >= row.ttt.steps:
+                    self._end_training(row, adapted=True)
+        return events
 
     @staticmethod
-    def _record(row: _Adapting, loss: float, grad_norm: float | None, seconds: float) -> TrainStep:
+    def _record(row: _Sequence, loss: float, grad_norm: float | None, seconds: float) -> tuple[str, TrainStep]:
         row.trace.steps.append({"step": row.step, "loss": loss, "grad_norm": grad_norm, "seconds": seconds})
-        return TrainStep(row.step, row.ttt.steps, loss, grad_norm, seconds)
+        return row.request_id, TrainStep(row.step, row.ttt.steps, loss, grad_norm, seconds)
 
-    @staticmethod
-    def _abort(row: _Adapting, reason: str) -> None:
+    def _abort_update(self, row: _Sequence, reason: str) -> None:
         """Abandon the update: the slot is not bound again, so the base model answers; the trace says why."""
         row.trace.aborted = reason
-        row.done = True
+        self._end_training(row, adapted=False)
 
-    def _answer(self, segments: Segments, ttt: TTTParams, sampling: SamplingParams, slot: int | None,
-                state: SequenceState, hidden: torch.Tensor, trace: Trace, start: float) -> Iterator[Event]:
-        decode_start = time.perf_counter()
-        generator = torch.Generator()
-        if sampling.seed is not None:
-            generator.manual_seed(sampling.seed)
+    @staticmethod
+    def _end_training(row: _Sequence, adapted: bool) -> None:
+        row.adapted = adapted
+        row.trace.adapter_during_answer = row.answers_with_adapter
+        row.phase = "think"
+
+    def _start_decoding(self, rows: list[_Sequence]) -> list[tuple[str, Event]]:
+        """Think with the final weights (each row's own adapter or none), score the adapted rows' reconstruction,
+        read the follow-up, then join the decoding batch (the first token comes in this same engine step)."""
+        start = time.perf_counter()
+        with torch.no_grad():
+            with self._bind(rows, [row.adapted for row in rows]):
+                state, hidden = self._think(rows)
+                needs_score = [row.adapted and row.loss_now is None for row in rows]
+                if any(needs_score):
+                    length, position = state.length, state.next_position
+                    losses = self._reconstruction(rows, state, needs_score).tolist()
+                    state.truncate(length, position)
+            follow = [row.segments.follow_ids for row in rows]
+            if any(follow):
+                width = max(len(ids) for ids in follow)
+                follow_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, device=self.device)
+                valid = torch.zeros(len(rows), width, dtype=torch.bool, device=self.device)
+                for index, ids in enumerate(follow):
+                    follow_ids[index, :len(ids)] = torch.tensor(ids, dtype=torch.long, device=self.device)
+                    valid[index, :len(ids)] = True
+                with self._bind(rows, [row.answers_with_adapter for row in rows]):
+                    read = extend(self.model, state, input_ids=follow_ids, valid=valid)
+                last = torch.tensor([max(len(ids) - 1, 0) for ids in follow], device=self.device)
+                has_follow = torch.tensor([bool(ids) for ids in follow], device=self.device)
+                hidden = torch.where(has_follow[:, None], read[torch.arange(len(rows)), last], hidden)
+        now = time.perf_counter()
+        for index, row in enumerate(rows):
+            if needs_score[index]:
+                row.trace.recon_loss_after = losses[index]
+            elif row.adapted:
+                row.trace.recon_loss_after = row.loss_now
+            row.trace.timings["train_s"] = start - row.start
+            row.trace.timings["think_s"] = now - start
+            row.generator = torch.Generator()
+            if row.sampling.seed is not None:
+                row.generator.manual_seed(row.sampling.seed)
+            else:
+                row.generator.seed()
+            row.detokenizer = IncrementalDetokenizer(self.tokenizer, row.sampling.stop)
+            row.decode_start, row.phase = now, "decode"
+        joining = _Decoding(rows, state, hidden)
+        if self._decoding is None:
+            self._decoding = joining
         else:
-            generator.seed()
-        detokenizer = IncrementalDetokenizer(self.tokenizer, sampling.stop)
-        lm_head = self.model.get_output_embeddings()
-        answer_slot = slot if ttt.adapter_during_answer else None
-        finish_reason = "length"
-        tokens: list[int] = []
-        with torch.no_grad(), self._adapter(answer_slot, ttt):
-            if segments.follow_ids:
-                follow = torch.tensor([segments.follow_ids], device=self.device)
-                hidden = extend(self.model, state, input_ids=follow)[:, -1]
-            while len(tokens) < sampling.max_tokens:
-                token = sample(lm_head(hidden)[0], sampling, generator)
-                if token in self.stop_ids:
-                    finish_reason = "stop"
-                    break
-                tokens.append(token)
-                if len(tokens) == 1:
-                    trace.timings["first_token_s"] = time.perf_counter() - start
-                delta = detokenizer.push(token)
-                if delta:
-                    yield TextDelta(delta)
-                if detokenizer.stopped:
-                    finish_reason = "stop"
-                    break
-                if len(tokens) < sampling.max_tokens:
-                    hidden = extend(self.model, state, input_ids=torch.tensor([[token]], device=self.device))[:, -1]
-        tail = detokenizer.finish()
+            batch = self._decoding
+            self._decoding = _Decoding(batch.rows + rows, SequenceState.concatenate(self.model, [batch.state, state]),
+                                       torch.cat([batch.hidden, hidden]))
+        return []
+
+    def _decode_step(self) -> list[tuple[str, Event]]:
+        """One token for every decoding row: sample from its hidden state, emit its text, and feed the tokens of
+        the rows that go on through the model as one batch."""
+        batch = self._decoding
+        with torch.no_grad():
+            logits = self.lm_head(batch.hidden)  # (B, V): logits only where a token is chosen
+            greedy = logits.argmax(-1).tolist()
+        events: list[tuple[str, Event]] = []
+        going_on, next_tokens, ended = [], [], []
+        for index, row in enumerate(batch.rows):
+            try:
+                token = greedy[index] if row.sampling.greedy else sample(logits[index], row.sampling, row.generator)
+                finished = self._accept(row, token, events)
+            except Exception:
+                events.append(self._fail(row))  # leaves the batch through abort_request
+                continue
+            if finished:
+                ended.append(row)
+            else:
+                going_on.append(row)
+                next_tokens.append(token)
+        self._leave_decoding(ended)
+        if going_on:
+            batch = self._decoding
+            tokens = torch.tensor(next_tokens, device=self.device)[:, None]
+            with torch.no_grad(), self._bind(batch.rows, [row.answers_with_adapter for row in batch.rows]):
+                batch.hidden = extend(self.model, batch.state, input_ids=tokens)[:, -1]
+        return events
+
+    def _accept(self, row: _Sequence, token: int, events: list[tuple[str, Event]]) -> bool:
+        """Take a row's next token; returns True when the row has finished (its events appended)."""
+        finish_reason = None
+        if token in self.stop_ids:
+            finish_reason = "stop"
+        else:
+            row.tokens.append(token)
+            if len(row.tokens) == 1:
+                row.trace.timings["first_token_s"] = time.perf_counter() - row.start
+            delta = row.detokenizer.push(token)
+            if delta:
+                events.append((row.request_id, TextDelta(delta)))
+            if row.detokenizer.stopped:
+                finish_reason = "stop"
+            elif len(row.tokens) >= row.sampling.max_tokens:
+                finish_reason = "length"
+        if finish_reason is None:
+            return False
+        tail = row.detokenizer.finish()
         if tail:
-            yield TextDelta(tail)
-        trace.timings["decode_s"] = time.perf_counter() - decode_start
-        trace.timings["total_s"] = time.perf_counter() - start
-        usage = Usage(len(segments.prompt_ids), len(tokens))
-        yield Finished(Result(detokenizer.text, finish_reason, usage, trace, tokens))
+            events.append((row.request_id, TextDelta(tail)))
+        now = time.perf_counter()
+        row.trace.timings["decode_s"] = now - row.decode_start
+        row.trace.timings["total_s"] = now - row.start
+        usage = Usage(len(row.segments.prompt_ids), len(row.tokens))
+        result = Result(row.detokenizer.text, finish_reason, usage, row.trace, row.tokens)
+        events.append((row.request_id, Finished(result)))
+        self._sequences.pop(row.request_id, None)
+        if row.slot is not None:
+            self.bank.release(row.slot)
+        return True
+
+    def _leave_decoding(self, rows: list[_Sequence]) -> None:
+        """Drop rows from the decoding batch (finished, aborted or failed)."""
+        batch = self._decoding
+        if batch is None or not rows:
+            return
+        keep = [i for i, row in enumerate(batch.rows) if row not in rows]
+        if not keep:
+            self._decoding = None
+            return
+        index = torch.tensor(keep, device=self.device)
+        batch.state.select(index)
+        batch.rows = [batch.rows[i] for i in keep]
+        batch.hidden = batch.hidden[index]

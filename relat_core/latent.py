@@ -36,6 +36,35 @@ class SequenceState:
     def length(self) -> int:
         return self.visible.shape[1]
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (a decoding batch whose requests left), and drop the leading positions that
+        no remaining row can see, so that a batch does not keep paying for the padding of requests long gone."""
+        self.cache.batch_select_indices(rows)
+        self.visible = self.visible[rows]
+        self.next_position = self.next_position[rows]
+        seen = self.visible.any(0)
+        first = int(seen.int().argmax()) if bool(seen.any()) else self.length
+        if first:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+            self.visible = self.visible[:, first:]
+
+    @classmethod
+    def concatenate(cls, model: PreTrainedModel, states: Sequence[SequenceState]) -> SequenceState:
+        """The rows of several states as one batch, each left-padded to the longest with invisible positions:
+        how a request joins a decoding batch that is already running (positions are explicit, so padding is
+        harmless)."""
+        length = max(state.length for state in states)
+        cache = DynamicCache(config=model.config)
+        for index, layer in enumerate(cache.layers):
+            parts = [state.cache.layers[index] for state in states]
+            keys = torch.cat([F.pad(p.keys, (0, 0, length - p.keys.shape[-2], 0)) for p in parts])
+            values = torch.cat([F.pad(p.values, (0, 0, length - p.values.shape[-2], 0)) for p in parts])
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+        visible = torch.cat([F.pad(state.visible, (length - state.length, 0), value=False) for state in states])
+        return cls(cache, visible, torch.cat([state.next_position for state in states]))
+
     def truncate(self, length: int, next_position: torch.Tensor) -> None:
         """Drop cached positions past `length` (the reconstruction pass is scored, then forgotten)."""
         self.cache.crop(length - self.length)  # transformers 5 takes the (negative) number of positions to drop

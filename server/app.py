@@ -68,7 +68,7 @@ def default_loader(settings: Settings) -> Callable[[], Engine]:
 
             torch.set_num_threads(settings.torch_threads)
         loaded = load_model(settings.model, settings.device, settings.dtype, name=settings.served_model_name)
-        return Engine(loaded, max_rank=settings.max_rank)
+        return Engine(loaded, max_rank=settings.max_rank, num_slots=settings.max_concurrency)
 
     return load
 

@@ -1,31 +1,33 @@
-"""Everything that drives the engine: a bounded queue, a worker thread, cancellation and deadlines.
+"""Everything that drives the engine: admission, a bounded queue, the scheduling thread, cancellation, deadlines.
 
-The engine is synchronous and not thread-safe, so one worker thread owns it and runs one request at a time
-(the batched engine of issue 4 will replace what is inside `Runner`, not its interface). The asyncio side
-submits a `Job` and reads its events; the worker forwards each engine event with `loop.call_soon_threadsafe`
-and, between events (after each training step and each text delta), stops the work if the job was cancelled
-or its deadline passed: closing the engine's generator frees its adapter slot at once.
+The engine batches requests (continuous batching) but is synchronous and not thread-safe, so one thread owns it:
+it admits queued jobs into the engine's batch up to `max_concurrency` (and while adapter slots are free), calls
+`Engine.step`, and forwards each request's events to its job with `loop.call_soon_threadsafe`. Between steps it
+aborts the requests whose client went away or whose deadline passed (their slots are free for the next step);
+the others in the batch go on undisturbed, as they do when one request fails.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from relat_core import Engine, Finished, Request, TextDelta, TrainStep
-from relat_core.engine import Event
+from relat_core.engine import Event, Failed
 
 from .errors import Cancelled, DeadlineExceeded, QueueFull, Unavailable
 from .metrics import Metrics
 
 log = logging.getLogger("relat_server")
 
+_job_keys = itertools.count()
 HEARTBEAT = object()  # yielded by Job.events when nothing happened for a while
 
 
@@ -37,6 +39,9 @@ class Job:
     loop: asyncio.AbstractEventLoop
     submitted: float = field(default_factory=time.monotonic)
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # bounded by steps + max_tokens + 1 events
+    key: str = field(default_factory=lambda: str(next(_job_keys)))  # unique in the engine, unlike X-Request-Id
+    started: float | None = None  # when the engine took it
+    last_text: float | None = None
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -88,24 +93,18 @@ class Job:
 
 
 class Runner:
-    """A bounded queue in front of one engine, worked by one thread."""
+    """A bounded queue in front of one batched engine, worked by one scheduling thread."""
 
     def __init__(self, engine: Engine, metrics: Metrics, max_queue: int, max_concurrency: int = 1):
-        if max_concurrency > 1:
-            # The engine holds global autograd and adapter-binding state across its yields, so two requests cannot
-            # interleave on it; the batched engine (issue 4) lifts this. Admission still counts max_concurrency
-            # places, so that the limits clients see stay as configured when it does.
-            log.warning("max_concurrency=%d: this engine runs one request at a time; the others wait their turn",
-                        max_concurrency)
         self.engine = engine
         self.metrics = metrics
+        self.max_concurrency = max_concurrency
         self.capacity = max_concurrency + max_queue  # requests admitted at once, running or waiting
-        self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
-        self._waiting = 0
-        self._running = 0
+        self._wake = threading.Condition(self._lock)
+        self._waiting: deque[Job] = deque()
+        self._running: dict[str, Job] = {}  # by job key, in the engine's batch
         self._service_seconds = 0.0  # moving average of a request's time in the engine, for Retry-After
-        self._active: set[Job] = set()
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="relat-engine", daemon=True)
 
@@ -120,24 +119,24 @@ class Runner:
         with self._lock:
             if self._stopping:
                 raise Unavailable("the server is shutting down")
-            if self._waiting + self._running >= self.capacity:
+            if len(self._waiting) + len(self._running) >= self.capacity:
                 self.metrics.requests.labels(job.method, "rejected").inc()
                 raise QueueFull(f"the server is at capacity ({self.capacity} requests admitted); retry later",
                                 retry_after=self._retry_after())
-            self._waiting += 1
-            self._active.add(job)
-            self.metrics.waiting.set(self._waiting)
-        self._queue.put(job)
+            self._waiting.append(job)
+            self.metrics.waiting.set(len(self._waiting))
+            self._wake.notify()
         return job
 
     def _retry_after(self) -> int:
-        """Seconds until a queue place is likely free: one request's service time, at least a second."""
-        return max(1, math.ceil(self._service_seconds))
+        """Seconds until a place is likely free: a request's time in the engine over the places that free
+        together, at least a second."""
+        return max(1, math.ceil(self._service_seconds / self.max_concurrency))
 
     @property
     def busy(self) -> bool:
         with self._lock:
-            return self._waiting + self._running > 0
+            return bool(self._waiting or self._running)
 
     async def drain(self, timeout: float) -> bool:
         """Wait until no request is queued or running, up to `timeout`; True if it emptied."""
@@ -147,74 +146,113 @@ class Runner:
         return not self.busy
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Refuse new work, cancel what is left, and let the worker finish its current step."""
+        """Refuse new work, cancel what is left, and let the thread finish its current step."""
         with self._lock:
             self._stopping = True
-            for job in self._active:
+            for job in [*self._waiting, *self._running.values()]:
                 job.cancel()
-        self._queue.put(None)
+            self._wake.notify()
         self._thread.join(timeout)
 
-    # -- worker thread --------------------------------------------------------------------------------------
+    # -- scheduling thread ----------------------------------------------------------------------------------
 
     def _work(self) -> None:
-        while (job := self._queue.get()) is not None:
+        while True:
             with self._lock:
-                self._waiting -= 1
-                self._running += 1
-                self.metrics.waiting.set(self._waiting)
-                self.metrics.running.set(self._running)
-            started = time.monotonic()
+                while not (self._waiting or self._running or self._stopping):
+                    self._wake.wait()
+                if self._stopping and not (self._waiting or self._running):
+                    return
+                admitted = self._admit()
+            for job in admitted:
+                self._start(job)
+            self._stop_expired()
+            if not self.engine.has_unfinished_requests:
+                continue
             try:
-                outcome = self._run(job, started)
-            finally:
-                with self._lock:
-                    self._running -= 1
-                    self._active.discard(job)
-                    self.metrics.running.set(self._running)
-                    self._service_seconds = 0.8 * self._service_seconds + 0.2 * (time.monotonic() - started)
-            self.metrics.requests.labels(job.method, outcome).inc()
-            log.info("request %s: %s %s, %.2f s queued, %.2f s in the engine", job.request_id, job.method, outcome,
-                     started - job.submitted, time.monotonic() - started)
+                events = self.engine.step()
+            except Exception as error:  # the batch itself failed (not one request): every request in it ends
+                log.exception("engine step failed")
+                for job in list(self._running.values()):
+                    self._end(job, "error", error)
+                continue
+            for key, event in events:
+                job = self._running.get(key)
+                if job is not None:
+                    self._forward(job, event)
 
-    def _run(self, job: Job, started: float) -> str:
-        """Run one job to its end; returns its outcome. Errors go to the job, never up into the thread."""
-        metrics = self.metrics
-        metrics.queue_time.observe(started - job.submitted)
+    def _admit(self) -> list[Job]:
+        """Under the lock: take waiting jobs, oldest first, while the batch has room and, for a job that trains
+        an adapter, a free slot (a job that would wait for a slot keeps its place at the head of the line)."""
+        admitted = []
+        free_slots = len(self.engine.bank.free)
+        while self._waiting and len(self._running) < self.max_concurrency:
+            job = self._waiting[0]
+            if job.request.ttt.trains and not job.stop_reason():
+                if free_slots == 0:
+                    break
+                free_slots -= 1
+            self._waiting.popleft()
+            self._running[job.key] = job
+            admitted.append(job)
+        self.metrics.waiting.set(len(self._waiting))
+        self.metrics.running.set(len(self._running))
+        return admitted
+
+    def _start(self, job: Job) -> None:
+        job.started = time.monotonic()
+        self.metrics.queue_time.observe(job.started - job.submitted)
         reason = job.stop_reason()
         if reason is not None:  # cancelled or expired while queued: the engine never sees it
-            job.post(_stop_error(reason))
-            return reason
-        last_text: float | None = None
-        generator = self.engine.generate(job.request)
+            self._end(job, reason, _stop_error(reason))
+            return
         try:
-            for event in generator:
-                now = time.monotonic()
-                if isinstance(event, TrainStep):
-                    metrics.ttt_steps_run.inc()
-                    metrics.slots.set(self.engine.slots_in_use)
-                elif isinstance(event, TextDelta):
-                    if last_text is None:
-                        metrics.ttft.observe(now - job.submitted)
-                    else:
-                        metrics.itl.observe(now - last_text)
-                    last_text = now
-                elif isinstance(event, Finished):
-                    self._observe_result(event, job, now)
-                job.post(event)
-                if isinstance(event, Finished):
-                    return "success"
-                reason = job.stop_reason()
-                if reason is not None:
-                    job.post(_stop_error(reason))
-                    return reason
-            raise RuntimeError("the engine ended a request without a result")
-        except Exception as error:  # an engine failure ends this request only; describe() logs it
+            self.engine.add_request(job.key, job.request)
+        except Exception as error:
+            self._end(job, "error", error)
+        self.metrics.slots.set(self.engine.slots_in_use)
+
+    def _stop_expired(self) -> None:
+        """Between steps: abort the requests whose client went away or whose deadline passed."""
+        for job in list(self._running.values()):
+            reason = job.stop_reason()
+            if reason is not None:
+                self._end(job, reason, _stop_error(reason))
+
+    def _forward(self, job: Job, event: Event) -> None:
+        now = time.monotonic()
+        if isinstance(event, Failed):  # this request alone failed; describe() logs it
+            self._end(job, "error", event.error)
+            return
+        if isinstance(event, TrainStep):
+            self.metrics.ttt_steps_run.inc()
+        elif isinstance(event, TextDelta):
+            if job.last_text is None:
+                self.metrics.ttft.observe(now - job.submitted)
+            else:
+                self.metrics.itl.observe(now - job.last_text)
+            job.last_text = now
+        job.post(event)
+        if isinstance(event, Finished):
+            self._observe_result(event, job, now)
+            self._end(job, "success")
+
+    def _end(self, job: Job, outcome: str, error: BaseException | None = None) -> None:
+        """The job leaves the engine (aborted there unless it finished) and the running set; errors go to it."""
+        if error is not None:
             job.post(error)
-            return "error"
-        finally:
-            generator.close()  # cancels the engine's work and releases the adapter slot
-            metrics.slots.set(self.engine.slots_in_use)
+        self.engine.abort_request(job.key)
+        now = time.monotonic()
+        started = job.started if job.started is not None else now
+        with self._lock:
+            self._running.pop(job.key, None)
+            self._service_seconds = 0.8 * self._service_seconds + 0.2 * (now - started)
+            self.metrics.running.set(len(self._running))
+            self._wake.notify()
+        self.metrics.slots.set(self.engine.slots_in_use)
+        self.metrics.requests.labels(job.method, outcome).inc()
+        log.info("request %s: %s %s, %.2f s queued, %.2f s in the engine", job.request_id, job.method, outcome,
+                 started - job.submitted, now - started)
 
     def _observe_result(self, event: Finished, job: Job, now: float) -> None:
         result, metrics = event.result, self.metrics

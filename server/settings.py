@@ -69,7 +69,7 @@ class Settings(BaseSettings, TTTOptions):
     served_model_name: str | None = Field(None, description="the `model` name clients use (default: derived)")
     device: str | None = Field(None, description="cpu, cuda, cuda:1, ... (default: cuda if present)")
     dtype: str | None = Field(None, description="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
-    max_rank: int = Field(64, ge=1, le=256, description="largest LoRA rank a request may ask for")
+    max_rank: int = Field(16, ge=1, le=256, description="largest LoRA rank a request may ask for (sizes every slot)")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice)")
 
     # -- HTTP -------------------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ class Settings(BaseSettings, TTTOptions):
     log_level: str = Field("info", description="debug, info, warning or error")
 
     # -- limits and lifecycle ---------------------------------------------------------------------------------
-    max_concurrency: int = Field(1, ge=1, description="requests worked on at once (today's engine: one at a time)")
+    max_concurrency: int = Field(8, ge=1, description="requests batched together in the engine (one adapter slot each)")
     max_queue: int = Field(16, ge=0, description="requests waiting beyond those; more are answered 429")
     request_timeout: float = Field(600.0, gt=0, description="deadline of a request in seconds, queueing included")
     max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt accepted, in tokens (else 413)")

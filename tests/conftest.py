@@ -67,3 +67,15 @@ def base_checksum(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def train_alone(engine: Engine, segments, ttt, slot: int):
+    """Train one adapter slot on these segments through the engine's batched training step (a batch of one);
+    returns the engine's record of it (its trace, steps and final state)."""
+    from relat_core.engine import SamplingParams, Trace, _Sequence
+
+    sequence = _Sequence("test", segments, ttt, SamplingParams(), Trace("relat", ttt.latent_steps, False), 0.0,
+                         slot=slot, phase="train")
+    while sequence.phase == "train":
+        engine._train_step([sequence])
+    return sequence

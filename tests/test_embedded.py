@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from relat_core import Request, SamplingParams, TTTParams
-from relat_core.engine import Trace
 from relat_core.latent import SequenceState, extend, latent_rollout
 
-from .conftest import base_checksum
+from .conftest import base_checksum, train_alone
 
 pytestmark = pytest.mark.slow
 
@@ -30,15 +29,16 @@ def test_relat_end_to_end(smol_engine):
     assert base_checksum(smol_engine.model) == before
 
 
-def _first_latent_gradient(engine, segments, ttt, slot) -> float:
+def _first_latent_gradient(engine, sequence) -> float:
     """Gradient norm of the reconstruction loss at the first latent input, with the slot's adapter on."""
-    with engine._adapter(slot, ttt):
+    segments, ttt = sequence.segments, sequence.ttt
+    with engine._bind([sequence], [True]):
         state = SequenceState.empty(engine.model, 1, engine.device)
         hidden = extend(engine.model, state, input_ids=torch.tensor([segments.prompt_ids]))[:, -1]
         first = engine.latent_map(hidden, ttt.mapping).detach().requires_grad_()
         hidden = extend(engine.model, state, inputs_embeds=first[:, None])[:, -1]
         latent_rollout(engine.model, state, hidden, [ttt.latent_steps - 1], engine.latent_map, [ttt.mapping], [0.0])
-        engine._reconstruction([segments], state).sum().backward()
+        engine._reconstruction([sequence], state).sum().backward()
     engine.bank.zero_grad()
     return float(first.grad.norm())
 
@@ -57,9 +57,8 @@ def test_reconstruction_cannot_copy_the_question(smol_engine):
         slot = engine.bank.acquire()
         try:
             engine.bank.reset(slot, ttt.rank, ttt.targets, torch.Generator().manual_seed(0))
-            trace = Trace("relat", ttt.latent_steps, False)
-            list(engine._train(segments, ttt, slot, trace))
-            measured[name] = (trace.steps[-1]["loss"], _first_latent_gradient(engine, segments, ttt, slot))
+            trained = train_alone(engine, segments, ttt, slot)
+            measured[name] = (trained.trace.steps[-1]["loss"], _first_latent_gradient(engine, trained))
         finally:
             engine.bank.release(slot)
     (masked_loss, masked_grad), (copy_loss, copy_grad) = measured["masked"], measured["unmasked"]

@@ -8,7 +8,7 @@ import torch
 from relat_core import Engine, InvalidParameter, Request, SamplingParams, TextDelta, TrainStep, TTTParams
 from relat_core.engine import Finished
 
-from .conftest import base_checksum
+from .conftest import base_checksum, train_alone
 
 QUESTION = [{"role": "user", "content": "Which planet is known as the red planet?"}]
 
@@ -52,9 +52,7 @@ def test_gradient_reaches_every_latent_step_and_every_adapted_layer(engine, monk
     try:
         engine.bank.reset(slot, ttt.rank, ttt.targets, torch.Generator().manual_seed(0))
         segments = engine.chat.segments(QUESTION, ttt.reconstruction_instruction, ttt.follow_up, latent=True)
-        from relat_core.engine import Trace
-
-        list(engine._train(segments, ttt, slot, Trace("relat", 6, False)))
+        train_alone(engine, segments, ttt, slot)
         assert len(embeds) == 6
         norms = [float(e.grad.norm()) for e in embeds]
         assert all(n > 0 for n in norms), norms
@@ -238,3 +236,14 @@ def test_default_parameters_depend_on_model_size(engine):
     large = default_ttt_params(8_000_000_000)
     assert (large.latent_steps, large.steps, large.rank) == (16, 5, 8)  # the paper's L, N and r
     assert not large.adapter_during_answer and large.follow_up == "bridge"
+
+
+def test_the_adapter_is_on_while_answering_only_when_asked(engine, monkeypatch):
+    """Same training, adapter on or off while answering: the answers differ, and only through the decoding
+    passes (the latent thought uses the adapted weights either way)."""
+    params = dict(method="relat", latent_steps=3, steps=3, lr=0.3, sampling=SamplingParams(max_tokens=12))
+    on = run(engine, adapter_during_answer=True, **params)
+    off = run(engine, adapter_during_answer=False, **params)
+    assert [s["loss"] for s in on.trace.steps] == [s["loss"] for s in off.trace.steps]
+    assert on.trace.adapter_during_answer and not off.trace.adapter_during_answer
+    assert on.token_ids != off.token_ids

@@ -15,6 +15,7 @@ import torch
 from relat_server.settings import Settings
 
 from relat_core import Engine, TrainStep
+from relat_core.engine import Failed
 
 from .conftest import base_checksum, build_tiny
 from .server_support import (
@@ -171,7 +172,7 @@ def test_request_id_is_echoed_or_made(server):
     ({"messages": QUESTION, "temperature": -1}, "temperature"),
     ({"messages": QUESTION, "relat": {"steps": 101}}, "relat.steps"),
     ({"messages": QUESTION, "relat": {"rank": 512}}, "relat.rank"),
-    ({"messages": QUESTION, "relat": {"rank": 100}}, "relat.rank"),  # within TTTParams, above the max_rank 64
+    ({"messages": QUESTION, "relat": {"rank": 100}}, "relat.rank"),  # within TTTParams, above the max_rank 16
     ({"messages": QUESTION, "relat": {"method": "relat", "latent_steps": 0}}, "relat.latent_steps"),
     ({"messages": QUESTION, "relat": "steps=3"}, "relat"),
 ])
@@ -217,11 +218,20 @@ def test_413_for_a_prompt_over_the_token_limit(server):
 
 
 def test_500_without_a_stack_trace_when_the_engine_fails(server, engine, monkeypatch):
-    def exploding(request):
-        yield TrainStep(1, 2, 1.0, 0.5, 0.01)
-        raise RuntimeError("secret engine internals")
+    """A request that fails alone (a Failed event), then a whole engine step that raises once it has trained."""
+    real_step = engine.step
+    failures = iter(["one request", "the batch"])
 
-    monkeypatch.setattr(engine, "generate", exploding)
+    def exploding():
+        keys = list(engine._sequences)
+        events = real_step()
+        if any(isinstance(event, TrainStep) for _, event in events):
+            return events
+        if next(failures) == "the batch":
+            raise RuntimeError("secret engine internals")
+        return [(key, Failed(RuntimeError("secret engine internals"))) for key in keys]
+
+    monkeypatch.setattr(engine, "step", exploding)
     before = metrics(server.url)
     error = assert_error(post(server, chat(server)), 500, "internal_error")
     assert "secret" not in json.dumps(error) and "Traceback" not in json.dumps(error)
@@ -229,7 +239,7 @@ def test_500_without_a_stack_trace_when_the_engine_fails(server, engine, monkeyp
     with server.http.stream("POST", "/v1/chat/completions", json=chat(server, stream=True)) as response:
         assert response.status_code == 200  # the stream had begun: the error comes as an event
         lines = list(sse_lines(response))
-    assert ": ttt step 1/2 loss 1.0000" in lines
+    assert any(line.startswith(": ttt step 2/2 loss") for line in lines)
     events = data_events(lines)
     assert events[-2]["error"]["code"] == "internal_error" and events[-1] == "[DONE]"
     assert "secret" not in "\n".join(lines)

@@ -173,7 +173,7 @@ def test_settings_from_the_environment(monkeypatch):
     assert settings.api_keys == ["k1", "k2"] and settings.max_queue == 3
     assert settings.ttt_fields() == {"steps": 4, "targets": ("q_proj", "v_proj")}
     assert (settings.host, settings.port, settings.max_concurrency, settings.max_body_bytes) == \
-        ("127.0.0.1", 8000, 1, 1 << 20)
+        ("127.0.0.1", 8000, 8, 1 << 20)
 
 
 def test_flags_override_the_environment_and_unset_flags_do_not(monkeypatch):
