@@ -9,16 +9,16 @@ loop runs in the same process and the same run, one request after another.
 How: every request is the paper setting (relat, L=16 latent steps, N=5 steps, rank 8, bridge follow-up, adapter on
 while answering), greedy, at most 64 answer tokens; questions are the first K of ../shared/data/knowledge_dev.jsonl
 (repeated past its end). The load is a closed loop: C requests in flight, the next sent when one finishes.
-  - engine: in-process, `Engine(loaded, max_rank=64, num_slots=C)`; requests go in with `add_request` and advance
+  - engine: in-process, `Engine(loaded, max_rank=16, num_slots=C)`; requests go in with `add_request` and advance
     with `step()`; submit, first TextDelta (time to first token), Finished and completion tokens are recorded.
     Each C gets a freshly loaded model and engine (the engine hooks its adapter slots into the model).
   - http: C concurrent streaming clients (httpx) on POST /v1/chat/completions, the TTT fields in the `relat`
     object; the time to first token is the first non-empty content delta, the tokens come from the usage chunk.
     --serve starts `relat serve --max-concurrency C --max-queue 64` for each C and stops it afterwards.
   - naive: bench/naive.py's `naive_request`, one after another, on its own freshly loaded model.
-Each run starts with --warmup requests alone (not counted: first-call costs). The naive loop ignores EOS and always
-decodes 64 tokens; the engine stops at EOS unless its SamplingParams has `ignore_eos` (then it is set, and sent over
-HTTP as vLLM's top-level `ignore_eos`), so compare tokens/s as well as requests/s: the table shows the mean tokens.
+Each run starts with --warmup requests alone (not counted: first-call costs). Every request decodes exactly
+64 tokens: the naive loop ignores EOS, and the engine gets `ignore_eos` (over HTTP, vLLM's top-level field), so the
+work per request is the same everywhere.
 Memory is the peak resident set (VmHWM, as bench/phases.py reads it), reset (writing 5 to clear_refs) when a run's
 timed part starts: of this process for engine and naive runs, of the server's process for HTTP (needs --serve or
 --server-pid). The "+" is the excess over the resident set at that moment; the allocator keeps what earlier runs
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import datetime
 import gc
 import json
@@ -58,7 +57,6 @@ DATA = BENCH.parents[1] / "shared" / "data" / "knowledge_dev.jsonl"
 RESULTS = BENCH / "results"
 METHOD = {"method": "relat", "latent_steps": 16, "steps": 5, "rank": 8, "follow_up": "bridge",
           "adapter_during_answer": True}
-IGNORE_EOS = "ignore_eos" in {f.name for f in dataclasses.fields(SamplingParams)}  # not yet in relat_core
 
 
 @dataclass
@@ -144,19 +142,14 @@ def method_params(args: argparse.Namespace) -> dict:
 def engine_request(question: str, args: argparse.Namespace):
     from relat_core import Request, TTTParams
 
-    sampling = {"max_tokens": args.max_tokens, "temperature": 0.0}
-    if IGNORE_EOS:
-        sampling["ignore_eos"] = True
-    return Request([{"role": "user", "content": question}], TTTParams(**method_params(args)),
-                   SamplingParams(**sampling))
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    return Request([{"role": "user", "content": question}], TTTParams(**method_params(args)), sampling)
 
 
 def closed_loop(engine, concurrency: int, requests: list, records: list[Record], clock: float) -> None:
     """Keep `concurrency` requests in the engine; add the next as soon as one finishes."""
     from relat_core import EngineBusy, Finished, TextDelta, TrainStep
-    from relat_core import engine as engine_module
-
-    failed = getattr(engine_module, "Failed", ())  # a request that failed alone (the others go on)
+    from relat_core.engine import Failed
 
     pending = list(range(len(requests)))
     in_flight: set[str] = set()
@@ -185,7 +178,7 @@ def closed_loop(engine, concurrency: int, requests: list, records: list[Record],
                 if record.first_token is None and result.token_ids:  # text held back by the detokenizer
                     record.first_token = now
                 in_flight.discard(request_id)
-            elif isinstance(event, failed):
+            elif isinstance(event, Failed):  # this request failed alone; the others go on
                 record.error = f"{type(event.error).__name__}: {event.error}"
                 in_flight.discard(request_id)
 
@@ -195,7 +188,7 @@ def run_engine(concurrency: int, count: int, args: argparse.Namespace) -> Run:
 
     loaded = load_model()
     touch_weights(loaded.model)
-    engine = Engine(loaded, max_rank=64, num_slots=concurrency)
+    engine = Engine(loaded, max_rank=16, num_slots=concurrency)  # the server's defaults
     texts = questions(count)
     if args.warmup:
         closed_loop(engine, 1, [engine_request(q, args) for q in texts[:args.warmup]],
@@ -256,9 +249,7 @@ def run_naive(count: int, args: argparse.Namespace) -> Run:
 def http_body(question: str, args: argparse.Namespace) -> dict:
     body = {"messages": [{"role": "user", "content": question}], "stream": True,
             "stream_options": {"include_usage": True}, "max_completion_tokens": args.max_tokens, "temperature": 0,
-            "relat": method_params(args)}
-    if IGNORE_EOS:
-        body["ignore_eos"] = True  # vLLM's name for it; a server without it logs and ignores the field
+            "relat": method_params(args), "ignore_eos": True}  # vLLM's extension: every answer is max_tokens long
     return body
 
 
@@ -491,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
     date = datetime.datetime.now(datetime.timezone.utc)
     path = args.results or RESULTS / f"load-{date:%Y-%m-%d}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    setting = {**method_params(args), "max_tokens": args.max_tokens, "greedy": True, "ignore_eos": IGNORE_EOS,
+    setting = {**method_params(args), "max_tokens": args.max_tokens, "greedy": True, "ignore_eos": True,
                "threads": args.threads, "date": info["date"]}
     with path.open("a", encoding="utf-8") as out:
         for run in runs:
@@ -501,8 +492,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(" · ".join(f"{key}: {value}" for key, value in info.items()) + "\n")
     print(f"relat, L={args.latent_steps}, N={args.steps}, rank 8, bridge, adapter on while answering, greedy, at most "
-          f"{args.max_tokens} tokens ({'EOS ignored' if IGNORE_EOS else 'the engine stops at EOS'}; naive: EOS "
-          f"ignored); closed loop, {args.warmup} warm-up request(s) per run; target {args.target}"
+          f"{args.max_tokens} tokens (EOS ignored); closed loop, {args.warmup} warm-up request(s) per run; "
+          f"target {args.target}"
           f"{' (relat serve started per C)' if args.serve else ''}.\n")
     print(markdown(rows, floor_rps))
     if not all(row["resettable"] for row in rows if row["peak_mib"] is not None):

@@ -524,7 +524,7 @@ class Engine:
     def _accept(self, row: _Sequence, token: int, events: list[tuple[str, Event]]) -> bool:
         """Take a row's next token; returns True when the row has finished (its events appended)."""
         finish_reason = None
-        if token in self.stop_ids:
+        if token in self.stop_ids and not row.sampling.ignore_eos:
             finish_reason = "stop"
         else:
             row.tokens.append(token)

@@ -111,6 +111,7 @@ class SamplingParams:
     top_k: int = 0  # 0 disables top-k
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False  # decode past end-of-sequence tokens (vLLM's extension): fixed-length benchmarks
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, list):
@@ -127,6 +128,7 @@ class SamplingParams:
         _require(isinstance(self.stop, (tuple, list)) and len(self.stop) <= 4
                  and all(isinstance(s, str) and s for s in self.stop), "stop",
                  "stop must hold at most 4 non-empty strings")
+        _require(isinstance(self.ignore_eos, bool), "ignore_eos", "ignore_eos must be a boolean")
 
     @property
     def greedy(self) -> bool:

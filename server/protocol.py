@@ -49,6 +49,7 @@ TemperatureField = Field(None, ge=0, le=2, description="0 is greedy; default 1 (
 TopPField = Field(None, gt=0, le=1, description="nucleus sampling mass; default 1 (or the server's)")
 TopKField = Field(None, ge=0, description="sample among the k likeliest tokens; 0 disables (vLLM's extension)")
 SeedField = Field(None, description="same seed, same answer; also seeds the adapter's initialisation")
+IgnoreEosField = Field(None, description="keep decoding past end-of-sequence tokens (vLLM's extension)")
 ModelField = Field(None, description="the served model's name (GET /v1/models); may be left out")
 
 
@@ -93,6 +94,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
     top_p: float | None = TopPField
     user: str | None = None
     top_k: int | None = TopKField
+    ignore_eos: bool | None = IgnoreEosField
     relat: RelatOptions | None = Field(None, description="ReLAT parameters (through the SDK: extra_body)")
 
     def sampling_fields(self) -> dict[str, Any]:
@@ -100,7 +102,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
             warnings.simplefilter("ignore", DeprecationWarning)
             limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return {"max_tokens": limit, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "seed": self.seed, "stop": self.stop}
+                "seed": self.seed, "stop": self.stop, "ignore_eos": self.ignore_eos}
 
     @property
     def include_usage(self) -> bool:
@@ -120,13 +122,14 @@ class RelatRequest(RelatOptions):
     top_k: int | None = TopKField
     seed: int | None = SeedField
     stop: Stop = StopField
+    ignore_eos: bool | None = IgnoreEosField
 
     def messages(self) -> list[dict[str, str]]:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + [{"role": "user", "content": self.question}]
 
     def sampling_fields(self) -> dict[str, Any]:
-        return self.model_dump(include={"max_tokens", "temperature", "top_p", "top_k", "seed", "stop"})
+        return self.model_dump(include={"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos"})
 
 
 # -- request -> engine ----------------------------------------------------------------------------------------

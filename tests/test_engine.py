@@ -247,3 +247,12 @@ def test_the_adapter_is_on_while_answering_only_when_asked(engine, monkeypatch):
     assert [s["loss"] for s in on.trace.steps] == [s["loss"] for s in off.trace.steps]
     assert on.trace.adapter_during_answer and not off.trace.adapter_during_answer
     assert on.token_ids != off.token_ids
+
+
+def test_ignore_eos_decodes_to_the_length_limit(engine, monkeypatch):
+    first = run(engine, method="direct", sampling=SamplingParams(max_tokens=1)).token_ids[0]
+    monkeypatch.setattr(engine, "stop_ids", {first})  # the model's first token is now an end-of-sequence token
+    stopped = run(engine, method="direct", sampling=SamplingParams(max_tokens=5))
+    assert stopped.finish_reason == "stop" and stopped.token_ids == []
+    ignored = run(engine, method="direct", sampling=SamplingParams(max_tokens=5, ignore_eos=True))
+    assert ignored.finish_reason == "length" and len(ignored.token_ids) == 5 and ignored.token_ids[0] == first

@@ -103,10 +103,17 @@ def test_max_tokens_is_deprecated_but_honoured_and_max_completion_tokens_wins():
 
 
 def test_native_request_puts_ttt_fields_at_the_top():
-    body = RelatRequest.model_validate({"question": "q", "system": "s", "steps": 4, "max_tokens": 5, "seed": 1})
+    body = RelatRequest.model_validate({"question": "q", "system": "s", "steps": 4, "max_tokens": 5, "seed": 1,
+                                        "ignore_eos": True})
     assert body.messages() == [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
     request = engine_request(body.messages(), body.ttt_fields(), body.sampling_fields(), DEFAULTS)
     assert (request.ttt.steps, request.sampling.max_tokens, request.sampling.seed) == (4, 5, 1)
+    assert request.sampling.ignore_eos
+
+
+def test_ignore_eos_is_vllms_extension_and_off_by_default():
+    assert to_engine(chat(ignore_eos=True)).sampling.ignore_eos
+    assert not to_engine(chat()).sampling.ignore_eos and not to_engine(chat(ignore_eos=None)).sampling.ignore_eos
     with pytest.raises(ValidationError):
         RelatRequest.model_validate({"question": ""})
 
