@@ -20,7 +20,6 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -29,7 +28,7 @@ from .chat import ChatFormat, Segments, normalise_messages
 from .decoding import IncrementalDetokenizer, sample
 from .latent import LatentMap, SequenceState, extend, latent_rollout, reconstruction_loss
 from .loading import LoadedModel
-from .lora import SlotBank
+from .lora import Binding, SlotBank
 from .params import ALL_TARGETS, InvalidParameter, SamplingParams, TTTParams
 
 log = logging.getLogger("relat_core")
@@ -148,6 +147,9 @@ class _Decoding:
     rows: list[_Sequence]
     state: SequenceState
     hidden: torch.Tensor
+    # The rows' answering adapters, gathered once and reused while the rows stay (their slots no longer train).
+    binding: Binding | None = None
+    stale: bool = True
 
 
 def default_ttt_params(num_parameters: int) -> TTTParams:
@@ -323,16 +325,20 @@ class Engine:
         self.abort_request(sequence.request_id)
         return sequence.request_id, Failed(error)
 
-    def _bind(self, rows: list[_Sequence], on: list[bool]):
-        """Route batch row i through its request's adapter where on[i], else through none (the base model)."""
+    def _binding(self, rows: list[_Sequence], on: list[bool]) -> Binding | None:
+        """Batch row i through its request's adapter where on[i], else through none; None when no row uses one."""
         if not any(on):
-            return nullcontext()
+            return None
         pairs = list(zip(rows, on, strict=True))
         adapted = [row for row, use in pairs if use]
-        return self.bank.bind([row.slot if use else 0 for row, use in pairs],
-                              [row.ttt.alpha / row.ttt.rank if use else 0.0 for row, use in pairs],
-                              {kind for row in adapted for kind in row.ttt.targets},
-                              max(row.ttt.rank for row in adapted))
+        return self.bank.binding_for([row.slot if use else 0 for row, use in pairs],
+                                     [row.ttt.alpha / row.ttt.rank if use else 0.0 for row, use in pairs],
+                                     {kind for row in adapted for kind in row.ttt.targets},
+                                     max(row.ttt.rank for row in adapted))
+
+    def _bind(self, rows: list[_Sequence], on: list[bool]):
+        """The forwards inside run each row through its adapter where on[i] (one binding, gathered once)."""
+        return self.bank.bound(self._binding(rows, on))
 
     # -- phases ---------------------------------------------------------------------------------------------
 
@@ -517,7 +523,10 @@ class Engine:
         if going_on:
             batch = self._decoding
             tokens = torch.tensor(next_tokens, device=self.device)[:, None]
-            with torch.no_grad(), self._bind(batch.rows, [row.answers_with_adapter for row in batch.rows]):
+            if batch.stale:
+                batch.binding = self._binding(batch.rows, [row.answers_with_adapter for row in batch.rows])
+                batch.stale = False
+            with torch.no_grad(), self.bank.bound(batch.binding):
                 batch.hidden = extend(self.model, batch.state, input_ids=tokens)[:, -1]
         return events
 
@@ -566,3 +575,4 @@ class Engine:
         batch.state.select(index)
         batch.rows = [batch.rows[i] for i in keep]
         batch.hidden = batch.hidden[index]
+        batch.stale = True
