@@ -176,7 +176,15 @@ class Engine:
     """
 
     def __init__(self, loaded: LoadedModel, max_rank: int = 64, num_slots: int = 1,
-                 defaults: TTTParams | None = None):
+                 defaults: TTTParams | None = None, decode_share: float = 0.8):
+        if not 0 <= decode_share < 1:
+            raise ValueError("decode_share must be in [0, 1)")
+        # While some requests train and others answer: the share of the engine's time that goes to answering
+        # (0: one token per training step). A batched training step costs as much as tens of tokens: one token
+        # per step would stretch an answer over minutes while others train, and the requests answering would pile
+        # up and leave the training batch small (bench/RESULTS.md, section 6: 0.5 halved throughput through HTTP).
+        self.decode_share = decode_share
+        self._decode_credit = 0.0  # seconds of answering owed since the last training step
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
@@ -258,16 +266,24 @@ class Engine:
             self._leave_decoding([sequence])
 
     def step(self) -> list[tuple[str, Event]]:
-        """One unit of work for every unfinished request; returns the events it produced, in order."""
+        """One unit of work: a training step of every request still training, unless the answering requests still
+        have time owed from the last one (`decode_share`); then one token of every answering request. Returns
+        the events produced, in order; one token per step keeps the answers streaming token by token."""
         events: list[tuple[str, Event]] = []
         training = [s for s in self._sequences.values() if s.phase == "train"]
-        if training:
+        if training and (self._decoding is None or self._decode_credit <= 0):
+            start = time.perf_counter()
             events += self._isolated(training, self._train_step)
+            self._decode_credit = (time.perf_counter() - start) * self.decode_share / (1 - self.decode_share)
         thinking = [s for s in self._sequences.values() if s.phase == "think"]
         if thinking:
             events += self._isolated(thinking, self._start_decoding)
         if self._decoding is not None:
+            start = time.perf_counter()
             events += self._decode_step()
+            self._decode_credit -= time.perf_counter() - start
+        if self._decoding is None:
+            self._decode_credit = 0.0  # credit is for the answers running now, not for later ones
         return events
 
     def generate(self, request: Request) -> Iterator[Event]:

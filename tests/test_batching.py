@@ -85,7 +85,8 @@ def assert_as_alone(engine: Engine, request: Request, outcome: Outcome) -> None:
 
 @pytest.fixture(scope="module", params=["qwen3", "qwen2"])
 def engine(request, tokenizer) -> Engine:
-    return Engine(build_tiny(request.param, tokenizer), max_rank=16, num_slots=4)
+    # One token per step (decode_share 0), so that the tests can join and abort requests at chosen points.
+    return Engine(build_tiny(request.param, tokenizer), max_rank=16, num_slots=4, decode_share=0.0)
 
 
 def test_a_mixed_batch_equals_each_request_alone(engine):
@@ -164,3 +165,16 @@ def test_engine_refuses_what_it_cannot_hold(engine):
     finally:
         engine.abort_request("a")
     assert sorted(engine.bank.free) == [0, 1, 2, 3]
+
+
+def test_answers_are_not_held_to_one_token_per_training_step(tokenizer):
+    """While one request trains (slowly: long latent thoughts), another answers many tokens per training step."""
+    engine = Engine(build_tiny("qwen3", tokenizer), max_rank=16, num_slots=1)
+    engine.add_request("trainer", Request(RED, TTTParams(latent_steps=64, steps=50), SamplingParams(max_tokens=1)))
+    engine.add_request("answer", Request(METAL, TTTParams(method="direct"),
+                                         SamplingParams(max_tokens=20, ignore_eos=True)))
+    training_steps = 0
+    while "answer" in engine._sequences:
+        training_steps += sum(isinstance(event, TrainStep) for _, event in engine.step())
+    assert training_steps <= 3, "one token per training step would take 20"
+    engine.abort_request("trainer")
