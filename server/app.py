@@ -91,11 +91,13 @@ class Service:
         self.on_fatal: Callable[[], None] | None = None
 
     async def load(self) -> None:
+        runner = Runner(self._load_engine, self.metrics, self.settings.max_queue, self.settings.max_concurrency)
         try:
-            engine = await asyncio.to_thread(self._load_engine)
+            engine = await runner.start()  # loaded on the thread that will run it
             defaults = engine.defaults.replace(**self.settings.ttt_fields())
         except Exception:
             log.exception("cannot load the model")
+            await asyncio.to_thread(runner.stop)
             self.phase = "failed"
             if self.on_fatal is not None:
                 self.on_fatal()
@@ -104,8 +106,7 @@ class Service:
         # The engine's thread uses its tokenizer; a fast tokenizer must not be used by two threads at once.
         self.tokenizer = copy.deepcopy(engine.tokenizer)
         self.model_name = self.settings.served_model_name or engine.name
-        self.runner = Runner(engine, self.metrics, self.settings.max_queue, self.settings.max_concurrency)
-        self.runner.start()
+        self.runner = runner
         self.phase = "ready"
         log.info("serving %s; default TTT parameters: %s", self.model_name, defaults)
 

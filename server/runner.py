@@ -16,7 +16,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from relat_core import Engine, Finished, Request, TextDelta, TrainStep
@@ -95,8 +95,10 @@ class Job:
 class Runner:
     """A bounded queue in front of one batched engine, worked by one scheduling thread."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, max_queue: int, max_concurrency: int = 1):
-        self.engine = engine
+    def __init__(self, load_engine: Callable[[], Engine], metrics: Metrics, max_queue: int,
+                 max_concurrency: int = 1):
+        self._load_engine = load_engine
+        self.engine: Engine | None = None  # loaded by the scheduling thread (`start`)
         self.metrics = metrics
         self.max_concurrency = max_concurrency
         self.capacity = max_concurrency + max_queue  # requests admitted at once, running or waiting
@@ -106,12 +108,19 @@ class Runner:
         self._running: dict[str, Job] = {}  # by job key, in the engine's batch
         self._service_seconds = 0.0  # moving average of a request's time in the engine, for Retry-After
         self._stopping = False
-        self._thread = threading.Thread(target=self._work, name="relat-engine", daemon=True)
+        self._thread: threading.Thread | None = None
 
     # -- asyncio side ---------------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    async def start(self) -> Engine:
+        """Start the scheduling thread, which loads the engine before it serves; returns the engine once loaded
+        (or raises what loading raised). All torch work stays on that one thread: when a second thread (the one
+        that loaded the model) has run torch's parallel kernels, their OpenMP thread teams compete for the cores
+        and a batched training step ran 1.5-2x slower (bench/RESULTS.md, section 6)."""
+        loaded: asyncio.Future[Engine] = asyncio.get_running_loop().create_future()
+        self._thread = threading.Thread(target=self._work, args=(loaded,), name="relat-engine", daemon=True)
         self._thread.start()
+        return await loaded
 
     def submit(self, request_id: str, request: Request, timeout: float) -> Job:
         """Queue a request or refuse it at once (429 with a Retry-After estimate, 503 when stopping)."""
@@ -152,11 +161,19 @@ class Runner:
             for job in [*self._waiting, *self._running.values()]:
                 job.cancel()
             self._wake.notify()
-        self._thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     # -- scheduling thread ----------------------------------------------------------------------------------
 
-    def _work(self) -> None:
+    def _work(self, loaded: asyncio.Future[Engine]) -> None:
+        loop = loaded.get_loop()
+        try:
+            self.engine = self._load_engine()
+        except Exception as error:
+            loop.call_soon_threadsafe(loaded.set_exception, error)
+            return
+        loop.call_soon_threadsafe(loaded.set_result, self.engine)
         while True:
             with self._lock:
                 while not (self._waiting or self._running or self._stopping):
