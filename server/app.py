@@ -91,7 +91,8 @@ class Service:
         self.on_fatal: Callable[[], None] | None = None
 
     async def load(self) -> None:
-        runner = Runner(self._load_engine, self.metrics, self.settings.max_queue, self.settings.max_concurrency)
+        runner = Runner(self._load_engine, self.metrics, self.settings.max_queue, self.settings.max_concurrency,
+                        self.settings.batch_window)
         try:
             engine = await runner.start()  # loaded on the thread that will run it
             defaults = engine.defaults.replace(**self.settings.ttt_fields())

@@ -96,7 +96,11 @@ class Runner:
     """A bounded queue in front of one batched engine, worked by one scheduling thread."""
 
     def __init__(self, load_engine: Callable[[], Engine], metrics: Metrics, max_queue: int,
-                 max_concurrency: int = 1):
+                 max_concurrency: int = 1, batch_window: float = 0.0):
+        # An idle engine waits this long after a request arrives for others to join it: requests that start
+        # together train together, while a request that arrives a moment late waits a whole training step and
+        # stays a step out of phase (bench/RESULTS.md, section 6.4).
+        self.batch_window = batch_window
         self._load_engine = load_engine
         self.engine: Engine | None = None  # loaded by the scheduling thread (`start`)
         self.metrics = metrics
@@ -180,6 +184,11 @@ class Runner:
                     self._wake.wait()
                 if self._stopping and not (self._waiting or self._running):
                     return
+                if not self._running:  # idle: let the requests of a burst arrive, to start them as one batch
+                    window_end = time.monotonic() + self.batch_window
+                    while (len(self._waiting) < self.max_concurrency and not self._stopping
+                           and (left := window_end - time.monotonic()) > 0):
+                        self._wake.wait(left)
                 admitted = self._admit()
             for job in admitted:
                 self._start(job)

@@ -82,6 +82,7 @@ class Settings(BaseSettings, TTTOptions):
     # -- limits and lifecycle ---------------------------------------------------------------------------------
     max_concurrency: int = Field(8, ge=1, description="requests batched together in the engine (one adapter slot each)")
     max_queue: int = Field(16, ge=0, description="requests waiting beyond those; more are answered 429")
+    batch_window: float = Field(0.02, ge=0, le=1, description="seconds an idle engine waits for a burst to batch")
     request_timeout: float = Field(600.0, gt=0, description="deadline of a request in seconds, queueing included")
     max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt accepted, in tokens (else 413)")
     max_body_bytes: int = Field(1 << 20, ge=1, description="largest request body accepted, in bytes (else 413)")

@@ -86,3 +86,27 @@ def test_requests_run_as_one_batch_and_one_ending_early_disturbs_no_other(server
     wait_for(lambda: sample(metrics(server.url), "relat_requests_running") == 0, "the server to be idle")
     assert engine.slots_in_use == 0 and not engine.has_unfinished_requests
     assert base_checksum(engine.model) == checksum
+
+
+def test_a_burst_on_an_idle_server_starts_as_one_batch(engine, monkeypatch):
+    """Requests that arrive within the batch window of an idle engine take their first step together."""
+    batch_sizes = []
+    real_step = engine.step
+
+    def recording_step():
+        batch_sizes.append(engine.num_unfinished_requests)
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", recording_step)
+    with serve_in_thread(Settings(max_concurrency=3, batch_window=1.0), lambda: engine) as served:
+        wait_for(lambda: httpx.get(f"{served.url}/ready").status_code == 200, "readiness")
+        with httpx.Client(base_url=served.url, timeout=120) as http, ThreadPoolExecutor(3) as pool:
+            def ask(seed: int) -> httpx.Response:
+                return http.post("/v1/chat/completions", json=chat(engine.name, seed=seed))
+
+            first = pool.submit(ask, 1)
+            wait_for(lambda: sample(metrics(served.url), "relat_requests_waiting") == 1, "the first to wait")
+            others = [pool.submit(ask, seed) for seed in (2, 3)]
+            replies = [first.result(), *(other.result() for other in others)]
+    assert [reply.status_code for reply in replies] == [200, 200, 200]
+    assert batch_sizes[0] == 3, batch_sizes
