@@ -49,6 +49,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from phases import reset_peak, status_mib  # bench/phases.py, beside this file
 
 from relat_core.params import SamplingParams
 
@@ -96,33 +97,11 @@ class Run:
     resettable: bool
 
 
-# -- memory (bench/phases.py reads its own; here also a server's) ------------------------------------------------
-
-def status_mib(pid: int | str, name: str) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith(name + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak(pid: int | str) -> bool:
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w", encoding="ascii") as clear:
-            clear.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def start_memory(pid: int | str | None) -> tuple[float | None, bool]:
     if pid is None:
         return None, False
     resettable = reset_peak(pid)
-    return status_mib(pid, "VmRSS"), resettable
+    return status_mib("VmRSS", pid), resettable
 
 
 # -- questions and requests -------------------------------------------------------------------------------------
@@ -200,7 +179,7 @@ def run_engine(concurrency: int, count: int, args: argparse.Namespace) -> Run:
     clock = time.perf_counter()
     closed_loop(engine, concurrency, requests, records, clock)
     wall = max((r.finish for r in records if r.finish is not None), default=0.0)
-    peak = status_mib("self", "VmHWM")
+    peak = status_mib("VmHWM")
     del engine, loaded
     gc.collect()
     return Run("engine", concurrency, records, wall, rss, peak, resettable)
@@ -238,7 +217,7 @@ def run_naive(count: int, args: argparse.Namespace) -> Run:
         record.losses = result["losses"]
         record.timings = {"train_s": result["train_s"], "first_token_s": result["first_token_s"],
                           "total_s": result["seconds"]}
-    peak = status_mib("self", "VmHWM")
+    peak = status_mib("VmHWM")
     del loaded
     gc.collect()
     return Run("naive", 1, records, records[-1].finish, rss, peak, resettable)
@@ -346,7 +325,7 @@ def run_http(concurrency: int, count: int, args: argparse.Namespace) -> Run:
         records = [Record("http", concurrency, i, q, 0.0) for i, q in enumerate(texts)]
         rss, resettable = start_memory(pid)
         asyncio.run(http_loop(url, concurrency, records, args, headers))
-        peak = status_mib(pid, "VmHWM") if pid is not None else None
+        peak = status_mib("VmHWM", pid) if pid is not None else None
     finally:
         if server is not None:
             stop_server(server)

@@ -49,10 +49,10 @@ RESULT_PREFIX = "PHASES-RESULT "
 
 # -- memory -----------------------------------------------------------------------------------------------------
 
-def status_mib(field: str) -> float | None:
-    """A `Vm...` line of /proc/self/status in MiB, or None off Linux."""
+def status_mib(field: str, pid: int | str = "self") -> float | None:
+    """A `Vm...` line of a process's /proc/PID/status in MiB, or None off Linux."""
     try:
-        with open("/proc/self/status", encoding="ascii") as status:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
             for line in status:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
@@ -72,10 +72,10 @@ def peak_mib() -> float:
     return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes on macOS, KiB on Linux
 
 
-def reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
+def reset_peak(pid: int | str = "self") -> bool:
+    """Reset a process's VmHWM to its current RSS (Linux >= 4.0); False where that is not allowed."""
     try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+        with open(f"/proc/{pid}/clear_refs", "w", encoding="ascii") as clear:
             clear.write("5")
         return True
     except OSError:

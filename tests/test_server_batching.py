@@ -36,6 +36,20 @@ def server(engine):
         yield served
 
 
+@pytest.fixture
+def batch_sizes(engine, monkeypatch) -> list[int]:
+    """How many requests the engine held at each of its steps, recorded while the test runs."""
+    sizes = []
+    real_step = engine.step
+
+    def recording_step():
+        sizes.append(engine.num_unfinished_requests)
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", recording_step)
+    return sizes
+
+
 def answer(server, body: dict) -> tuple[str, list[float]]:
     reply = server.http.post("/v1/chat/completions", json=body)
     assert reply.status_code == 200, reply.text
@@ -43,7 +57,7 @@ def answer(server, body: dict) -> tuple[str, list[float]]:
     return result["choices"][0]["message"]["content"], [s["loss"] for s in result.get("relat", {}).get("steps", [])]
 
 
-def test_requests_run_as_one_batch_and_one_ending_early_disturbs_no_other(server, engine, monkeypatch):
+def test_requests_run_as_one_batch_and_one_ending_early_disturbs_no_other(server, engine, batch_sizes):
     """Three requests that finish, one whose deadline passes mid-training (504) and one whose client goes away
     mid-training run in one batch; the three get exactly the answers and losses they get alone."""
     bodies = [chat(server, seed=1, temperature=0.8, relat={"steps": 3, "latent_steps": 4}),
@@ -53,14 +67,6 @@ def test_requests_run_as_one_batch_and_one_ending_early_disturbs_no_other(server
     checksum = base_checksum(engine.model)
     alone = [answer(server, body) for body in bodies]
 
-    batch_sizes = []
-    real_step = engine.step
-
-    def recording_step():
-        batch_sizes.append(engine.num_unfinished_requests)
-        return real_step()
-
-    monkeypatch.setattr(engine, "step", recording_step)
     left = threading.Event()
 
     def leaving_client():
@@ -88,16 +94,8 @@ def test_requests_run_as_one_batch_and_one_ending_early_disturbs_no_other(server
     assert base_checksum(engine.model) == checksum
 
 
-def test_a_burst_on_an_idle_server_starts_as_one_batch(engine, monkeypatch):
+def test_a_burst_on_an_idle_server_starts_as_one_batch(engine, batch_sizes):
     """Requests that arrive within the batch window of an idle engine take their first step together."""
-    batch_sizes = []
-    real_step = engine.step
-
-    def recording_step():
-        batch_sizes.append(engine.num_unfinished_requests)
-        return real_step()
-
-    monkeypatch.setattr(engine, "step", recording_step)
     with serve_in_thread(Settings(max_concurrency=3, batch_window=1.0), lambda: engine) as served:
         wait_for(lambda: httpx.get(f"{served.url}/ready").status_code == 200, "readiness")
         with httpx.Client(base_url=served.url, timeout=120) as http, ThreadPoolExecutor(3) as pool:
