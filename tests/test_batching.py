@@ -178,3 +178,24 @@ def test_answers_are_not_held_to_one_token_per_training_step(tokenizer):
         training_steps += sum(isinstance(event, TrainStep) for _, event in engine.step())
     assert training_steps <= 3, "one token per training step would take 20"
     engine.abort_request("trainer")
+
+
+def test_the_decoding_batch_answers_as_plain_greedy_decoding_does(engine):
+    """An independent reference for the decoding batch (its joins, padding, masks and in-place cache growth): greedy
+    decoding by a full forward pass over the whole sequence for every token, with no cache and no mask of ours.
+    One request joins while the others decode."""
+    import torch
+
+    questions = {"short": METAL, "long": PETRA, "late": RED}
+    sampling = SamplingParams(max_tokens=70, ignore_eos=True)  # past the cache's first growth (64 spare positions)
+    direct = TTTParams(method="direct")
+    outcomes = drive(engine, {name: Request(questions[name], direct, sampling) for name in ("short", "long")},
+                     joining={5: {"late": Request(RED, direct, sampling)}})
+    for name, messages in questions.items():
+        sequence = engine.chat.segments(messages, direct.reconstruction_instruction, direct.follow_up,
+                                        latent=False).prompt_ids
+        reference = []
+        with torch.no_grad():
+            for _ in range(70):
+                reference.append(int(engine.model(torch.tensor([sequence + reference])).logits[0, -1].argmax()))
+        assert outcomes[name].finished.result.token_ids == reference, name
