@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -321,22 +320,20 @@ class Engine:
         that fails alone fails (the training and thinking phases change nothing until they succeed)."""
         try:
             return phase(rows)
-        except Exception:
+        except Exception as error:
             if len(rows) == 1:
-                return [self._fail(rows[0])]
+                return [self._fail(rows[0], error)]
             log.exception("a batch of %d failed; running its requests one at a time", len(rows))
         events = []
         for row in rows:
             try:
                 events += phase([row])
-            except Exception:
-                events.append(self._fail(row))
+            except Exception as error:
+                events.append(self._fail(row, error))
         return events
 
-    def _fail(self, sequence: _Sequence) -> tuple[str, Event]:
-        """End one request with the exception being handled."""
-        error = sys.exc_info()[1]
-        assert isinstance(error, Exception)
+    def _fail(self, sequence: _Sequence, error: Exception) -> tuple[str, Event]:
+        """End one request with its error; the others go on."""
         log.error("request %s failed: %r", sequence.request_id, error)
         self.abort_request(sequence.request_id)
         return sequence.request_id, Failed(error)
@@ -527,8 +524,8 @@ class Engine:
             try:
                 token = greedy[index] if row.sampling.greedy else sample(logits[index], row.sampling, row.generator)
                 finished = self._accept(row, token, events)
-            except Exception:
-                events.append(self._fail(row))  # leaves the batch through abort_request
+            except Exception as error:
+                events.append(self._fail(row, error))  # leaves the batch through abort_request
                 continue
             if finished:
                 ended.append(row)
