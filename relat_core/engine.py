@@ -75,6 +75,9 @@ class Trace:
     method: str
     latent_steps: int
     adapter_during_answer: bool
+    answer_context: str = "thought"  # what the answer was decoded after: "thought", or "question" (prompt alone)
+    guidance: float = 1.0  # w of the answer's logits l_plain + w (l_own - l_plain); 1: no plain row
+    contrastive_eta: float = 0.0  # eta of the final thought's contrastive feedback; 0: off
     steps: list[dict] = field(default_factory=list)  # {step, loss, grad_norm, seconds}
     recon_loss_before: float | None = None
     recon_loss_after: float | None = None
@@ -134,8 +137,29 @@ class _Sequence:
     decode_start: float = 0.0
 
     @property
+    def answers_after_thought(self) -> bool:
+        """The answer follows the latent thought; else it follows the prompt alone (relat, answer_context
+        "question", and direct, whose thought is empty)."""
+        return self.trace.answer_context == "thought"
+
+    @property
     def answers_with_adapter(self) -> bool:
-        return self.adapted and self.ttt.adapter_during_answer
+        # Answering from the question alone with the adapter off would be `direct`: that context implies it on.
+        return self.adapted and (self.ttt.adapter_during_answer or not self.answers_after_thought)
+
+
+@dataclass(eq=False)
+class _Plain:
+    """The plain row of a guided request in the decoding batch: the base model on the prompt alone, fed the
+    tokens its owner chooses, so that each of the owner's tokens can be chosen from l_plain + w (l_own - l_plain).
+    It holds no slot and emits nothing; it leaves with its owner."""
+
+    owner: _Sequence
+    answers_with_adapter: bool = False
+
+
+def _owner(row: _Sequence | _Plain) -> _Sequence:
+    return row.owner if isinstance(row, _Plain) else row
 
 
 @dataclass
@@ -143,7 +167,7 @@ class _Decoding:
     """The decoding batch: every decoding request is a row of one KV cache; `hidden` (B, d) gives each row's next
     token."""
 
-    rows: list[_Sequence]
+    rows: list[_Sequence | _Plain]
     state: SequenceState
     hidden: torch.Tensor
     # The rows' answering adapters, gathered once and reused while the rows stay (their slots no longer train).
@@ -241,9 +265,13 @@ class Engine:
         ttt, sampling = request.ttt, request.sampling
         thinks = ttt.method != "direct" and ttt.latent_steps > 0
         segments = self.chat.segments(messages, ttt.reconstruction_instruction, ttt.follow_up, latent=thinks)
-        sequence = _Sequence(request_id, segments, ttt, sampling,
-                             Trace(ttt.method, ttt.latent_steps if thinks else 0, adapter_during_answer=False),
-                             time.perf_counter())
+        # Each option as it applies to this request (the trace reports what ran, not what was asked).
+        from_thought = thinks and not (ttt.method == "relat" and ttt.answer_context == "question")
+        trace = Trace(ttt.method, ttt.latent_steps if thinks else 0, adapter_during_answer=False,
+                      answer_context="thought" if from_thought else "question",
+                      guidance=ttt.guidance if ttt.guided else 1.0,
+                      contrastive_eta=ttt.contrastive_eta if ttt.trains else 0.0)
+        sequence = _Sequence(request_id, segments, ttt, sampling, trace, time.perf_counter())
         if ttt.trains:
             slot = self.bank.acquire()
             if slot is None:
@@ -355,21 +383,25 @@ class Engine:
 
     # -- phases ---------------------------------------------------------------------------------------------
 
-    def _think(self, rows: list[_Sequence]) -> tuple[SequenceState, torch.Tensor]:
-        """Prefill the prompts (left-padded) and run each row's latent thought; returns the state and the last
-        hidden state of each row, (B, d). A row with a shorter thought gets padding positions, invisible to all."""
-        segments = [row.segments for row in rows]
-        batch = len(segments)
-        width = max(len(s.prompt_ids) for s in segments)
+    def _prefill(self, prompts: list[list[int]]) -> tuple[SequenceState, torch.Tensor]:
+        """Prefill prompts as one left-padded batch; returns the state and each row's last hidden state, (B, d)."""
+        batch, width = len(prompts), max(len(ids) for ids in prompts)
         prompt = torch.full((batch, width), self.tokenizer.pad_token_id, device=self.device)
         valid = torch.zeros(batch, width, dtype=torch.bool, device=self.device)
-        for index, s in enumerate(segments):
-            prompt[index, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids, device=self.device)
-            valid[index, width - len(s.prompt_ids):] = True
+        for index, ids in enumerate(prompts):
+            prompt[index, width - len(ids):] = torch.tensor(ids, device=self.device)
+            valid[index, width - len(ids):] = True
         state = SequenceState.empty(self.model, batch, self.device)
-        hidden = extend(self.model, state, input_ids=prompt, valid=valid)[:, -1]  # (B, d)
+        return state, extend(self.model, state, input_ids=prompt, valid=valid)[:, -1]
+
+    def _think(self, rows: list[_Sequence], contrast: list[tuple[int, int]] = ()
+               ) -> tuple[SequenceState, torch.Tensor]:
+        """Prefill the prompts (left-padded) and run each row's latent thought; returns the state and the last
+        hidden state of each row, (B, d). A row with a shorter thought gets padding positions, invisible to all.
+        contrast: (row, reference) pairs of contrastive feedback (latent_rollout); a reference is a row too."""
+        state, hidden = self._prefill([row.segments.prompt_ids for row in rows])
         hidden = latent_rollout(self.model, state, hidden, [row.trace.latent_steps for row in rows], self.latent_map,
-                                [row.ttt.mapping for row in rows], [row.ttt.residual_alpha for row in rows])
+                                [row.ttt for row in rows], contrast)
         return state, hidden
 
     def _reconstruction(self, rows: list[_Sequence], state: SequenceState, scored: list[bool] | None = None
@@ -464,33 +496,46 @@ class Engine:
 
     def _start_decoding(self, rows: list[_Sequence]) -> list[tuple[str, Event]]:
         """Think with the final weights (each row's own adapter or none), score the adapted rows' reconstruction,
-        read the follow-up, then join the decoding batch (the first token comes in this same engine step)."""
+        read the follow-up, then join the decoding batch (the first token comes in this same engine step).
+
+        Rows that answer from the prompt alone (direct; relat with answer_context "question") are prefilled
+        afresh, each with its adapter on or off, and so are the plain rows of guided requests (adapter off);
+        they think only when a reconstruction loss is still to be reported."""
         start = time.perf_counter()
+        needs_score = [row.adapted and row.loss_now is None for row in rows]
+        thinking = [row for row, score in zip(rows, needs_score, strict=True)
+                    if row.answers_after_thought or score]
+        answering: list[_Sequence | _Plain] = []  # the decoding rows, in the order of `parts`
+        parts: list[tuple[SequenceState, torch.Tensor]] = []
+        losses: dict[int, float] = {}  # by id of the row
         with torch.no_grad():
-            with self._bind(rows, [row.adapted for row in rows]):
-                state, hidden = self._think(rows)
-                needs_score = [row.adapted and row.loss_now is None for row in rows]
-                if any(needs_score):
+            if thinking:
+                state, hidden = self._thought(thinking)
+                scored = [row.adapted and row.loss_now is None for row in thinking]
+                if any(scored):
                     length, position = state.length, state.next_position
-                    losses = self._reconstruction(rows, state, needs_score).tolist()
+                    with self._bind(thinking, [row.adapted for row in thinking]):
+                        values = self._reconstruction(thinking, state, scored).tolist()
                     state.truncate(length, position)
-            follow = [row.segments.follow_ids for row in rows]
-            if any(follow):
-                width = max(len(ids) for ids in follow)
-                follow_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, device=self.device)
-                valid = torch.zeros(len(rows), width, dtype=torch.bool, device=self.device)
-                for index, ids in enumerate(follow):
-                    follow_ids[index, :len(ids)] = torch.tensor(ids, dtype=torch.long, device=self.device)
-                    valid[index, :len(ids)] = True
-                with self._bind(rows, [row.answers_with_adapter for row in rows]):
-                    read = extend(self.model, state, input_ids=follow_ids, valid=valid)
-                last = torch.tensor([max(len(ids) - 1, 0) for ids in follow], device=self.device)
-                has_follow = torch.tensor([bool(ids) for ids in follow], device=self.device)
-                hidden = torch.where(has_follow[:, None], read[torch.arange(len(rows)), last], hidden)
+                    losses = {id(row): value for row, value, use in zip(thinking, values, scored, strict=True) if use}
+                keep = [i for i, row in enumerate(thinking) if row.answers_after_thought]
+                if len(keep) < len(thinking) and keep:
+                    state.select(torch.tensor(keep, device=self.device))
+                    hidden = hidden[keep]
+                if keep:
+                    after = [thinking[i] for i in keep]
+                    parts.append((state, self._read_follow_up(after, state, hidden)))
+                    answering += after
+            plain: list[_Sequence | _Plain] = [row for row in rows if not row.answers_after_thought]
+            plain += [_Plain(row) for row in rows if row.ttt.guided]
+            if plain:
+                with self._bind(plain, [row.answers_with_adapter for row in plain]):
+                    parts.append(self._prefill([_owner(row).segments.prompt_ids for row in plain]))
+                answering += plain
         now = time.perf_counter()
-        for index, row in enumerate(rows):
-            if needs_score[index]:
-                row.trace.recon_loss_after = losses[index]
+        for row in rows:
+            if id(row) in losses:
+                row.trace.recon_loss_after = losses[id(row)]
             elif row.adapted:
                 row.trace.recon_loss_after = row.loss_now
             row.trace.timings["train_s"] = start - row.start
@@ -502,25 +547,57 @@ class Engine:
                 row.generator.seed()
             row.detokenizer = IncrementalDetokenizer(self.tokenizer, row.sampling.stop)
             row.decode_start, row.phase = now, "decode"
-        joining = _Decoding(rows, state, hidden)
-        if self._decoding is None:
-            self._decoding = joining
-        else:
-            batch = self._decoding
-            self._decoding = _Decoding(batch.rows + rows, SequenceState.concatenate(self.model, [batch.state, state]),
-                                       torch.cat([batch.hidden, hidden]))
+        if self._decoding is not None:
+            parts.insert(0, (self._decoding.state, self._decoding.hidden))
+            answering = self._decoding.rows + answering
+        state = parts[0][0] if len(parts) == 1 else SequenceState.concatenate(self.model, [p[0] for p in parts])
+        self._decoding = _Decoding(answering, state, torch.cat([p[1] for p in parts]))
         return []
 
+    def _thought(self, rows: list[_Sequence]) -> tuple[SequenceState, torch.Tensor]:
+        """The final latent thought of each row, with its adapter where it was adapted. A row with contrastive
+        feedback brings its base model along as a reference row of the same forwards (adapter off, fed the same
+        latents), dropped afterwards."""
+        contrasted = [i for i, row in enumerate(rows) if row.adapted and row.ttt.contrastive_eta > 0]
+        batch = rows + [rows[i] for i in contrasted]
+        with self._bind(batch, [row.adapted for row in rows] + [False] * len(contrasted)):
+            state, hidden = self._think(batch, [(i, len(rows) + k) for k, i in enumerate(contrasted)])
+        if contrasted:
+            state.select(torch.arange(len(rows), device=self.device))
+            hidden = hidden[:len(rows)]
+        return state, hidden
+
+    def _read_follow_up(self, rows: list[_Sequence], state: SequenceState, hidden: torch.Tensor) -> torch.Tensor:
+        """Feed each row's follow-up segment after its thought (adapter as while answering); returns the hidden
+        state that gives each row's first answer token, (B, d)."""
+        follow = [row.segments.follow_ids for row in rows]
+        if not any(follow):
+            return hidden
+        width = max(len(ids) for ids in follow)
+        follow_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, device=self.device)
+        valid = torch.zeros(len(rows), width, dtype=torch.bool, device=self.device)
+        for index, ids in enumerate(follow):
+            follow_ids[index, :len(ids)] = torch.tensor(ids, dtype=torch.long, device=self.device)
+            valid[index, :len(ids)] = True
+        with self._bind(rows, [row.answers_with_adapter for row in rows]):
+            read = extend(self.model, state, input_ids=follow_ids, valid=valid)
+        last = torch.tensor([max(len(ids) - 1, 0) for ids in follow], device=self.device)
+        has_follow = torch.tensor([bool(ids) for ids in follow], device=self.device)
+        return torch.where(has_follow[:, None], read[torch.arange(len(rows)), last], hidden)
+
     def _decode_step(self) -> list[tuple[str, Event]]:
-        """One token for every decoding row: sample from its hidden state, emit its text, and feed the tokens of
-        the rows that go on through the model as one batch."""
+        """One token for every decoding request: choose it from its (guided) logits, emit its text, and feed the
+        tokens of the rows that go on (a guided request's plain row gets its owner's token) as one batch."""
         batch = self._decoding
         with torch.no_grad():
-            logits = self.lm_head(batch.hidden)  # (B, V): logits only where a token is chosen
+            logits = self._guided_logits(batch.rows, self.lm_head(batch.hidden).float())  # (B, V)
             greedy = logits.argmax(-1).tolist()
         events: list[tuple[str, Event]] = []
-        going_on, next_tokens, ended = [], [], []
+        chosen: dict[int, int] = {}  # by id of the request going on: its token
+        ended = []
         for index, row in enumerate(batch.rows):
+            if isinstance(row, _Plain):
+                continue
             try:
                 token = greedy[index] if row.sampling.greedy else sample(logits[index], row.sampling, row.generator)
                 finished = self._accept(row, token, events)
@@ -530,18 +607,30 @@ class Engine:
             if finished:
                 ended.append(row)
             else:
-                going_on.append(row)
-                next_tokens.append(token)
+                chosen[id(row)] = token
         self._leave_decoding(ended)
-        if going_on:
+        if chosen:
             batch = self._decoding
-            tokens = torch.tensor(next_tokens, device=self.device)[:, None]
+            tokens = torch.tensor([chosen[id(_owner(row))] for row in batch.rows], device=self.device)[:, None]
             if batch.stale:
                 batch.binding = self._binding(batch.rows, [row.answers_with_adapter for row in batch.rows])
                 batch.stale = False
             with torch.no_grad(), self.bank.bound(batch.binding):
                 batch.hidden = extend(self.model, batch.state, input_ids=tokens)[:, -1]
         return events
+
+    @staticmethod
+    def _guided_logits(rows: list[_Sequence | _Plain], logits: torch.Tensor) -> torch.Tensor:
+        """Each guided request's logits become l_plain + w (l_own - l_plain) (latent reasoning read as guidance,
+        arXiv 2511.16886; notes section 10), with l_plain from its plain row; other rows are left as they are."""
+        plain = [i for i, row in enumerate(rows) if isinstance(row, _Plain)]
+        if not plain:
+            return logits
+        index_of = {id(row): i for i, row in enumerate(rows)}
+        own = [index_of[id(rows[i].owner)] for i in plain]
+        weight = torch.tensor([rows[i].owner.ttt.guidance for i in plain], device=logits.device)[:, None]
+        logits[own] = logits[plain] + weight * (logits[own] - logits[plain])
+        return logits
 
     def _accept(self, row: _Sequence, token: int, events: list[tuple[str, Event]]) -> bool:
         """Take a row's next token; returns True when the row has finished (its events appended)."""
@@ -580,7 +669,7 @@ class Engine:
         batch = self._decoding
         if batch is None or not rows:
             return
-        keep = [i for i, row in enumerate(batch.rows) if row not in rows]
+        keep = [i for i, row in enumerate(batch.rows) if _owner(row) not in rows]
         if not keep:
             self._decoding = None
             return

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
+from .params import TTTParams
+
 
 @dataclass
 class SequenceState:
@@ -102,42 +104,83 @@ def extend(model: PreTrainedModel, state: SequenceState, *, input_ids: torch.Ten
 
 
 class LatentMap:
-    """Maps a last-layer hidden state to an input embedding; the realignment matrix is solved once per model."""
+    """Maps a last-layer hidden state to the next input embedding (one row, (d,) -> (d,)).
+
+    - "norm": the hidden state rescaled to the mean input-embedding norm;
+    - "realign": LatentMAS's least-squares map W_a (W_out W_a ≈ W_in, solved once per model here), then "norm";
+    - "soft": a soft token, the input embeddings' expectation under the LM head's distribution at a temperature,
+      optionally over the top-k tokens only (ReLAT summaries, ../shared/notes/relat-notes.md section 7): it stays
+      on the span of real token embeddings, which a small model reads better than a realigned hidden state, and
+      it is differentiable, so the reconstruction gradient still flows through it;
+    - "none": the hidden state as it is.
+    """
 
     def __init__(self, model: PreTrainedModel):
-        w_in = model.get_input_embeddings().weight.detach().float()  # (V, d)
+        self.embeddings = model.get_input_embeddings().weight  # (V, d), shared: no copy
+        self.lm_head = model.get_output_embeddings()
+        w_in = self.embeddings.detach().float()
         self.target_norm = w_in.norm(dim=1).mean()
-        w_out = model.get_output_embeddings().weight.detach().float()  # (V, d)
+        w_out = self.lm_head.weight.detach().float()  # (V, d)
         gram = w_out.T @ w_out + 1e-5 * torch.eye(w_out.shape[1], device=w_out.device)
         self.realign = torch.linalg.solve(gram, w_out.T @ w_in)  # (d, d): least squares W_out W_a ≈ W_in
 
-    def __call__(self, hidden: torch.Tensor, mapping: str) -> torch.Tensor:
+    def __call__(self, hidden: torch.Tensor, mapping: str, soft_temperature: float = 1.0,
+                 soft_top_k: int = 0) -> torch.Tensor:
         if mapping == "none":
             return hidden
+        if mapping == "soft":
+            return self.soft(hidden, soft_temperature, soft_top_k)
         if mapping == "realign":
             hidden = hidden @ self.realign.to(hidden.dtype)
         norm = hidden.norm(dim=-1, keepdim=True).clamp(min=1e-6)
         return hidden * (self.target_norm.to(hidden.dtype) / norm)
 
+    def soft(self, hidden: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+        logits = self.lm_head(hidden).float() / temperature  # (V,)
+        if 0 < top_k < logits.shape[-1]:
+            logits, tokens = torch.topk(logits, top_k)  # (k,): the rest of the vocabulary gets no mass
+            table = self.embeddings[tokens]
+        else:
+            table = self.embeddings
+        return (torch.softmax(logits, dim=-1) @ table.float()).to(hidden.dtype)
+
 
 def latent_rollout(model: PreTrainedModel, state: SequenceState, last_hidden: torch.Tensor, steps: Sequence[int],
-                   latent_map: LatentMap, mappings: Sequence[str], residual_alphas: Sequence[float]) -> torch.Tensor:
+                   latent_map: LatentMap, params: Sequence[TTTParams],
+                   contrast: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
     """Run each row's latent thought from `last_hidden` (B, d); returns each row's last latent hidden state.
 
     Rows may differ in length, mapping and mixing: a row past its own length gets padding positions (invisible,
     no position consumed) and keeps its hidden state, so a batch computes what each row would alone.
+
+    contrast: (row, reference) pairs, contrastive latent feedback (Wang et al., arXiv 2506.08552; notes section 9):
+    the row's next input f(h_row) moves by eta = params[row].contrastive_eta along f(h_row) - f(h_reference), and
+    the reference row (the same prompt through another model: the base model, adapter off) is fed the same
+    input, so that each step compares the two models on one input.
     """
     batch = last_hidden.shape[0]
+    reference_of = dict(contrast)
+    references = set(reference_of.values())
     previous: list[torch.Tensor | None] = [None] * batch
     for t in range(max(steps, default=0)):
         active = torch.tensor([t < length for length in steps], device=last_hidden.device)
-        embeds = []
+        embeds: list[torch.Tensor | None] = [None] * batch
         for row in range(batch):  # (d,) operations: cheap next to the forward pass
-            embed = latent_map(last_hidden[row], mappings[row])
-            if residual_alphas[row] and previous[row] is not None:
-                embed = residual_alphas[row] * previous[row] + (1 - residual_alphas[row]) * embed
+            if row in references:
+                continue  # set with the row it is the reference of
+            ttt = params[row]
+            embed = latent_map(last_hidden[row], ttt.mapping, ttt.soft_temperature, ttt.soft_top_k)
+            reference = reference_of.get(row)
+            if reference is not None:
+                base = latent_map(last_hidden[reference], ttt.mapping, ttt.soft_temperature, ttt.soft_top_k)
+                embed = embed + ttt.contrastive_eta * (embed - base)
+            alpha = ttt.residual_alpha
+            if alpha and previous[row] is not None:
+                embed = alpha * previous[row] + (1 - alpha) * embed
             previous[row] = embed
-            embeds.append(embed)
+            embeds[row] = embed
+            if reference is not None:
+                embeds[reference] = embed
         latest = extend(model, state, inputs_embeds=torch.stack(embeds)[:, None], valid=active[:, None])[:, -1]
         last_hidden = torch.where(active[:, None], latest, last_hidden)
     return last_hidden

@@ -13,12 +13,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Method = Literal["direct", "latent", "relat"]
-Mapping = Literal["norm", "realign", "none"]
+Mapping = Literal["norm", "realign", "none", "soft"]
 FollowUp = Literal["bridge", "restate"]
+AnswerContext = Literal["thought", "question"]
 
 METHODS: tuple[str, ...] = ("direct", "latent", "relat")
-MAPPINGS: tuple[str, ...] = ("norm", "realign", "none")
+MAPPINGS: tuple[str, ...] = ("norm", "realign", "none", "soft")
 FOLLOW_UPS: tuple[str, ...] = ("bridge", "restate")
+ANSWER_CONTEXTS: tuple[str, ...] = ("thought", "question")
+MAX_GUIDANCE = 10.0  # past this the extrapolated logits are noise; a bound keeps a typo from being a silent garble
 # Linear layers of a Llama/Qwen decoder block that can carry the adapter.
 ATTENTION_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
@@ -58,8 +61,21 @@ class TTTParams:
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     mapping: Mapping = "norm"
+    # mapping "soft": the next latent input is E^T softmax(lm_head(h) / soft_temperature), over the top
+    # soft_top_k tokens only when it is set (0: the whole vocabulary); differentiable, and on the embeddings' span.
+    soft_temperature: float = 1.0
+    soft_top_k: int = 0
     residual_alpha: float = 0.0  # e_t = a*e_{t-1} + (1-a)*f(h_t); 0 is the plain LatentMAS feedback
     follow_up: FollowUp = "restate"  # what separates the latent thought from the answer
+    # relat: what the answer is decoded after. "thought": prompt, latent thought, follow-up; "question": the prompt
+    # alone, with the adapter on (the thought only trains it). direct and latent ignore it, as they ignore steps.
+    answer_context: AnswerContext = "thought"
+    # latent, relat: answer logits l_plain + w (l_own - l_plain), l_plain from the base model on the plain prompt,
+    # decoded in lockstep as an extra row. 1 is the request's own path (no extra row), 0 is direct.
+    guidance: float = 1.0
+    # relat: during the final thought each latent input moves by eta (f_adapted - f_base), the adapted and base
+    # models' next latents from the same input (the base model as an extra row of the same forward); 0 is off.
+    contrastive_eta: float = 0.0
     reconstruction_instruction: str = RECONSTRUCTION_INSTRUCTION
 
     def __post_init__(self) -> None:
@@ -83,6 +99,16 @@ class TTTParams:
         _require(_is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
                  f"weight_decay must be non-negative, got {self.weight_decay!r}")
         _require(self.mapping in MAPPINGS, "mapping", f"mapping must be one of {', '.join(MAPPINGS)}")
+        _require(_is_number(self.soft_temperature) and 0 < self.soft_temperature <= 10, "soft_temperature",
+                 f"soft_temperature must be in (0, 10], got {self.soft_temperature!r}")
+        _require(_is_int(self.soft_top_k) and self.soft_top_k >= 0, "soft_top_k",
+                 f"soft_top_k must be a non-negative integer (0: the whole vocabulary), got {self.soft_top_k!r}")
+        _require(self.answer_context in ANSWER_CONTEXTS, "answer_context",
+                 f"answer_context must be one of {', '.join(ANSWER_CONTEXTS)}, got {self.answer_context!r}")
+        _require(_is_number(self.guidance) and 0 <= self.guidance <= MAX_GUIDANCE, "guidance",
+                 f"guidance must be in [0, {MAX_GUIDANCE:g}], got {self.guidance!r}")
+        _require(_is_number(self.contrastive_eta) and 0 <= self.contrastive_eta <= MAX_GUIDANCE, "contrastive_eta",
+                 f"contrastive_eta must be in [0, {MAX_GUIDANCE:g}], got {self.contrastive_eta!r}")
         _require(_is_number(self.residual_alpha) and 0 <= self.residual_alpha < 1, "residual_alpha",
                  f"residual_alpha must be in [0, 1), got {self.residual_alpha!r}")
         _require(self.follow_up in FOLLOW_UPS, "follow_up", f"follow_up must be one of {', '.join(FOLLOW_UPS)}")
@@ -99,6 +125,11 @@ class TTTParams:
     @property
     def trains(self) -> bool:
         return self.method == "relat" and self.steps > 0
+
+    @property
+    def guided(self) -> bool:
+        """Whether the answer is decoded with a plain (direct) row beside it."""
+        return self.method != "direct" and self.guidance != 1.0
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import httpx
 import uvicorn
 from tqdm import tqdm
 
-from relat_core.params import ALL_TARGETS, METHODS
+from relat_core.params import ALL_TARGETS, ANSWER_CONTEXTS, FOLLOW_UPS, MAPPINGS, METHODS
 
 from .settings import add_settings_arguments
 
@@ -31,7 +31,14 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, help="LoRA rank")
     parser.add_argument("--targets", help=f"comma-separated adapter targets among {','.join(ALL_TARGETS)}")
     parser.add_argument("--stop-loss", type=float, help="stop training once the reconstruction loss is this low")
-    parser.add_argument("--follow-up", choices=("bridge", "restate"), help="what separates thought and answer")
+    parser.add_argument("--follow-up", choices=FOLLOW_UPS, help="what separates thought and answer")
+    parser.add_argument("--mapping", choices=MAPPINGS, help="hidden-to-embedding map of the latent steps")
+    parser.add_argument("--soft-temperature", type=float, help="temperature of soft latent tokens (mapping soft)")
+    parser.add_argument("--soft-top-k", type=int, help="soft latent tokens over the top-k tokens only, 0 = all")
+    parser.add_argument("--answer-context", choices=ANSWER_CONTEXTS,
+                        help="relat: answer after the thought, or from the question alone with the adapter on")
+    parser.add_argument("--guidance", type=float, help="w of l_plain + w (l_thought - l_plain); 1 = off, 0 = direct")
+    parser.add_argument("--contrastive-eta", type=float, help="relat: contrastive feedback of the final thought")
     parser.add_argument("--adapter-during-answer", action=argparse.BooleanOptionalAction, default=None,
                         help="keep the adapter on while decoding the answer")
     parser.add_argument("--max-tokens", type=int, default=256)
@@ -44,7 +51,8 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
 
 def ttt_overrides(args: argparse.Namespace) -> dict:
     """The request's `relat` options that the user set on the command line."""
-    names = ("method", "steps", "latent_steps", "lr", "rank", "stop_loss", "follow_up", "adapter_during_answer")
+    names = ("method", "steps", "latent_steps", "lr", "rank", "stop_loss", "follow_up", "adapter_during_answer",
+             "mapping", "soft_temperature", "soft_top_k", "answer_context", "guidance", "contrastive_eta")
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.targets:
         overrides["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
@@ -59,7 +67,8 @@ def _messages(args: argparse.Namespace) -> list[dict]:
 def print_trace(trace: dict, usage: dict, stream=None) -> None:
     """A compact, human-readable trace: losses per step and time per phase (on stderr unless told)."""
     lines = [f"method={trace['method']} latent_steps={trace['latent_steps']} "
-             f"adapter_during_answer={trace['adapter_during_answer']}"]
+             f"adapter_during_answer={trace['adapter_during_answer']} answer_context={trace['answer_context']} "
+             f"guidance={trace['guidance']:g} contrastive_eta={trace['contrastive_eta']:g}"]
     for step in trace.get("steps", []):
         norm = "-" if step["grad_norm"] is None else f"{step['grad_norm']:.3f}"
         lines.append(f"  step {step['step']}: loss {step['loss']:.4f}  grad_norm {norm}  {step['seconds']:.2f}s")

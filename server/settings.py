@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from relat_core.params import ALL_TARGETS, FollowUp, Mapping, Method, TTTParams
+from relat_core.params import ALL_TARGETS, AnswerContext, FollowUp, Mapping, Method, TTTParams
 
 SAMPLING_FIELDS: tuple[str, ...] = ("temperature", "top_p", "top_k")
 
@@ -45,9 +45,17 @@ class TTTOptions(BaseModel):
     stop_loss: float | None = Field(None, description="stop training once the reconstruction loss is this low")
     max_grad_norm: float | None = Field(None, description="gradient clipping norm")
     weight_decay: float | None = Field(None, description="AdamW weight decay")
-    mapping: Mapping | None = Field(None, description="hidden-to-embedding map: norm, realign or none")
+    mapping: Mapping | None = Field(None, description="hidden-to-embedding map: norm, realign, soft or none")
+    soft_temperature: float | None = Field(None, description="temperature of soft latent tokens, (0, 10]")
+    soft_top_k: int | None = Field(None, description="soft latent tokens over the top-k tokens only, 0 = all")
     residual_alpha: float | None = Field(None, description="residual mixing of latent embeddings, in [0, 1)")
     follow_up: FollowUp | None = Field(None, description="what separates thought and answer: bridge or restate")
+    answer_context: AnswerContext | None = Field(
+        None, description="relat: answer after the thought, or from the question alone with the adapter on")
+    guidance: float | None = Field(
+        None, description="answer logits l_plain + w (l_thought - l_plain), w in [0, 10]; 1 = off, 0 = direct")
+    contrastive_eta: float | None = Field(
+        None, description="relat: contrastive feedback of the final thought, adapted vs base model; 0 = off")
     reconstruction_instruction: str | None = Field(None, description="the instruction of the reconstruction turn")
 
     def ttt_fields(self) -> dict[str, Any]:

@@ -133,10 +133,10 @@ def test_a_request_that_fails_fails_alone(engine, monkeypatch):
             raise RuntimeError("sampling broke")
         return real_sample(logits, params, generator)
 
-    def failing_think(rows):
+    def failing_think(rows, *contrast):
         if any(row.request_id == "long-relat-adapter-on" and row.phase == "train" for row in rows):
             raise RuntimeError("training broke")
-        return real_think(rows)
+        return real_think(rows, *contrast)
 
     monkeypatch.setattr(engine_module, "sample", failing_sample)
     monkeypatch.setattr(engine, "_think", failing_think)

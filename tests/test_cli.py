@@ -14,11 +14,13 @@ def test_ask_streams_answer_and_prints_trace(tokenizer, tmp_path, capsys):
     tiny.model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     code = main(["ask", "What is two plus two?", "--model", str(tmp_path), "--steps", "2", "--latent-steps", "3",
-                 "--max-tokens", "4"])
+                 "--max-tokens", "4", "--mapping", "soft", "--soft-top-k", "20", "--guidance", "0.5",
+                 "--contrastive-eta", "0.25", "--answer-context", "thought"])
     out, err = capsys.readouterr()
     assert code == 0
     assert out.strip(), "the answer is printed"
     assert "step 1: loss" in err and "step 2: loss" in err and "reconstruction loss" in err
+    assert "answer_context=thought guidance=0.5 contrastive_eta=0.25" in err
 
     code = main(["ask", "What is two plus two?", "--model", str(tmp_path), "--method", "direct", "--json",
                  "--max-tokens", "3"])

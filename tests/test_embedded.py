@@ -37,7 +37,7 @@ def _first_latent_gradient(engine, sequence) -> float:
         hidden = extend(engine.model, state, input_ids=torch.tensor([segments.prompt_ids]))[:, -1]
         first = engine.latent_map(hidden, ttt.mapping).detach().requires_grad_()
         hidden = extend(engine.model, state, inputs_embeds=first[:, None])[:, -1]
-        latent_rollout(engine.model, state, hidden, [ttt.latent_steps - 1], engine.latent_map, [ttt.mapping], [0.0])
+        latent_rollout(engine.model, state, hidden, [ttt.latent_steps - 1], engine.latent_map, [ttt])
         engine._reconstruction([sequence], state).sum().backward()
     engine.bank.zero_grad()
     return float(first.grad.norm())

@@ -39,8 +39,8 @@ def test_gradient_reaches_every_latent_step_and_every_adapted_layer(engine, monk
     embeds: list[torch.Tensor] = []
     latent_map = engine.latent_map
 
-    def recording_map(hidden, mapping):
-        embed = latent_map(hidden, mapping)
+    def recording_map(hidden, mapping, *soft):
+        embed = latent_map(hidden, mapping, *soft)
         if embed.requires_grad:
             embed.retain_grad()
             embeds.append(embed)
@@ -188,6 +188,10 @@ def test_stop_string_ends_generation(engine):
     (dict(targets=()), "targets"), (dict(mapping="pca"), "mapping"), (dict(stop_loss=-1.0), "stop_loss"),
     (dict(method="relat", latent_steps=0), "latent_steps"), (dict(steps=True), "steps"),
     (dict(targets=None), "targets"), (dict(reconstruction_instruction=None), "reconstruction_instruction"),
+    (dict(soft_temperature=0.0), "soft_temperature"), (dict(soft_top_k=-1), "soft_top_k"),
+    (dict(answer_context="answer"), "answer_context"), (dict(guidance=-0.5), "guidance"),
+    (dict(guidance=11.0), "guidance"), (dict(guidance=float("nan")), "guidance"),
+    (dict(contrastive_eta=-1.0), "contrastive_eta"), (dict(contrastive_eta=True), "contrastive_eta"),
 ])
 def test_bad_parameters_are_refused_by_name(changes, param):
     with pytest.raises(InvalidParameter) as error:

@@ -120,6 +120,22 @@ def test_multi_turn_and_content_parts(server):
     assert as_parts["usage"]["prompt_tokens"] > post(server, chat(server)).json()["usage"]["prompt_tokens"]
 
 
+def test_answer_quality_options_reach_the_engine_from_both_endpoints(server):
+    """The options of issue 9 go through the chat `relat` object and the native endpoint's top level alike, and the
+    trace reports them as they ran; both endpoints give the same answer."""
+    options = {"steps": 2, "latent_steps": 2, "mapping": "soft", "soft_top_k": 16, "guidance": 0.5,
+               "contrastive_eta": 0.25, "answer_context": "thought"}
+    chat_result = post(server, chat(server, max_completion_tokens=5, relat=options)).json()
+    native = post(server, {"question": QUESTION[0]["content"], "max_tokens": 5, "temperature": 0, **options},
+                  "/v1/relat").json()
+    for trace in (chat_result["relat"], native["trace"]):
+        assert (trace["guidance"], trace["contrastive_eta"], trace["answer_context"]) == (0.5, 0.25, "thought")
+    assert chat_result["choices"][0]["message"]["content"] == native["answer"]
+    question = post(server, chat(server, max_completion_tokens=5, relat={"steps": 1, "answer_context": "question"}))
+    assert question.json()["relat"]["answer_context"] == "question"
+    assert question.json()["relat"]["adapter_during_answer"] is True
+
+
 # -- the native endpoint --------------------------------------------------------------------------------------
 
 def test_native_endpoint_streams_typed_events_and_agrees_with_its_result(server):

@@ -67,6 +67,8 @@ def test_minimal_chat_request_and_openai_shapes():
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"relat": {"method": "magic"}}, "relat.method"),
+    ({"relat": {"answer_context": "both"}}, "relat.answer_context"),
+    ({"relat": {"mapping": "hard"}}, "relat.mapping"),
     ({"relat": {"timeout": -1}}, "relat.timeout"),
     ({"stream_options": "yes"}, "stream_options"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
@@ -133,7 +135,10 @@ def test_precedence_request_then_server_then_openai():
 
 
 @pytest.mark.parametrize("relat, param", [({"steps": 1000}, "relat.steps"), ({"rank": 0}, "relat.rank"),
-                                          ({"targets": ["nope"]}, "relat.targets"), ({"lr": 0}, "relat.lr")])
+                                          ({"targets": ["nope"]}, "relat.targets"), ({"lr": 0}, "relat.lr"),
+                                          ({"guidance": 12}, "relat.guidance"),
+                                          ({"contrastive_eta": -0.1}, "relat.contrastive_eta"),
+                                          ({"soft_temperature": 0}, "relat.soft_temperature")])
 def test_engine_parameter_errors_name_the_field_as_sent(relat, param):
     with pytest.raises(InvalidParameter) as caught:
         to_engine(chat(relat=relat))
