@@ -1,4 +1,4 @@
-"""Scoring of the quality benchmark (bench/scoring.py) and its variant parsing; no model is loaded."""
+"""Scoring of the quality benchmark (bench/scoring.py); no model is loaded. bench/quality.py: test_bench_quality.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
 
 
 def _bench_module(name: str):
@@ -21,7 +22,6 @@ def _bench_module(name: str):
 
 
 scoring = _bench_module("scoring")
-quality = _bench_module("quality")
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -94,29 +94,16 @@ def test_detect_kind_and_is_correct():
         scoring.detect_kind({"question": "Q?"})
 
 
-def test_parse_variant_types():
-    variant = quality.parse_variant(
-        "v:method=relat,latent_steps=16,lr=5e-3,adapter_during_answer=true,targets=q_proj+v_proj,stop_loss=none")
-    assert variant.name == "v"
-    assert variant.overrides == {"method": "relat", "latent_steps": 16, "lr": 0.005, "adapter_during_answer": True,
-                                 "targets": ("q_proj", "v_proj"), "stop_loss": None}
-    assert quality.parse_variant("relat").overrides == {}
-    assert quality.parse_variant("s:stop_loss=1").overrides == {"stop_loss": 1.0}
-    for bad in ("v:no_such=1", "v:latent_steps=x", "v:adapter_during_answer=maybe", "v:steps", ":steps=1"):
-        with pytest.raises(ValueError):
-            quality.parse_variant(bad)
-
-
-def test_sign_test():
-    assert quality.sign_test(0, 0) == 1.0
-    assert quality.sign_test(4, 2) == pytest.approx(0.6875)
-    assert quality.sign_test(8, 0) == pytest.approx(2 / 256)
-
-
-def test_knowledge_extra_is_well_formed():
-    items = [json.loads(line) for line in (BENCH / "data" / "knowledge_extra.jsonl").read_text().splitlines()]
-    assert len(items) >= 40
+@pytest.mark.parametrize("name, fields, least", [("knowledge_extra.jsonl", {"question", "answers"}, 40),
+                                                  ("knowledge_kinds.jsonl", {"question", "answers", "kind"}, 150)])
+def test_bench_knowledge_sets_are_well_formed(name, fields, least):
+    items = [json.loads(line) for line in (BENCH / "data" / name).read_text().splitlines()]
+    assert len(items) >= least
     assert len({item["question"] for item in items}) == len(items)
     for item in items:
-        assert set(item) == {"question", "answers"} and item["answers"]
+        assert set(item) == fields and item["answers"]
         assert not scoring.knowledge_correct(item["question"], item["answers"]), item  # echoing never scores
+    shared = REPO.parent / "shared" / "data" / "knowledge_dev.jsonl"
+    if shared.exists():  # no question of the project's own sets repeats one of the shared set
+        dev = {json.loads(line)["question"].casefold() for line in shared.read_text().splitlines() if line.strip()}
+        assert not dev & {item["question"].casefold() for item in items}
