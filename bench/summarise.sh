@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-Q="$PY bench/quality.py --summary-only"
+Q="$PY bench/quality.py --summary-only --latent latent4"
 R=bench/results
 DIRECT=direct:method=direct
 LATENT=latent4:method=latent
