@@ -176,16 +176,19 @@ class _Decoding:
 
 
 def default_ttt_params(num_parameters: int) -> TTTParams:
-    """The engine's default for a model of this size (bench/RESULTS.md, "the search for the default").
+    """The engine's default for a model of this size (bench/RESULTS.md, sections 3 and 7).
 
-    Below 1B parameters: measured on SmolLM2-135M, where long latent thoughts and long training hurt answers.
+    Below 1B parameters: measured on SmolLM2-135M. L=4, N=2 and lr 5e-3 come from the first search; the second
+    (issue 9), chosen on the search half of 319 knowledge questions and reported on the other half, answers from
+    the question alone with the adapted model (answer_context "question"): this model reads its own latent thought
+    badly (latent trails direct), and the thought then serves only to train the adapter.
     From 1B on, unmeasured here (no GPU, no large weights): the paper's published L=16 and N=5 (rank 8 is common
-    to both); of the choices the paper leaves open, the adapter stays off while answering (an adapter trained to
-    rebuild the question pulls answers toward repeating it, whatever the size), and the bridge replaces the
-    restatement, which made up for a small model that reads its own latents badly.
+    to both); of the choices the paper leaves open, the answer follows the thought, the adapter stays off while
+    answering (an adapter trained to rebuild the question pulls answers toward repeating it, whatever the size),
+    and the bridge replaces the restatement, which made up for a small model that reads its own latents badly.
     """
     if num_parameters < 1_000_000_000:
-        return TTTParams()
+        return TTTParams(answer_context="question")
     return TTTParams(latent_steps=16, steps=5, follow_up="bridge")
 
 
