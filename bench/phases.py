@@ -39,10 +39,12 @@ from relat_core import Engine, Finished, Request, SamplingParams, TrainStep, loa
 QUESTION = "What is the largest planet in the solar system?"
 SETTINGS: dict[str, dict[str, object]] = {
     "defaults": {},
-    "paper": {"latent_steps": 16, "steps": 5, "adapter_during_answer": True, "follow_up": "bridge"},
+    "after thought": {"answer_context": "thought"},  # the small-model default before issue 9
+    "paper": {"latent_steps": 16, "steps": 5, "adapter_during_answer": True, "follow_up": "bridge",
+              "answer_context": "thought"},
 }
-CASES = [("direct", "defaults"), ("latent", "defaults"), ("relat", "defaults"), ("latent", "paper"),
-         ("relat", "paper")]  # `direct` ignores the TTT settings: one row
+CASES = [("direct", "defaults"), ("latent", "defaults"), ("relat", "defaults"), ("relat", "after thought"),
+         ("latent", "paper"), ("relat", "paper")]  # `direct` ignores the TTT settings: one row
 PHASES = ("train_s", "think_s", "first_token_s", "decode_s", "total_s")
 RESULT_PREFIX = "PHASES-RESULT "
 
@@ -98,7 +100,8 @@ def measure_once(engine: Engine, request: Request) -> dict:
     timings = result.trace.timings
     return {"timings": {phase: timings.get(phase, 0.0) for phase in PHASES},
             "tokens": result.usage.completion_tokens, "train_peak": train_peak, "answer_peak": peak_mib(),
-            "resettable": resettable, "steps": len(result.trace.steps), "text": result.text}
+            "resettable": resettable, "steps": len(result.trace.steps), "text": result.text,
+            "adapter_in_answer": result.trace.adapter_during_answer, "answer_after": result.trace.answer_context}
 
 
 def touch_weights(model: torch.nn.Module) -> None:
@@ -125,8 +128,8 @@ def worker(method: str, setting: str, repeats: int, threads: int, max_tokens: in
     train_peaks = [run["train_peak"] for run in runs if run["train_peak"] is not None]
     return {
         "method": method, "setting": setting, "ttt": {k: getattr(ttt, k) for k in ("latent_steps", "steps",
-                                                                                    "adapter_during_answer",
                                                                                     "follow_up")},
+        "adapter_in_answer": timed[0]["adapter_in_answer"], "answer_after": timed[0]["answer_after"],
         "repeats": repeats, "medians": medians, "tokens": statistics.median(run["tokens"] for run in timed),
         "steps": timed[0]["steps"], "rss_loaded": rss_loaded, "rss_end": status_mib("VmRSS"),
         "train_peak": max(train_peaks) if train_peaks else None, "answer_peak": max(r["answer_peak"] for r in runs),
@@ -174,14 +177,16 @@ def markdown(rows: list[dict], info: dict[str, str], args: argparse.Namespace) -
              "warm-up; memory: RSS after the engine is built (weights paged in), and peak RSS (+ over that) per "
              "phase over all requests, each method in a fresh process.", "",
              " · ".join(f"{key}: {value}" for key, value in info.items()), "",
-             "| method | setting (L, N, adapter in answer, follow-up) | train s | think s | first token s | decode s "
-             "| tokens | ms/token | total s | RSS after load MiB | peak train MiB | peak answer MiB | RSS at end MiB |",
+             "| method | setting (L, N, adapter in answer, answer after) | train s | think s | first token s "
+             "| decode s | tokens | ms/token | total s | RSS after load MiB | peak train MiB | peak answer MiB "
+             "| RSS at end MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         m, ttt = row["medians"], row["ttt"]
         setting = "–" if row["method"] == "direct" else \
             f"{row['setting']} ({ttt['latent_steps']}, {ttt['steps'] if row['method'] == 'relat' else '–'}, " \
-            f"{'on' if ttt['adapter_during_answer'] and row['method'] == 'relat' else 'off'}, {ttt['follow_up']})"
+            f"{'on' if row['adapter_in_answer'] else 'off'}, " \
+            f"{'question' if row['answer_after'] == 'question' else 'thought, ' + ttt['follow_up']})"
         per_token = 1000 * m["decode_s"] / row["tokens"] if row["tokens"] else 0.0
         lines.append(
             f"| {row['method']} | {setting} | {m['train_s']:.2f} | {m['think_s']:.2f} | {m['first_token_s']:.2f} | "
