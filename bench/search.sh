@@ -9,6 +9,7 @@
 #   bash bench/search.sh leaders-a & bash bench/search.sh leaders-b & wait # stage 2: baselines and leaders to the end
 #   bash bench/search.sh confirm-a; bash bench/search.sh confirm-b & bash bench/search.sh confirm-c & wait
 #                                                                          # the confirm half: baselines, chosen
+#   bash bench/search.sh control-a & bash bench/search.sh control-b & wait # a control, after the choice
 #   bash bench/search.sh summary                                           # tables only, runs no model
 # What was run on 2026-12-01 (bench/RESULTS.md, section 7): stage 1 was stopped after 86-88 (search-a) and 70-71
 # (search-b) of the 160 search questions, for time; the baselines and the variants still in the running went on
@@ -52,6 +53,8 @@ LEADERS_B=("$ON_5E3" "$QUESTION" "$GUIDE" "$QUESTION_5E3")
 C_LATENT=latent:method=latent,latent_steps=4,follow_up=restate,guidance=1.0
 C_RELAT=relat:$BASE,lr=5e-3,adapter_during_answer=false,answer_context=thought
 CHOSEN=$QUESTION_5E3
+# A control, after the choice, on the search half: the chosen setting with a one-step thought.
+CONTROL=question-l1-lr5e-3:method=relat,latent_steps=1,steps=2,follow_up=restate,mapping=norm,lr=5e-3,answer_context=question
 
 variants() { for v in "$@"; do printf -- '--variant\n%s\n' "$v"; done; }
 
@@ -63,12 +66,17 @@ case "${1:-summary}" in
   confirm-a) mapfile -t V < <(variants "$DIRECT" "$C_LATENT"); "${RUN[@]}" --half confirm "${V[@]}" --out "$OUT-confirm-a.jsonl" ;;
   confirm-b) "${RUN[@]}" --half confirm --variant "$C_RELAT" --out "$OUT-confirm-b.jsonl" ;;
   confirm-c) "${RUN[@]}" --half confirm --variant "$CHOSEN" --out "$OUT-confirm-c.jsonl" ;;
+  control-a) "$PY" bench/quality.py --data bench/data/knowledge_kinds.jsonl --max-tokens 48 --batch 8 --threads 1 \
+      --half search --variant "$CONTROL" --out "$OUT-control-kinds.jsonl" ;;
+  control-b) "$PY" bench/quality.py "${DATA[@]:0:4}" --max-tokens 48 --batch 8 --threads 1 \
+      --half search --variant "$CONTROL" --out "$OUT-control-dev.jsonl" ;;
   summary)
-    mapfile -t V < <(variants "${STAGE1_A[@]}" "$GUIDE03" "${STAGE1_B[@]}" "$QUESTION_5E3")
+    mapfile -t V < <(variants "${STAGE1_A[@]}" "$GUIDE03" "${STAGE1_B[@]}" "$QUESTION_5E3" "$CONTROL")
     "$PY" bench/quality.py "${DATA[@]}" --max-tokens 48 --summary-only --half search "${V[@]}" --out "$OUT-a.jsonl" \
-      --also "$OUT-b.jsonl" > "$OUT-search.txt"
+      --also "$OUT-b.jsonl" --also "$OUT-control-kinds.jsonl" --also "$OUT-control-dev.jsonl" > "$OUT-search.txt"
     mapfile -t V < <(variants "$DIRECT" "$C_LATENT" "$C_RELAT" "$CHOSEN")
     "$PY" bench/quality.py "${DATA[@]}" --max-tokens 48 --summary-only --half confirm "${V[@]}" \
       --out "$OUT-confirm-a.jsonl" --also "$OUT-confirm-b.jsonl" --also "$OUT-confirm-c.jsonl" > "$OUT-confirm.txt" ;;
-  *) echo "usage: $0 search-a|search-b|leaders-a|leaders-b|confirm-a|confirm-b|confirm-c|summary" >&2; exit 2 ;;
+  *) echo "usage: $0 search-a|search-b|leaders-a|leaders-b|confirm-a|confirm-b|confirm-c|control-a|control-b|summary" >&2
+     exit 2 ;;
 esac
