@@ -4,8 +4,10 @@ relat, per request (arXiv 2606.06252):
   1. a fresh LoRA slot (B = 0, so step 0 is the base model);
   2. N times: prefill the question, run L latent steps, rebuild the question from the latent thought alone
      (masked cross-entropy), backpropagate through the whole rollout into the slot, one clipped AdamW step;
-  3. with the adapted weights, prefill and think again, then decode the answer after the follow-up segment,
-     with the adapter on or off;
+  3. with the adapted weights, prefill and think again (contrastive feedback against the base model optional),
+     then decode the answer after the follow-up segment, with the adapter on or off; or (answer_context
+     "question") decode it from the prompt alone through the adapter. Guided decoding mixes each token's logits
+     with those of a plain row, the base model on the prompt, decoded in lockstep;
   4. the slot is released; the base weights are never touched (they have no gradient and no optimiser).
 Requests run together as the rows of one batch (continuous batching, as vLLM does for decoding): the requests
 still training share one forward and backward pass per step, each row through its own adapter slot, and the
