@@ -139,6 +139,11 @@ class _Sequence:
     decode_start: float = 0.0
 
     @property
+    def needs_score(self) -> bool:
+        """The reconstruction loss after training is still to be measured (it was not, at an early stop)."""
+        return self.adapted and self.loss_now is None
+
+    @property
     def answers_after_thought(self) -> bool:
         """The answer follows the latent thought; else it follows the prompt alone (relat, answer_context
         "question", and direct, whose thought is empty)."""
@@ -507,16 +512,14 @@ class Engine:
         afresh, each with its adapter on or off, and so are the plain rows of guided requests (adapter off);
         they think only when a reconstruction loss is still to be reported."""
         start = time.perf_counter()
-        needs_score = [row.adapted and row.loss_now is None for row in rows]
-        thinking = [row for row, score in zip(rows, needs_score, strict=True)
-                    if row.answers_after_thought or score]
+        thinking = [row for row in rows if row.answers_after_thought or row.needs_score]
         answering: list[_Sequence | _Plain] = []  # the decoding rows, in the order of `parts`
         parts: list[tuple[SequenceState, torch.Tensor]] = []
         losses: dict[int, float] = {}  # by id of the row
         with torch.no_grad():
             if thinking:
                 state, hidden = self._thought(thinking)
-                scored = [row.adapted and row.loss_now is None for row in thinking]
+                scored = [row.needs_score for row in thinking]
                 if any(scored):
                     length, position = state.length, state.next_position
                     with self._bind(thinking, [row.adapted for row in thinking]):

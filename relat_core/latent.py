@@ -142,7 +142,9 @@ class LatentMap:
             table = self.embeddings[tokens]
         else:
             table = self.embeddings
-        return (torch.softmax(logits, dim=-1) @ table.float()).to(hidden.dtype)
+        # Softmax in fp32, the product in the table's dtype: casting a bf16 table (V x d) to fp32 would copy all of
+        # it every latent step of every row.
+        return (torch.softmax(logits, dim=-1).to(table.dtype) @ table).to(hidden.dtype)
 
 
 def latent_rollout(model: PreTrainedModel, state: SequenceState, last_hidden: torch.Tensor, steps: Sequence[int],
