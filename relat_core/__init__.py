@@ -10,11 +10,13 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Engine": "engine", "EngineBusy": "engine", "Event": "engine", "Finished": "engine", "Request": "engine",
-    "Result": "engine", "TextDelta": "engine", "Trace": "engine", "TrainStep": "engine", "Usage": "engine",
+    "AgentDone": "engine", "Engine": "engine", "EngineBusy": "engine", "Event": "engine", "Finished": "engine",
+    "Request": "engine", "Result": "engine", "TextDelta": "engine", "Trace": "engine", "TrainStep": "engine",
+    "Usage": "engine",
     "default_ttt_params": "engine",
     "EMBEDDED_MODEL": "loading", "LoadedModel": "loading", "ModelLoadError": "loading", "load_model": "loading",
     "prepare": "loading",
+    "AgentPrompts": "agents",
     "InvalidParameter": "params", "SamplingParams": "params", "TTTParams": "params",
 }
 __all__ = sorted(_EXPORTS)

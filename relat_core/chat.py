@@ -72,9 +72,9 @@ class ChatFormat:
         end = text.find(_NEXT, start)
         return text[start:] if end < 0 else text[start:end]
 
-    def segments(self, messages: list[dict[str, str]], reconstruction_instruction: str, follow_up: str,
-                 latent: bool) -> Segments:
-        question = messages[-1]["content"]
+    def prompt(self, messages: list[dict[str, str]], question: str) -> tuple[list[int], int]:
+        """The prompt's tokens (ending with the assistant turn's opening) and the index of the first token of the
+        question's last occurrence in it, where what the reconstruction must not see begins."""
         prompt_text = self._render(messages, generation_prompt=True)
         encoded = self.tokenizer(prompt_text, add_special_tokens=False, return_offsets_mapping=True)
         prompt_ids = encoded["input_ids"]
@@ -82,6 +82,12 @@ class ChatFormat:
         # Everything from the question's first token on is hidden: later prompt tokens have attended to it.
         question_start = next((i for i, (_, end) in enumerate(encoded["offset_mapping"]) if end > question_char),
                               len(prompt_ids)) if question_char >= 0 else 1
+        return prompt_ids, question_start
+
+    def segments(self, messages: list[dict[str, str]], reconstruction_instruction: str, follow_up: str,
+                 latent: bool) -> Segments:
+        question = messages[-1]["content"]
+        prompt_ids, question_start = self.prompt(messages, question)
 
         with_latent = messages + [{"role": "assistant", "content": _LATENT}]
         instruction = self._between(with_latent + [{"role": "user", "content": reconstruction_instruction},

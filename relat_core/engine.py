@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .agents import TEAMS, AgentPrompts, Role, labelled, resolve_answer_format, with_format
 from .chat import ChatFormat, Segments, normalise_messages
 from .decoding import IncrementalDetokenizer, sample
 from .latent import LatentMap, SequenceState, extend, latent_rollout, reconstruction_loss
@@ -63,6 +64,13 @@ class TextDelta:
 
 
 @dataclass
+class AgentDone:
+    """An agent before the last has finished its turn (multi-agent requests); `turn` is its trace entry."""
+
+    turn: dict
+
+
+@dataclass
 class Usage:
     prompt_tokens: int
     completion_tokens: int
@@ -80,6 +88,11 @@ class Trace:
     answer_context: str = "thought"  # what the answer was decoded after: "thought", or "question" (prompt alone)
     guidance: float = 1.0  # w of the answer's logits l_plain + w (l_own - l_plain); 1: no plain row
     contrastive_eta: float = 0.0  # eta of the final thought's contrastive feedback; 0: off
+    agents: str = "single"  # the team (relat_core/agents.py)
+    answer_format: str = "text"  # the format the answer was asked for ("text": none)
+    # Each agent of the final run, in order: role, label, kind ("text", "latent" or "answer"), prompt_tokens,
+    # latent_positions, completion_tokens, seconds, and the text it wrote (TextMAS agents and the answer).
+    agent_turns: list[dict] = field(default_factory=list)
     steps: list[dict] = field(default_factory=list)  # {step, loss, grad_norm, seconds}
     recon_loss_before: float | None = None
     recon_loss_after: float | None = None
@@ -114,13 +127,35 @@ class Failed:
     error: Exception
 
 
-Event = TrainStep | TextDelta | Finished | Failed
+Event = TrainStep | AgentDone | TextDelta | Finished | Failed
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A part of a latent thought: prompt tokens (the question's from `question_start` on), then latent steps."""
+
+    token_ids: list[int]
+    question_start: int
+    latent_steps: int
+
+
+@dataclass
+class _Memory:
+    """A request's latent working memory between its agents' engine steps: its KV cache (one row) and the last
+    hidden state (1, d)."""
+
+    state: SequenceState
+    hidden: torch.Tensor
 
 
 @dataclass(eq=False)
 class _Sequence:
     """One request's life in the engine: training ("train"), the latent thought with the final weights ("think"),
-    then decoding ("decode") as a row of the decoding batch."""
+    then decoding ("decode") as a row of the decoding batch.
+
+    A multi-agent request (`team`) goes through "think" once per agent: latent agents add their turn and latent
+    steps to the request's working memory (`memory`) one engine step each; a TextMAS agent is prefilled afresh
+    and decodes its text as a row of the decoding batch, then the request thinks again for the next agent."""
 
     request_id: str
     segments: Segments
@@ -137,6 +172,50 @@ class _Sequence:
     detokenizer: IncrementalDetokenizer | None = None
     tokens: list[int] = field(default_factory=list)
     decode_start: float = 0.0
+    # -- multi-agent --
+    messages: list[dict[str, str]] = field(default_factory=list)  # the request's, normalised
+    team: tuple[Role, ...] = ()
+    agent: int = 0  # the agent working now
+    agent_pieces: list[Piece] = field(default_factory=list)  # latent agents: each turn before the last
+    answer_prompt: Piece | None = None  # the last agent's turn (TextMAS: the current agent's, rebuilt each turn)
+    piece: int = 0  # the thought's next piece in the think phase
+    memory: _Memory | None = None
+    reference: _Memory | None = None  # the memory's base-model twin (contrastive feedback)
+    context: list[str] = field(default_factory=list)  # TextMAS: the earlier agents' labelled text
+    prompt_tokens: int = 0  # every prompt token the answer's run read, for usage
+    agent_tokens: int = 0  # tokens the agents before the last wrote
+
+    @property
+    def pieces(self) -> list[Piece]:
+        """The latent thought: every agent's turn before the last, or the prompt and its L latent steps."""
+        if self.team:
+            return self.agent_pieces
+        if not self.trace.latent_steps:
+            return []
+        return [Piece(self.segments.prompt_ids, self.segments.question_start, self.trace.latent_steps)]
+
+    @property
+    def follow_ids(self) -> list[int]:
+        """What is read after the thought, before the answer: the last agent's turn, or the follow-up segment."""
+        return self.answer_prompt.token_ids if self.team else self.segments.follow_ids
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The prompt an answer from the prompt alone (and a guided request's plain row) is decoded after."""
+        return self.answer_prompt.token_ids if self.team else self.segments.prompt_ids
+
+    @property
+    def writes_agent_text(self) -> bool:
+        """A TextMAS agent before the last is decoding: its text is for the agents after it, not the client."""
+        return bool(self.team) and self.agent < len(self.team) - 1
+
+    @property
+    def thinks(self) -> bool:
+        """A piece of the thought is still to run before the answer: every agent runs again after training; a
+        single model thinks when the answer follows the thought or its loss is still to be measured."""
+        if self.piece >= len(self.pieces):
+            return False
+        return bool(self.team) or self.answers_after_thought or self.needs_score
 
     @property
     def needs_score(self) -> bool:
@@ -209,7 +288,8 @@ class Engine:
     """
 
     def __init__(self, loaded: LoadedModel, max_rank: int = 64, num_slots: int = 1,
-                 defaults: TTTParams | None = None, decode_share: float = 0.8):
+                 defaults: TTTParams | None = None, decode_share: float = 0.8,
+                 agent_prompts: AgentPrompts | None = None):
         if not 0 <= decode_share < 1:
             raise ValueError("decode_share must be in [0, 1)")
         # While some requests train and others answer: the share of the engine's time that goes to answering
@@ -229,6 +309,7 @@ class Engine:
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         self.defaults = defaults or default_ttt_params(self.num_parameters)
         self.stop_ids = self._stop_token_ids()
+        self.agent_prompts = agent_prompts or AgentPrompts()
         self._sequences: dict[str, _Sequence] = {}  # in arrival order
         self._decoding: _Decoding | None = None
 
@@ -273,15 +354,32 @@ class Engine:
             raise ValueError(f"request {request_id!r} is already in the engine")
         messages = self.check(request)
         ttt, sampling = request.ttt, request.sampling
-        thinks = ttt.method != "direct" and ttt.latent_steps > 0
+        team = TEAMS.get(ttt.agents, ())
+        question = messages[-1]["content"]
+        answer_format = resolve_answer_format(ttt, question)
+        if not team and answer_format != "text":
+            messages[-1] = {"role": "user", "content": with_format(question, answer_format, self.agent_prompts)}
+        # Latent agents always share a working memory (of their turns alone when latent_steps is 0).
+        thinks = ttt.method != "direct" and (ttt.latent_steps > 0 or bool(team))
         segments = self.chat.segments(messages, ttt.reconstruction_instruction, ttt.follow_up, latent=thinks)
         # Each option as it applies to this request (the trace reports what ran, not what was asked).
         from_thought = thinks and not (ttt.method == "relat" and ttt.answer_context == "question")
         trace = Trace(ttt.method, ttt.latent_steps if thinks else 0, adapter_during_answer=False,
                       answer_context="thought" if from_thought else "question",
                       guidance=ttt.guidance if ttt.guided else 1.0,
-                      contrastive_eta=ttt.contrastive_eta if ttt.trains else 0.0)
-        sequence = _Sequence(request_id, segments, ttt, sampling, trace, time.perf_counter())
+                      contrastive_eta=ttt.contrastive_eta if ttt.trains else 0.0,
+                      agents=ttt.agents, answer_format=answer_format)
+        sequence = _Sequence(request_id, segments, ttt, sampling, trace, time.perf_counter(),
+                             messages=messages, team=team)
+        sequence.generator = torch.Generator()  # one per request: its agents and its answer draw from it in turn
+        if sampling.seed is not None:
+            sequence.generator.manual_seed(sampling.seed)
+        else:
+            sequence.generator.seed()
+        if team:
+            if thinks:
+                sequence.agent_pieces = [self._agent_turn(sequence, role, ttt.latent_steps) for role in team[:-1]]
+            sequence.answer_prompt = self._agent_turn(sequence, team[-1] if thinks else team[0], 0)
         if ttt.trains:
             slot = self.bank.acquire()
             if slot is None:
@@ -290,6 +388,17 @@ class Engine:
             self.bank.reset(slot, ttt.rank, ttt.targets, torch.Generator(self.device).manual_seed(seed))
             sequence.slot, sequence.phase = slot, "train"
         self._sequences[request_id] = sequence
+
+    def _agent_turn(self, sequence: _Sequence, role: Role, latent_steps: int) -> Piece:
+        """An agent's prompt: the request's messages with its last user turn replaced by the agent's, holding the
+        earlier agents' text where the agent reads it (TextMAS) and the answer format for the last agent."""
+        messages = sequence.messages
+        question = sequence.segments.question
+        context = "\n\n".join(sequence.context) if role.reads_context else ""
+        answer_format = sequence.trace.answer_format if role == sequence.team[-1] else "text"
+        turn = self.agent_prompts.turn(role, question, context, answer_format)
+        token_ids, question_start = self.chat.prompt(messages[:-1] + [{"role": "user", "content": turn}], question)
+        return Piece(token_ids, question_start, latent_steps)
 
     def abort_request(self, request_id: str) -> None:
         """Drop a request between steps (cancelled, past its deadline); its slot is free for the next one at once.
@@ -395,46 +504,65 @@ class Engine:
 
     def _prefill(self, prompts: list[list[int]]) -> tuple[SequenceState, torch.Tensor]:
         """Prefill prompts as one left-padded batch; returns the state and each row's last hidden state, (B, d)."""
-        batch, width = len(prompts), max(len(ids) for ids in prompts)
-        prompt = torch.full((batch, width), self.tokenizer.pad_token_id, device=self.device)
-        valid = torch.zeros(batch, width, dtype=torch.bool, device=self.device)
-        for index, ids in enumerate(prompts):
-            prompt[index, width - len(ids):] = torch.tensor(ids, device=self.device)
-            valid[index, width - len(ids):] = True
-        state = SequenceState.empty(self.model, batch, self.device)
-        return state, extend(self.model, state, input_ids=prompt, valid=valid)[:, -1]
+        state = SequenceState.empty(self.model, len(prompts), self.device)
+        hidden = self._read_pieces(state, self._no_hidden(len(prompts)),
+                                   [[Piece(ids, len(ids), 0)] for ids in prompts], [TTTParams()] * len(prompts))
+        return state, hidden
 
-    def _think(self, rows: list[_Sequence], contrast: list[tuple[int, int]] = ()
-               ) -> tuple[SequenceState, torch.Tensor]:
-        """Prefill the prompts (left-padded) and run each row's latent thought; returns the state and the last
-        hidden state of each row, (B, d). A row with a shorter thought gets padding positions, invisible to all.
+    def _no_hidden(self, batch: int) -> torch.Tensor:
+        return torch.zeros(batch, self.model.config.hidden_size, dtype=self.model.dtype, device=self.device)
+
+    def _read_pieces(self, state: SequenceState, hidden: torch.Tensor, pieces: list[list[Piece]],
+                     params: list[TTTParams], contrast: list[tuple[int, int]] = ()) -> torch.Tensor:
+        """Append each row's pieces to `state`: its tokens (left-padded to a common width, the question's marked),
+        then its latent steps; returns each row's last hidden state, (B, d). Rows with fewer pieces, shorter
+        prompts or shorter thoughts get padding positions, invisible to all, so each row gets what it would alone.
         contrast: (row, reference) pairs of contrastive feedback (latent_rollout); a reference is a row too."""
-        state, hidden = self._prefill([row.segments.prompt_ids for row in rows])
-        hidden = latent_rollout(self.model, state, hidden, [row.trace.latent_steps for row in rows], self.latent_map,
-                                [row.ttt for row in rows], contrast)
+        for k in range(max((len(row) for row in pieces), default=0)):
+            now = [row[k] if k < len(row) else None for row in pieces]
+            width = max(len(piece.token_ids) if piece else 0 for piece in now)
+            if width:
+                token_ids = torch.full((len(now), width), self.tokenizer.pad_token_id, device=self.device)
+                valid = torch.zeros(len(now), width, dtype=torch.bool, device=self.device)
+                question = torch.zeros_like(valid)
+                for index, piece in enumerate(now):
+                    if piece and piece.token_ids:
+                        first = width - len(piece.token_ids)
+                        token_ids[index, first:] = torch.tensor(piece.token_ids, device=self.device)
+                        valid[index, first:] = True
+                        question[index, first + piece.question_start:] = True
+                read = extend(self.model, state, input_ids=token_ids, valid=valid, question=question)[:, -1]
+                hidden = torch.where(valid[:, -1:], read, hidden)
+            hidden = latent_rollout(self.model, state, hidden, [piece.latent_steps if piece else 0 for piece in now],
+                                    self.latent_map, params, contrast)
+        return hidden
+
+    def _think(self, rows: list[_Sequence]) -> tuple[SequenceState, torch.Tensor]:
+        """Each row's whole latent thought from an empty cache (its prompt and latent steps, or every agent's turn
+        and latent steps, in one pass: training backpropagates through all of it); returns the state and the last
+        hidden state of each row, (B, d)."""
+        state = SequenceState.empty(self.model, len(rows), self.device)
+        hidden = self._read_pieces(state, self._no_hidden(len(rows)), [row.pieces for row in rows],
+                                   [row.ttt for row in rows])
         return state, hidden
 
     def _reconstruction(self, rows: list[_Sequence], state: SequenceState, scored: list[bool] | None = None
                         ) -> torch.Tensor:
-        """Per-row reconstruction loss (B,): the question's tokens after the latent thought, with the question's
-        own prompt positions hidden (prompts are left-padded to a common width in `state`). Rows not `scored`
-        take no part (all padding; their loss is 0)."""
+        """Per-row reconstruction loss (B,): the question's tokens after the latent thought, with every prompt's
+        question hidden (`state.question`). Rows not `scored` take no part (all padding; their loss is 0)."""
         scored = scored or [True] * len(rows)
         segments = [row.segments for row in rows]
         batch = len(segments)
-        width = max(len(s.prompt_ids) for s in segments)
         length = max(len(s.recon_ids) for s, use in zip(segments, scored, strict=True) if use)
         recon_ids = torch.full((batch, length), self.tokenizer.pad_token_id, device=self.device)
         labels = torch.full((batch, length), -100, device=self.device)
         valid = torch.zeros(batch, length, dtype=torch.bool, device=self.device)
-        question_keys = torch.zeros(batch, state.length, dtype=torch.bool, device=self.device)
         for index, (s, use) in enumerate(zip(segments, scored, strict=True)):
             if use:
                 recon_ids[index, :len(s.recon_ids)] = torch.tensor(s.recon_ids, device=self.device)
                 labels[index, :len(s.recon_labels)] = torch.tensor(s.recon_labels, device=self.device)
                 valid[index, :len(s.recon_ids)] = True
-                question_keys[index, width - len(s.prompt_ids) + s.question_start:width] = True
-        return reconstruction_loss(self.model, state, recon_ids, valid, labels, question_keys)
+        return reconstruction_loss(self.model, state, recon_ids, valid, labels)
 
     def _train_step(self, rows: list[_Sequence]) -> list[tuple[str, Event]]:
         """One training step of every row as one batched forward and backward pass; each row's loss reaches only
@@ -505,80 +633,134 @@ class Engine:
         row.phase = "think"
 
     def _start_decoding(self, rows: list[_Sequence]) -> list[tuple[str, Event]]:
-        """Think with the final weights (each row's own adapter or none), score the adapted rows' reconstruction,
-        read the follow-up, then join the decoding batch (the first token comes in this same engine step).
+        """The think phase: run each row's next piece of thought with the final weights (its own adapter or none).
+        A row whose thought goes on (an agent before the last; latent, relat) keeps its working memory for the
+        next engine step. A row whose thought is complete has its reconstruction scored (adapted rows), reads the
+        follow-up (or its last agent's turn) and joins the decoding batch (the first token comes in this same
+        engine step).
 
-        Rows that answer from the prompt alone (direct; relat with answer_context "question") are prefilled
-        afresh, each with its adapter on or off, and so are the plain rows of guided requests (adapter off);
-        they think only when a reconstruction loss is still to be reported."""
+        Rows that answer from the prompt alone (direct and TextMAS agents; relat with answer_context "question")
+        are prefilled afresh, each with its adapter on or off, and so are the plain rows of guided requests
+        (adapter off). Nothing about a row changes until the whole phase has succeeded."""
         start = time.perf_counter()
-        thinking = [row for row in rows if row.answers_after_thought or row.needs_score]
+        thinking = [row for row in rows if row.thinks]
+        prompt_alone = [row for row in rows if not row.thinks]
+        waiting: list[tuple[_Sequence, _Memory, _Memory | None]] = []  # rows whose next agent runs next step
         answering: list[_Sequence | _Plain] = []  # the decoding rows, in the order of `parts`
         parts: list[tuple[SequenceState, torch.Tensor]] = []
         losses: dict[int, float] = {}  # by id of the row
         with torch.no_grad():
             if thinking:
-                state, hidden = self._thought(thinking)
-                scored = [row.needs_score for row in thinking]
-                if any(scored):
-                    length, position = state.length, state.next_position
-                    with self._bind(thinking, [row.adapted for row in thinking]):
-                        values = self._reconstruction(thinking, state, scored).tolist()
-                    state.truncate(length, position)
-                    losses = {id(row): value for row, value, use in zip(thinking, values, scored, strict=True) if use}
-                keep = [i for i, row in enumerate(thinking) if row.answers_after_thought]
-                if len(keep) < len(thinking) and keep:
-                    state.select(torch.tensor(keep, device=self.device))
-                    hidden = hidden[keep]
-                if keep:
-                    after = [thinking[i] for i in keep]
-                    parts.append((state, self._read_follow_up(after, state, hidden)))
-                    answering += after
-            plain: list[_Sequence | _Plain] = [row for row in rows if not row.answers_after_thought]
-            plain += [_Plain(row) for row in rows if row.ttt.guided]
+                state, hidden, references = self._thought(thinking)
+                goes_on = [row.piece + 1 < len(row.pieces) for row in thinking]
+                if any(goes_on):
+                    memories = [_Memory(part, hidden[i:i + 1]) for i, part in enumerate(state.split(self.model))]
+                    twins = {i: _Memory(part, references[1][k:k + 1])
+                             for k, (i, part) in enumerate(zip(references[2], references[0].split(self.model),
+                                                                strict=True))} if references else {}
+                    waiting = [(row, memories[i], twins.get(i)) for i, row in enumerate(thinking) if goes_on[i]]
+                    done = [i for i, on in enumerate(goes_on) if not on]
+                    state = SequenceState.concatenate(self.model, [memories[i].state for i in done]) if done else None
+                    hidden = hidden[done]
+                    thinking = [thinking[i] for i in done]
+                if thinking:
+                    scored = [row.needs_score for row in thinking]
+                    if any(scored):
+                        length, position = state.length, state.next_position
+                        with self._bind(thinking, [row.adapted for row in thinking]):
+                            values = self._reconstruction(thinking, state, scored).tolist()
+                        state.truncate(length, position)
+                        losses = {id(row): value for row, value, use in zip(thinking, values, scored, strict=True)
+                                  if use}
+                    keep = [i for i, row in enumerate(thinking) if row.answers_after_thought]
+                    if len(keep) < len(thinking) and keep:
+                        state.select(torch.tensor(keep, device=self.device))
+                        hidden = hidden[keep]
+                    if keep:
+                        after = [thinking[i] for i in keep]
+                        parts.append((state, self._read_follow_up(after, state, hidden)))
+                        answering += after
+                    prompt_alone += [row for row in thinking if not row.answers_after_thought]
+            starting = prompt_alone + [row for row in thinking if row.answers_after_thought]
+            plain: list[_Sequence | _Plain] = list(prompt_alone)
+            plain += [_Plain(row) for row in starting if row.ttt.guided]
             if plain:
                 with self._bind(plain, [row.answers_with_adapter for row in plain]):
-                    parts.append(self._prefill([_owner(row).segments.prompt_ids for row in plain]))
+                    parts.append(self._prefill([_owner(row).prompt_ids for row in plain]))
                 answering += plain
+        # The phase has succeeded: from here on, the rows change.
         now = time.perf_counter()
+        events: list[tuple[str, Event]] = []
         for row in rows:
+            row.trace.timings.setdefault("train_s", start - row.start)
+            row.trace.timings["think_s"] = row.trace.timings.get("think_s", 0.0) + now - start
+        for row, memory, reference in waiting:
+            row.memory, row.reference = memory, reference
+            events.append(self._agent_done(row, self._latent_turn(row, now - start)))
+        for row in {id(row): row for row in answering if isinstance(row, _Sequence)}.values():
             if id(row) in losses:
                 row.trace.recon_loss_after = losses[id(row)]
             elif row.adapted:
                 row.trace.recon_loss_after = row.loss_now
-            row.trace.timings["train_s"] = start - row.start
-            row.trace.timings["think_s"] = now - start
-            row.generator = torch.Generator()
-            if row.sampling.seed is not None:
-                row.generator.manual_seed(row.sampling.seed)
-            else:
-                row.generator.seed()
-            row.detokenizer = IncrementalDetokenizer(self.tokenizer, row.sampling.stop)
+            if row.team and row.pieces and row.piece < len(row.pieces):  # the last latent agent's turn
+                events.append(self._agent_done(row, self._latent_turn(row, now - start)))
+            row.memory = row.reference = None
+            row.prompt_tokens += len(row.follow_ids if row.answers_after_thought and row.team else row.prompt_ids)
+            row.detokenizer = IncrementalDetokenizer(self.tokenizer, () if row.writes_agent_text
+                                                     else row.sampling.stop)
             row.decode_start, row.phase = now, "decode"
-        if self._decoding is not None:
-            parts.insert(0, (self._decoding.state, self._decoding.hidden))
-            answering = self._decoding.rows + answering
-        state = parts[0][0] if len(parts) == 1 else SequenceState.concatenate(self.model, [p[0] for p in parts])
-        self._decoding = _Decoding(answering, state, torch.cat([p[1] for p in parts]))
-        return []
+        if answering:
+            if self._decoding is not None:
+                parts.insert(0, (self._decoding.state, self._decoding.hidden))
+                answering = self._decoding.rows + answering
+            state = parts[0][0] if len(parts) == 1 else SequenceState.concatenate(self.model, [p[0] for p in parts])
+            self._decoding = _Decoding(answering, state, torch.cat([p[1] for p in parts]))
+        return events
 
-    def _thought(self, rows: list[_Sequence]) -> tuple[SequenceState, torch.Tensor]:
-        """The final latent thought of each row, with its adapter where it was adapted. A row with contrastive
-        feedback brings its base model along as a reference row of the same forwards (adapter off, fed the same
-        latents), dropped afterwards."""
+    def _latent_turn(self, row: _Sequence, seconds: float) -> dict:
+        """Record the latent agent that just ran (its piece) and move to the next."""
+        piece = row.pieces[row.piece]
+        row.prompt_tokens += len(piece.token_ids)
+        role = row.team[row.piece]
+        row.piece += 1
+        row.agent = row.piece
+        return {"role": role.name, "label": role.label, "kind": "latent", "prompt_tokens": len(piece.token_ids),
+                "latent_positions": piece.latent_steps, "completion_tokens": 0, "seconds": seconds}
+
+    @staticmethod
+    def _agent_done(row: _Sequence, turn: dict) -> tuple[str, AgentDone]:
+        row.trace.agent_turns.append(turn)
+        return row.request_id, AgentDone(turn)
+
+    def _thought(self, rows: list[_Sequence]
+                 ) -> tuple[SequenceState, torch.Tensor, tuple[SequenceState, torch.Tensor, list[int]] | None]:
+        """Each row's next piece of thought on its working memory (a single model's whole thought on an empty
+        one), with its adapter where it was adapted. A row with contrastive feedback brings its base model along as
+        a reference row of the same forwards (adapter off, fed the same latents, with a memory of its own).
+        Returns the rows' state and last hidden states, and the references' (state, hidden, their rows) if any."""
         contrasted = [i for i, row in enumerate(rows) if row.adapted and row.ttt.contrastive_eta > 0]
-        batch = rows + [rows[i] for i in contrasted]
-        with self._bind(batch, [row.adapted for row in rows] + [False] * len(contrasted)):
-            state, hidden = self._think(batch, [(i, len(rows) + k) for k, i in enumerate(contrasted)])
-        if contrasted:
-            state.select(torch.arange(len(rows), device=self.device))
-            hidden = hidden[:len(rows)]
-        return state, hidden
+        members = rows + [rows[i] for i in contrasted]
+        memories = [row.memory for row in rows] + [rows[i].reference for i in contrasted]
+        state = SequenceState.concatenate(self.model, [
+            memory.state if memory else SequenceState.empty(self.model, 1, self.device) for memory in memories])
+        hidden = torch.cat([memory.hidden if memory else self._no_hidden(1) for memory in memories])
+        pieces = [[row.pieces[row.piece]] for row in members]
+        with self._bind(members, [row.adapted for row in rows] + [False] * len(contrasted)):
+            hidden = self._read_pieces(state, hidden, pieces, [row.ttt for row in members],
+                                       [(i, len(rows) + k) for k, i in enumerate(contrasted)])
+        if not contrasted:
+            return state, hidden, None
+        own = torch.arange(len(rows), device=self.device)
+        twins = torch.arange(len(rows), len(members), device=self.device)
+        references = SequenceState.concatenate(self.model, [state])  # a copy: select below works in place
+        references.select(twins)
+        state.select(own)
+        return state, hidden[own], (references, hidden[twins], contrasted)
 
     def _read_follow_up(self, rows: list[_Sequence], state: SequenceState, hidden: torch.Tensor) -> torch.Tensor:
         """Feed each row's follow-up segment after its thought (adapter as while answering); returns the hidden
         state that gives each row's first answer token, (B, d)."""
-        follow = [row.segments.follow_ids for row in rows]
+        follow = [row.follow_ids for row in rows]
         if not any(follow):
             return hidden
         width = max(len(ids) for ids in follow)
@@ -641,36 +823,63 @@ class Engine:
         return logits
 
     def _accept(self, row: _Sequence, token: int, events: list[tuple[str, Event]]) -> bool:
-        """Take a row's next token; returns True when the row has finished (its events appended)."""
+        """Take a row's next token; returns True when the row leaves the decoding batch: it has finished (its events
+        appended), or it was a TextMAS agent whose turn has ended (the request thinks again for the next agent)."""
+        agent_text = row.writes_agent_text
+        limit = row.ttt.agent_max_tokens if agent_text else row.sampling.max_tokens
         finish_reason = None
-        if token in self.stop_ids and not row.sampling.ignore_eos:
+        if token in self.stop_ids and (agent_text or not row.sampling.ignore_eos):
             finish_reason = "stop"
         else:
             row.tokens.append(token)
-            if len(row.tokens) == 1:
+            if len(row.tokens) == 1 and not agent_text:
                 row.trace.timings["first_token_s"] = time.perf_counter() - row.start
             delta = row.detokenizer.push(token)
-            if delta:
+            if delta and not agent_text:
                 events.append((row.request_id, TextDelta(delta)))
             if row.detokenizer.stopped:
                 finish_reason = "stop"
-            elif len(row.tokens) >= row.sampling.max_tokens:
+            elif len(row.tokens) >= limit:
                 finish_reason = "length"
         if finish_reason is None:
             return False
         tail = row.detokenizer.finish()
+        now = time.perf_counter()
+        if agent_text:
+            events.append(self._end_agent_text(row, now))
+            return True
         if tail:
             events.append((row.request_id, TextDelta(tail)))
-        now = time.perf_counter()
         row.trace.timings["decode_s"] = now - row.decode_start
         row.trace.timings["total_s"] = now - row.start
-        usage = Usage(len(row.segments.prompt_ids), len(row.tokens))
+        if row.team:
+            role = row.team[-1]
+            row.trace.agent_turns.append({
+                "role": role.name, "label": role.label, "kind": "answer", "prompt_tokens": len(row.prompt_ids),
+                "latent_positions": 0, "completion_tokens": len(row.tokens), "seconds": now - row.decode_start})
+        prompt_tokens = row.prompt_tokens or len(row.segments.prompt_ids)
+        usage = Usage(prompt_tokens, row.agent_tokens + len(row.tokens))
         result = Result(row.detokenizer.text, finish_reason, usage, row.trace, row.tokens)
         events.append((row.request_id, Finished(result)))
         self._sequences.pop(row.request_id, None)
         if row.slot is not None:
             self.bank.release(row.slot)
         return True
+
+    def _end_agent_text(self, row: _Sequence, now: float) -> tuple[str, AgentDone]:
+        """A TextMAS agent's turn has ended: its text joins the context of the agents after it, and the request
+        goes back to the think phase for the next agent's fresh prompt."""
+        role, text = row.team[row.agent], row.detokenizer.text
+        turn = {"role": role.name, "label": role.label, "kind": "text", "prompt_tokens": len(row.prompt_ids),
+                "latent_positions": 0, "completion_tokens": len(row.tokens), "seconds": now - row.decode_start,
+                "text": text}
+        row.context.append(labelled(role, text))
+        row.agent_tokens += len(row.tokens)
+        row.tokens = []
+        row.agent += 1
+        row.answer_prompt = self._agent_turn(row, row.team[row.agent], 0)
+        row.phase = "think"
+        return self._agent_done(row, turn)
 
     def _leave_decoding(self, rows: list[_Sequence]) -> None:
         """Drop rows from the decoding batch (finished, aborted or failed)."""

@@ -28,59 +28,105 @@ class SequenceState:
     cache: DynamicCache
     visible: torch.Tensor  # (B, K) bool: cached keys a later query may attend to (False for padding)
     next_position: torch.Tensor  # (B,) long
+    # (B, K) bool: the positions that hold or follow the question in a prompt, hidden from the reconstruction
+    question: torch.Tensor
 
     @classmethod
     def empty(cls, model: PreTrainedModel, batch_size: int, device: torch.device) -> SequenceState:
-        return cls(DynamicCache(config=model.config), torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
-                   torch.zeros(batch_size, dtype=torch.long, device=device))
+        none = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+        return cls(DynamicCache(config=model.config), none, torch.zeros(batch_size, dtype=torch.long, device=device),
+                   none)
 
     @property
     def length(self) -> int:
         return self.visible.shape[1]
 
+    @property
+    def batch_size(self) -> int:
+        return self.visible.shape[0]
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (a decoding batch whose requests left), and drop the leading positions that
         no remaining row can see, so that a batch does not keep paying for the padding of requests long gone."""
-        self.cache.batch_select_indices(rows)
+        if self.length:
+            self.cache.batch_select_indices(rows)
         self.visible = self.visible[rows]
+        self.question = self.question[rows]
         self.next_position = self.next_position[rows]
         seen = self.visible.any(0)
         first = int(seen.int().argmax()) if bool(seen.any()) else self.length
         if first:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
-            self.visible = self.visible[:, first:]
+            self.visible, self.question = self.visible[:, first:], self.question[:, first:]
+
+    def split(self, model: PreTrainedModel) -> list[SequenceState]:
+        """One state per row (copies), each without the padding only the other rows needed: how a request's
+        working memory leaves a batch to wait for its next agent."""
+        parts = []
+        for row in range(self.batch_size):
+            index = torch.tensor([row], device=self.visible.device)
+            seen = self.visible[row]
+            first = int(seen.int().argmax()) if bool(seen.any()) else self.length
+            layers = [(layer.keys[index, ..., first:, :], layer.values[index, ..., first:, :])
+                      for layer in self.cache.layers] if self.length else None
+            parts.append(SequenceState(_cache(model, layers), self.visible[index, first:],
+                                       self.next_position[index], self.question[index, first:]))
+        return parts
 
     @classmethod
     def concatenate(cls, model: PreTrainedModel, states: Sequence[SequenceState]) -> SequenceState:
         """The rows of several states as one batch, each left-padded to the longest with invisible positions:
         how a request joins a decoding batch that is already running (positions are explicit, so padding is
-        harmless)."""
+        harmless). States may be empty (a request whose thought has not started)."""
         length = max(state.length for state in states)
-        cache = DynamicCache(config=model.config)
-        for index, layer in enumerate(cache.layers):
-            parts = [state.cache.layers[index] for state in states]
-            keys = torch.cat([F.pad(p.keys, (0, 0, length - p.keys.shape[-2], 0)) for p in parts])
-            values = torch.cat([F.pad(p.values, (0, 0, length - p.values.shape[-2], 0)) for p in parts])
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
-        visible = torch.cat([F.pad(state.visible, (length - state.length, 0), value=False) for state in states])
-        return cls(cache, visible, torch.cat([state.next_position for state in states]))
+        filled = [state for state in states if state.length]
+        layers = None
+        if filled:
+            layers = []
+            for index, template in enumerate(filled[0].cache.layers):
+                keys, values = [], []
+                for state in states:
+                    if state.length:
+                        part_keys, part_values = state.cache.layers[index].keys, state.cache.layers[index].values
+                    else:  # no tensors yet: an empty row shaped like the others
+                        shape = (state.batch_size, *template.keys.shape[1:-2], 0, template.keys.shape[-1])
+                        part_keys = part_values = template.keys.new_zeros(shape)
+                    keys.append(F.pad(part_keys, (0, 0, length - part_keys.shape[-2], 0)))
+                    values.append(F.pad(part_values, (0, 0, length - part_values.shape[-2], 0)))
+                layers.append((torch.cat(keys), torch.cat(values)))
+
+        def padded(masks: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat([F.pad(mask, (length - mask.shape[1], 0), value=False) for mask in masks])
+
+        return cls(_cache(model, layers), padded([s.visible for s in states]),
+                   torch.cat([state.next_position for state in states]), padded([s.question for s in states]))
 
     def truncate(self, length: int, next_position: torch.Tensor) -> None:
         """Drop cached positions past `length` (the reconstruction pass is scored, then forgotten)."""
         self.cache.crop(length - self.length)  # transformers 5 takes the (negative) number of positions to drop
-        self.visible = self.visible[:, :length]
+        self.visible, self.question = self.visible[:, :length], self.question[:, :length]
         self.next_position = next_position
+
+
+def _cache(model: PreTrainedModel, layers: list[tuple[torch.Tensor, torch.Tensor]] | None) -> DynamicCache:
+    """A cache holding these (keys, values) per layer; empty for None."""
+    cache = DynamicCache(config=model.config)
+    if layers is not None:
+        for layer, (keys, values) in zip(cache.layers, layers, strict=True):
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+    return cache
 
 
 def extend(model: PreTrainedModel, state: SequenceState, *, input_ids: torch.Tensor | None = None,
            inputs_embeds: torch.Tensor | None = None, valid: torch.Tensor | None = None,
-           hidden_keys: torch.Tensor | None = None) -> torch.Tensor:
+           hidden_keys: torch.Tensor | None = None, question: torch.Tensor | None = None) -> torch.Tensor:
     """Append T positions to every row and return their final-norm hidden states, (B, T, d).
 
     valid: (B, T) bool, False for padding (not attended to, no position consumed).
     hidden_keys: (B, K) bool, cached keys these new queries must not attend to (they stay visible afterwards).
+    question: (B, T) bool, the new positions that hold or follow the question (hidden from a reconstruction).
     """
     new = input_ids if input_ids is not None else inputs_embeds
     batch, steps = new.shape[0], new.shape[1]
@@ -99,6 +145,8 @@ def extend(model: PreTrainedModel, state: SequenceState, *, input_ids: torch.Ten
     output = model.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask[:, None],
                               position_ids=positions, past_key_values=state.cache, use_cache=True)
     state.visible = torch.cat([state.visible, valid], dim=1)
+    state.question = torch.cat([state.question, valid & question if question is not None else
+                                torch.zeros_like(valid)], dim=1)
     state.next_position = state.next_position + valid.sum(1)
     return output.last_hidden_state
 
@@ -189,14 +237,14 @@ def latent_rollout(model: PreTrainedModel, state: SequenceState, last_hidden: to
 
 
 def reconstruction_loss(model: PreTrainedModel, state: SequenceState, recon_ids: torch.Tensor,
-                        recon_valid: torch.Tensor, labels: torch.Tensor, question_keys: torch.Tensor) -> torch.Tensor:
+                        recon_valid: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy per row of rebuilding the question after the latent thought, (B,).
 
     recon_ids: (B, T) instruction + question tokens, right-padded; labels: (B, T) the next token where it is a
-    question token, else -100. question_keys: (B, K) the prompt positions that hold (or follow) the question:
-    hidden from this pass, else the model copies them and no gradient reaches the latents.
+    question token, else -100. The positions of `state.question` (every prompt's question and what follows it)
+    are hidden from this pass, else the model copies them and no gradient reaches the latents.
     """
-    hidden = extend(model, state, input_ids=recon_ids, valid=recon_valid, hidden_keys=question_keys)
+    hidden = extend(model, state, input_ids=recon_ids, valid=recon_valid, hidden_keys=state.question)
     scored = labels != -100  # logits only where a loss needs them
     logits = model.get_output_embeddings()(hidden[scored]).float()
     token_loss = F.cross_entropy(logits, labels[scored], reduction="none")

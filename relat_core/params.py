@@ -17,11 +17,16 @@ Method = Literal["direct", "latent", "relat"]
 Mapping = Literal["norm", "realign", "none", "soft"]
 FollowUp = Literal["bridge", "restate"]
 AnswerContext = Literal["thought", "question"]
+Agents = Literal["single", "sequential", "hierarchical"]
+AnswerFormat = Literal["auto", "text", "boxed", "choice", "code"]
 
 METHODS: tuple[str, ...] = ("direct", "latent", "relat")
 MAPPINGS: tuple[str, ...] = ("norm", "realign", "none", "soft")
 FOLLOW_UPS: tuple[str, ...] = ("bridge", "restate")
 ANSWER_CONTEXTS: tuple[str, ...] = ("thought", "question")
+AGENTS: tuple[str, ...] = ("single", "sequential", "hierarchical")
+ANSWER_FORMATS: tuple[str, ...] = ("auto", "text", "boxed", "choice", "code")
+MAX_AGENT_TOKENS = 4096
 MAX_GUIDANCE = 10.0  # past this the extrapolated logits are noise; a bound keeps a typo from being a silent garble
 # Linear layers of a Llama/Qwen decoder block that can carry the adapter.
 ATTENTION_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -78,6 +83,16 @@ class TTTParams:
     # models' next latents from the same input (the base model as an extra row of the same forward); 0 is off.
     contrastive_eta: float = 0.0
     reconstruction_instruction: str = RECONSTRUCTION_INSTRUCTION
+    # Multi-agent collaboration (relat_core/agents.py), independent of the method: "single" is one model answering;
+    # "sequential" runs planner, critic, refiner, then a judger that answers; "hierarchical" runs maths, science
+    # and code agents, then a summariser. direct: agents write text (TextMAS), each up to agent_max_tokens;
+    # latent: they share one KV cache, each adding latent_steps latent positions (LatentMAS); relat: the adapter
+    # is trained to rebuild the question from that whole working memory, then the agents run again with it.
+    agents: Agents = "single"
+    agent_max_tokens: int = 128
+    # The answer's format, as an instruction to the final agent (or, set explicitly, to a single model): "boxed"
+    # (\boxed{}), "choice" (a letter), "code" (a fenced python block), "text" (none); "auto" picks by the question.
+    answer_format: AnswerFormat = "auto"
 
     def __post_init__(self) -> None:
         _require(self.method in METHODS, "method",
@@ -116,6 +131,12 @@ class TTTParams:
         _require(isinstance(self.reconstruction_instruction, str) and bool(self.reconstruction_instruction.strip()),
                  "reconstruction_instruction",
                  "reconstruction_instruction must not be empty")
+        _require(self.agents in AGENTS, "agents", f"agents must be one of {', '.join(AGENTS)}, got {self.agents!r}")
+        _require(_is_int(self.agent_max_tokens) and 1 <= self.agent_max_tokens <= MAX_AGENT_TOKENS,
+                 "agent_max_tokens",
+                 f"agent_max_tokens must be an integer in [1, {MAX_AGENT_TOKENS}], got {self.agent_max_tokens!r}")
+        _require(self.answer_format in ANSWER_FORMATS, "answer_format",
+                 f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {self.answer_format!r}")
         if self.method == "relat":
             _require(self.latent_steps >= 1, "latent_steps", "relat needs at least one latent step")
         object.__setattr__(self, "targets", tuple(dict.fromkeys(self.targets)))  # hashable, without repeats

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from relat_core import Engine, Request, SamplingParams, TTTParams
-from relat_core.engine import Failed, Finished, TextDelta, TrainStep
+from relat_core.engine import AgentDone, Failed, Finished, TextDelta, TrainStep
 
 from .conftest import base_checksum, build_tiny
 
@@ -36,14 +36,16 @@ MIXED = {
 @dataclass
 class Outcome:
     steps: list[TrainStep] = field(default_factory=list)
+    agents: list[AgentDone] = field(default_factory=list)
     text: str = ""
     finished: Finished | None = None
     failed: Failed | None = None
 
 
 def drive(engine: Engine, requests: dict[str, Request], joining: dict[int, dict[str, Request]] | None = None,
-          aborting: dict[int, list[str]] | None = None) -> dict[str, Outcome]:
-    """Step the engine until it is empty; `joining`/`aborting` add or abort requests before the given step."""
+          aborting: dict[int, list[str]] | None = None, finished: list[str] | None = None) -> dict[str, Outcome]:
+    """Step the engine until it is empty; `joining`/`aborting` add or abort requests before the given step;
+    `finished` gets the ids in the order they finish."""
     joining, aborting = joining or {}, aborting or {}
     outcomes = {request_id: Outcome() for request_id in requests}
     for request_id, request in requests.items():
@@ -59,10 +61,14 @@ def drive(engine: Engine, requests: dict[str, Request], joining: dict[int, dict[
             outcome = outcomes[request_id]
             if isinstance(event, TrainStep):
                 outcome.steps.append(event)
+            elif isinstance(event, AgentDone):
+                outcome.agents.append(event)
             elif isinstance(event, TextDelta):
                 outcome.text += event.text
             elif isinstance(event, Finished):
                 outcome.finished = event
+                if finished is not None:
+                    finished.append(request_id)
             else:
                 outcome.failed = event
         step += 1

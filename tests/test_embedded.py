@@ -34,7 +34,8 @@ def _first_latent_gradient(engine, sequence) -> float:
     segments, ttt = sequence.segments, sequence.ttt
     with engine._bind([sequence], [True]):
         state = SequenceState.empty(engine.model, 1, engine.device)
-        hidden = extend(engine.model, state, input_ids=torch.tensor([segments.prompt_ids]))[:, -1]
+        question = torch.arange(len(segments.prompt_ids))[None] >= segments.question_start  # hidden from the pass
+        hidden = extend(engine.model, state, input_ids=torch.tensor([segments.prompt_ids]), question=question)[:, -1]
         first = engine.latent_map(hidden, ttt.mapping).detach().requires_grad_()
         hidden = extend(engine.model, state, inputs_embeds=first[:, None])[:, -1]
         latent_rollout(engine.model, state, hidden, [ttt.latent_steps - 1], engine.latent_map, [ttt])
