@@ -368,6 +368,7 @@ def summary_rows(records: list[dict], names: list[str], direct: str, latent: str
             "steps": _mean([r["steps_run"] for r in values]),
             "length": sum(r["finish_reason"] == "length" for r in values),
             "seconds": _mean([r["seconds"] for r in values]),
+            "tokens": _mean([r["completion_tokens"] for r in values]),  # generated, agents' text included
             # Records before --batch ran one request at a time.
             "batches": sorted({r.get("batch", 1) for r in values}),
         }
@@ -389,8 +390,8 @@ def markdown_table(rows: list[dict], direct: str, latent: str) -> str:
         return "(no results)\n"
     lines = [f"| variant | overrides | correct | vs {direct}: wins / losses (sign test p) "
              f"| vs {latent}: wins / losses (sign test p) | replies ≠ {direct} | recon before → after | TTT steps "
-             "| hit max tokens | s/request |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| hit max tokens | tokens generated/request | s/request |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         accuracy = f"{row['correct']}/{row['n']} ({100 * row['correct'] / row['n']:.0f}%)" if row["n"] else "0/0"
         recon = "–" if row["recon_before"] is None else \
@@ -401,7 +402,8 @@ def markdown_table(rows: list[dict], direct: str, latent: str) -> str:
         batches = "" if row["batches"] in ([], [1]) else f" (batch {'/'.join(map(str, row['batches']))})"
         lines.append(f"| {row['variant']} | `{row['spec'] or 'defaults'}` | {accuracy} | "
                      f"{_paired_cell(vs_direct)} | {_paired_cell(row['vs_latent'])} | {differ} | {recon} | "
-                     f"{_fmt(row['steps'], 1)} | {row['length']} | {_fmt(row['seconds'], 1)}{batches} |")
+                     f"{_fmt(row['steps'], 1)} | {row['length']} | {_fmt(row['tokens'], 0)} | "
+                     f"{_fmt(row['seconds'], 1)}{batches} |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,10 @@ relat, per request (arXiv 2606.06252):
      "question") decode it from the prompt alone through the adapter. Guided decoding mixes each token's logits
      with those of a plain row, the base model on the prompt, decoded in lockstep;
   4. the slot is released; the base weights are never touched (they have no gradient and no optimiser).
+Multi-agent requests (relat_core/agents.py) run their agents as the same phases: a latent agent's turn and latent
+steps are one think step on the request's working memory, kept between engine steps; a TextMAS agent is a
+decoding row whose text feeds the next agent's prompt; relat trains through every agent's turn at once (the
+gradient must cross them all), then runs the agents again with the adapter, one per engine step.
 Requests run together as the rows of one batch (continuous batching, as vLLM does for decoding): the requests
 still training share one forward and backward pass per step, each row through its own adapter slot, and the
 requests answering share one forward pass per token. `add_request` / `step` / `abort_request` drive it;
@@ -413,7 +417,8 @@ class Engine:
 
     def step(self) -> list[tuple[str, Event]]:
         """One unit of work: a training step of every request still training, unless the answering requests still
-        have time owed from the last one (`decode_share`); then one token of every answering request. Returns
+        have time owed from the last one (`decode_share`); one agent (or the whole thought) of every thinking
+        request; then one token of every answering request. Returns
         the events produced, in order; one token per step keeps the answers streaming token by token."""
         events: list[tuple[str, Event]] = []
         training = [s for s in self._sequences.values() if s.phase == "train"]
