@@ -368,7 +368,7 @@ def summary_rows(records: list[dict], names: list[str], direct: str, latent: str
             "steps": _mean([r["steps_run"] for r in values]),
             "length": sum(r["finish_reason"] == "length" for r in values),
             "seconds": _mean([r["seconds"] for r in values]),
-            "tokens": _mean([r["completion_tokens"] for r in values]),  # generated, agents' text included
+            "tokens": _mean([r.get("completion_tokens") for r in values]),  # generated, agents' text included
             # Records before --batch ran one request at a time.
             "batches": sorted({r.get("batch", 1) for r in values}),
         }

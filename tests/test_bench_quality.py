@@ -136,6 +136,16 @@ def test_replies_that_differ_from_direct():
     assert "| 2/3 |" in quality.markdown_table([relat], "direct", "latent")
 
 
+def test_tokens_generated_per_request_count_what_was_recorded():
+    """Multi-agent variants generate far more than their answers: the column is the mean of the usage's
+    completion tokens (agents included); records written before it existed are left out of the mean."""
+    records = [record("text-seq", 0, True, completion_tokens=200), record("text-seq", 1, True, completion_tokens=100),
+               record("text-seq", 2, True)]
+    (row,) = quality.summary_rows(records, ["text-seq"], "direct", "latent")
+    assert row["tokens"] == 150
+    assert "| 150 |" in quality.markdown_table([row], "direct", "latent")
+
+
 # -- several files ----------------------------------------------------------------------------------------------
 
 def test_pooled_summary_over_two_files(tmp_path, capsys):
