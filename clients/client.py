@@ -26,6 +26,21 @@ class TrainStep:
 
 
 @dataclass
+class AgentTurn:
+    """An agent of a multi-agent request has finished, before the answering agent starts: `kind` is "latent"
+    (LatentMAS: it added `latent_positions` to the shared memory) or "text" (TextMAS: it wrote `text`)."""
+
+    role: str
+    label: str
+    kind: str
+    prompt_tokens: int
+    latent_positions: int
+    completion_tokens: int
+    seconds: float
+    text: str | None = None
+
+
+@dataclass
 class Token:
     """Answer text that became safe to show (one or a few tokens)."""
 
@@ -39,7 +54,7 @@ class Done:
     result: dict[str, Any]
 
 
-Event = TrainStep | Token | Done
+Event = TrainStep | AgentTurn | Token | Done
 
 
 class RelatError(Exception):
@@ -110,6 +125,9 @@ def _event(name: str, data: str) -> Event | None:
     payload = json.loads(data)
     if name == "ttt_step":
         return TrainStep(**{k: payload[k] for k in ("step", "steps", "loss", "grad_norm", "seconds")})
+    if name == "agent":
+        fields = ("role", "label", "kind", "prompt_tokens", "latent_positions", "completion_tokens", "seconds")
+        return AgentTurn(**{k: payload[k] for k in fields}, text=payload.get("text"))
     if name == "token":
         return Token(payload["text"])
     if name == "done":
@@ -120,8 +138,9 @@ def _event(name: str, data: str) -> Event | None:
 
 
 class RelatClient:
-    """Blocking client. Options are TTT fields (method, steps, latent_steps, lr, rank, ...) and sampling fields
-    (max_tokens, temperature, top_p, top_k, seed, stop), plus `system` and `timeout` (seconds, server-side)."""
+    """Blocking client. Options are TTT fields (method, steps, latent_steps, lr, rank, agents, answer_format, ...)
+    and sampling fields (max_tokens, temperature, top_p, top_k, seed, stop), plus `system` and `timeout` (seconds,
+    server-side)."""
 
     def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None,
                  timeout: httpx.Timeout | float = DEFAULT_TIMEOUT, http: httpx.Client | None = None):
@@ -144,7 +163,8 @@ class RelatClient:
         return response.json()
 
     def stream(self, question: str, **options: Any) -> Iterator[Event]:
-        """TrainStep events while the adapter trains, Token events as the answer comes, then Done."""
+        """TrainStep events while the adapter trains, AgentTurn events as agents finish (multi-agent requests),
+        Token events as the answer comes, then Done."""
         with self.http.stream("POST", "/v1/relat", json=_payload(question, True, options)) as response:
             _raise_for_status(response, response.read() if response.status_code >= 400 else b"")
             parser = SSEParser()

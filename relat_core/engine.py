@@ -95,7 +95,7 @@ class Trace:
     agents: str = "single"  # the team (relat_core/agents.py)
     answer_format: str = "text"  # the format the answer was asked for ("text": none)
     # Each agent of the final run, in order: role, label, kind ("text", "latent" or "answer"), prompt_tokens,
-    # latent_positions, completion_tokens, seconds, and the text it wrote (TextMAS agents and the answer).
+    # latent_positions, completion_tokens, seconds, and the text a TextMAS agent wrote (the answer is the result's).
     agent_turns: list[dict] = field(default_factory=list)
     steps: list[dict] = field(default_factory=list)  # {step, loss, grad_norm, seconds}
     recon_loss_before: float | None = None

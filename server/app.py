@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from relat_core import Engine, InvalidParameter, load_model
+from relat_core import AgentPrompts, Engine, InvalidParameter, load_model
 
 from .errors import (
     APIError,
@@ -67,8 +67,10 @@ def default_loader(settings: Settings) -> Callable[[], Engine]:
             import torch
 
             torch.set_num_threads(settings.torch_threads)
+        # Before the model: a prompts file that went bad since the settings checked it fails in a moment.
+        prompts = AgentPrompts.load(settings.agent_prompts) if settings.agent_prompts else None
         loaded = load_model(settings.model, settings.device, settings.dtype, name=settings.served_model_name)
-        return Engine(loaded, max_rank=settings.max_rank, num_slots=settings.max_concurrency)
+        return Engine(loaded, max_rank=settings.max_rank, num_slots=settings.max_concurrency, agent_prompts=prompts)
 
     return load
 

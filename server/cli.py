@@ -17,30 +17,14 @@ import httpx
 import uvicorn
 from tqdm import tqdm
 
-from relat_core.params import ALL_TARGETS, ANSWER_CONTEXTS, FOLLOW_UPS, MAPPINGS, METHODS
+from relat_core.agents import AgentPrompts
 
-from .settings import add_settings_arguments
+from .settings import add_agent_prompts_argument, add_settings_arguments, add_ttt_arguments, ttt_fields_from_arguments
 
 
 def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("question", help="the question to answer")
-    parser.add_argument("--method", choices=METHODS, help="direct, latent (open loop) or relat (closed loop)")
-    parser.add_argument("--steps", type=int, help="test-time training steps N")
-    parser.add_argument("--latent-steps", type=int, help="latent thought length L")
-    parser.add_argument("--lr", type=float, help="AdamW learning rate of the adapter")
-    parser.add_argument("--rank", type=int, help="LoRA rank")
-    parser.add_argument("--targets", help=f"comma-separated adapter targets among {','.join(ALL_TARGETS)}")
-    parser.add_argument("--stop-loss", type=float, help="stop training once the reconstruction loss is this low")
-    parser.add_argument("--follow-up", choices=FOLLOW_UPS, help="what separates thought and answer")
-    parser.add_argument("--mapping", choices=MAPPINGS, help="hidden-to-embedding map of the latent steps")
-    parser.add_argument("--soft-temperature", type=float, help="temperature of soft latent tokens (mapping soft)")
-    parser.add_argument("--soft-top-k", type=int, help="soft latent tokens over the top-k tokens only, 0 = all")
-    parser.add_argument("--answer-context", choices=ANSWER_CONTEXTS,
-                        help="relat: answer after the thought, or from the question alone with the adapter on")
-    parser.add_argument("--guidance", type=float, help="w of l_plain + w (l_thought - l_plain); 1 = off, 0 = direct")
-    parser.add_argument("--contrastive-eta", type=float, help="relat: contrastive feedback of the final thought")
-    parser.add_argument("--adapter-during-answer", action=argparse.BooleanOptionalAction, default=None,
-                        help="keep the adapter on while decoding the answer")
+    add_ttt_arguments(parser)  # the request's `relat` options, as `relat serve` has them
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -49,29 +33,43 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the whole result as JSON instead of streaming")
 
 
-def ttt_overrides(args: argparse.Namespace) -> dict:
-    """The request's `relat` options that the user set on the command line."""
-    names = ("method", "steps", "latent_steps", "lr", "rank", "stop_loss", "follow_up", "adapter_during_answer",
-             "mapping", "soft_temperature", "soft_top_k", "answer_context", "guidance", "contrastive_eta")
-    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    if args.targets:
-        overrides["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    return overrides
-
-
 def _messages(args: argparse.Namespace) -> list[dict]:
     system = [{"role": "system", "content": args.system}] if args.system else []
     return system + [{"role": "user", "content": args.question}]
 
 
+AGENT_TEXT_SHOWN = 80  # characters of a TextMAS agent's text on its progress line
+
+
+def describe_turn(turn: dict) -> str:
+    """An agent's turn in a few words: its kind, what it read, what it added, how long it took."""
+    work = (f"{turn['latent_positions']} latent positions" if turn["kind"] == "latent"
+            else f"{turn['completion_tokens']} tokens")
+    return f"{turn['kind']}, {turn['prompt_tokens']} prompt tokens, {work}, {turn['seconds']:.2f}s"
+
+
+def agent_line(turn: dict) -> str:
+    """The progress line of an agent that finished; a TextMAS agent's text begins it, on one line."""
+    line = f"[{turn['role']}] {describe_turn(turn)}"
+    text = " ".join((turn.get("text") or "").split())
+    if text:
+        line += ": " + (text if len(text) <= AGENT_TEXT_SHOWN else text[:AGENT_TEXT_SHOWN - 3] + "...")
+    return line
+
+
 def print_trace(trace: dict, usage: dict, stream=None) -> None:
-    """A compact, human-readable trace: losses per step and time per phase (on stderr unless told)."""
+    """A compact, human-readable trace: losses per step, the agents' turns and time per phase (on stderr unless
+    told)."""
     lines = [f"method={trace['method']} latent_steps={trace['latent_steps']} "
              f"adapter_during_answer={trace['adapter_during_answer']} answer_context={trace['answer_context']} "
-             f"guidance={trace['guidance']:g} contrastive_eta={trace['contrastive_eta']:g}"]
+             f"guidance={trace['guidance']:g} contrastive_eta={trace['contrastive_eta']:g} "
+             # .get: a server older than the agents sends neither
+             f"agents={trace.get('agents', 'single')} answer_format={trace.get('answer_format', 'text')}"]
     for step in trace.get("steps", []):
         norm = "-" if step["grad_norm"] is None else f"{step['grad_norm']:.3f}"
         lines.append(f"  step {step['step']}: loss {step['loss']:.4f}  grad_norm {norm}  {step['seconds']:.2f}s")
+    for turn in trace.get("agent_turns", []):
+        lines.append(f"  agent {turn['role']}: {describe_turn(turn)}")
     if trace.get("recon_loss_before") is not None:
         after = trace.get("recon_loss_after")
         lines.append(f"reconstruction loss {trace['recon_loss_before']:.4f} -> "
@@ -85,8 +83,9 @@ def print_trace(trace: dict, usage: dict, stream=None) -> None:
 
 
 def _show(events: Iterable[tuple[str, Any]], as_json: bool) -> None:
-    """Print a request's progress, answer and trace; events are ("step", (step, steps, loss)), ("text", str) and
-    ("done", {answer, finish_reason, usage, trace}), whether they come from a local engine or a server."""
+    """Print a request's progress, answer and trace; events are ("step", (step, steps, loss)), ("agent", turn),
+    ("text", str) and ("done", {answer, finish_reason, usage, trace}), whether they come from a local engine or a
+    server. Progress (steps, agents) goes to stderr, so that stdout holds the answer or the JSON alone."""
     progress = None
     for kind, value in events:
         if kind == "step":
@@ -101,7 +100,9 @@ def _show(events: Iterable[tuple[str, Any]], as_json: bool) -> None:
         if progress is not None:
             progress.close()
             progress = None
-        if kind == "text" and not as_json:
+        if kind == "agent":
+            print(agent_line(value), file=sys.stderr, flush=True)
+        elif kind == "text" and not as_json:
             print(value, end="", flush=True)
         elif kind == "done":
             if as_json:
@@ -111,18 +112,20 @@ def _show(events: Iterable[tuple[str, Any]], as_json: bool) -> None:
                 print_trace(value["trace"], value["usage"])
 
 
-def _local_events(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
+def _local_events(args: argparse.Namespace, agent_prompts: AgentPrompts | None) -> Iterator[tuple[str, Any]]:
     from dataclasses import asdict
 
-    from relat_core import Engine, Finished, Request, SamplingParams, TextDelta, TrainStep, load_model
+    from relat_core import AgentDone, Engine, Finished, Request, SamplingParams, TextDelta, TrainStep, load_model
 
-    engine = Engine(load_model(args.model, device=args.device, dtype=args.dtype))
-    ttt = engine.defaults.replace(**ttt_overrides(args))
+    engine = Engine(load_model(args.model, device=args.device, dtype=args.dtype), agent_prompts=agent_prompts)
+    ttt = engine.defaults.replace(**ttt_fields_from_arguments(args))
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               seed=args.seed)
     for event in engine.generate(Request(_messages(args), ttt, sampling)):
         if isinstance(event, TrainStep):
             yield "step", (event.step, event.steps, event.loss)
+        elif isinstance(event, AgentDone):
+            yield "agent", event.turn
         elif isinstance(event, TextDelta):
             yield "text", event.text
         elif isinstance(event, Finished):
@@ -133,14 +136,18 @@ def _local_events(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
 
 
 def _remote_events(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
-    from relat_client import Done, RelatClient, Token, TrainStep
+    from dataclasses import asdict
 
-    options = {**ttt_overrides(args), "max_tokens": args.max_tokens, "temperature": args.temperature,
+    from relat_client import AgentTurn, Done, RelatClient, Token, TrainStep
+
+    options = {**ttt_fields_from_arguments(args), "max_tokens": args.max_tokens, "temperature": args.temperature,
                "top_p": args.top_p, "seed": args.seed, "system": args.system}
     with RelatClient(args.url, api_key=args.api_key) as client:
         for event in client.stream(args.question, **options):
             if isinstance(event, TrainStep):
                 yield "step", (event.step, event.steps, event.loss)
+            elif isinstance(event, AgentTurn):
+                yield "agent", asdict(event)
             elif isinstance(event, Token):
                 yield "text", event.text
             elif isinstance(event, Done):
@@ -149,8 +156,18 @@ def _remote_events(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
 
 def ask(args: argparse.Namespace) -> int:
     if args.url is None:
-        _show(_local_events(args), args.json)
+        try:  # before the model loads: a bad file is the user's to fix, in a line
+            agent_prompts = AgentPrompts.load(args.agent_prompts) if args.agent_prompts else None
+        except ValueError as error:
+            print(f"relat: error: --agent-prompts: {error}", file=sys.stderr)
+            return 2
+        _show(_local_events(args, agent_prompts), args.json)
         return 0
+    if args.agent_prompts is not None:
+        # A server's prompts are its own setting: ignoring the flag would answer with prompts the user did not ask for.
+        print("relat: error: --agent-prompts sets the prompts of a local engine; a server uses its own "
+              "(relat serve --agent-prompts)", file=sys.stderr)
+        return 2
     from relat_client import RelatError
 
     try:
@@ -243,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask_parser.add_argument("--model", help="HF id, local folder or .gguf file (default: the embedded SmolLM2-135M)")
     ask_parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     ask_parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
+    add_agent_prompts_argument(ask_parser)  # the local engine's; with --url, the server's setting applies
     ask_parser.set_defaults(handler=ask)
     prepare = commands.add_parser("prepare", help="download or convert a model into the cache, then exit")
     prepare.add_argument("--model", help="HF id, local folder or .gguf file (default: the embedded SmolLM2-135M)")

@@ -1,7 +1,8 @@
 """Prometheus metrics, prefix `relat_`, named after vLLM's where one exists (../shared/notes/relat-notes.md, §5).
 
 Each app owns its registry (tests run several apps in one process). Labels never carry a request, adapter or
-user name: only the TTT method, the outcome and the HTTP status, all from small fixed sets.
+user name: only the TTT method, the outcome, the HTTP status and the kind of an agent's turn, all from small
+fixed sets.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class Metrics:
                                    registry=r)
         self.ttt_steps_run = Counter("relat_ttt_steps_run", "Training steps run, finished requests or not",
                                      registry=r)
+        # The agents before the last (the last one's turn is the answer): "text" (TextMAS) or "latent" (LatentMAS).
+        self.agent_turns_run = Counter("relat_agent_turns_run", "Agents' turns run before the answering agent's, "
+                                       "by kind (text or latent), finished requests or not", ["kind"], registry=r)
         self.recon_before = Histogram("relat_recon_loss_before", "Reconstruction loss before training",
                                       buckets=LOSS_BUCKETS, registry=r)
         self.recon_after = Histogram("relat_recon_loss_after", "Reconstruction loss after training",

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from relat_core import Engine, Finished, Request, TextDelta, TrainStep
+from relat_core import AgentDone, Engine, Finished, Request, TextDelta, TrainStep
 from relat_core.engine import Event, Failed
 
 from .errors import Cancelled, DeadlineExceeded, QueueFull, Unavailable
@@ -38,7 +38,7 @@ class Job:
     deadline: float  # time.monotonic()
     loop: asyncio.AbstractEventLoop
     submitted: float = field(default_factory=time.monotonic)
-    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # bounded by steps + max_tokens + 1 events
+    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # bounded by steps + agents + max_tokens + 1 events
     key: str = field(default_factory=lambda: str(next(_job_keys)))  # unique in the engine, unlike X-Request-Id
     started: float | None = None  # when the engine took it
     last_text: float | None = None
@@ -252,6 +252,8 @@ class Runner:
             return
         if isinstance(event, TrainStep):
             self.metrics.ttt_steps_run.inc()
+        elif isinstance(event, AgentDone):
+            self.metrics.agent_turns_run.labels(event.turn["kind"]).inc()
         elif isinstance(event, TextDelta):
             if job.last_text is None:
                 self.metrics.ttft.observe(now - job.submitted)

@@ -2,6 +2,7 @@
 
 Precedence, highest first: a command-line flag, an environment variable, the default below. The TTT and sampling
 fields left at None fall back to the engine's default for the loaded model (TTT) or to OpenAI's (sampling).
+The TTT fields (`TTTOptions`) are also the request's `relat` options and the `relat ask` flags.
 """
 
 from __future__ import annotations
@@ -9,12 +10,15 @@ from __future__ import annotations
 import argparse
 import types
 import typing
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from relat_core.params import ALL_TARGETS, AnswerContext, FollowUp, Mapping, Method, TTTParams
+from relat_core.agents import AgentPrompts
+from relat_core.params import ALL_TARGETS, Agents, AnswerContext, AnswerFormat, FollowUp, Mapping, Method, TTTParams
 
 SAMPLING_FIELDS: tuple[str, ...] = ("temperature", "top_p", "top_k")
 
@@ -57,6 +61,12 @@ class TTTOptions(BaseModel):
     contrastive_eta: float | None = Field(
         None, description="relat: contrastive feedback of the final thought, adapted vs base model; 0 = off")
     reconstruction_instruction: str | None = Field(None, description="the instruction of the reconstruction turn")
+    agents: Agents | None = Field(
+        None, description="single, sequential (planner, critic, refiner, judger) or hierarchical (maths, science, "
+                          "code, summariser)")
+    agent_max_tokens: int | None = Field(None, description="text each agent may write before the last (direct)")
+    answer_format: AnswerFormat | None = Field(
+        None, description="the answer's format: auto, text, boxed (maths), choice (a letter) or code (python)")
 
     def ttt_fields(self) -> dict[str, Any]:
         """The TTT fields that were set, as TTTParams keyword arguments."""
@@ -79,6 +89,8 @@ class Settings(BaseSettings, TTTOptions):
     dtype: str | None = Field(None, description="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
     max_rank: int = Field(16, ge=1, le=256, description="largest LoRA rank a request may ask for (sizes every slot)")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice)")
+    agent_prompts: Path | None = Field(
+        None, description="a JSON file of agent role prompts and answer-format instructions (default: built in)")
 
     # -- HTTP -------------------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="address to listen on")
@@ -110,6 +122,14 @@ class Settings(BaseSettings, TTTOptions):
         TTTParams().replace(**self.ttt_fields())
         return self
 
+    @field_validator("agent_prompts")
+    @classmethod
+    def _check_agent_prompts(cls, path: Path | None) -> Path | None:
+        # Read once here so that a bad file stops `relat serve` before the model loads, with the file's problem
+        # as the message; the loader reads it again for the engine (it is small).
+        if path is not None:
+            AgentPrompts.load(path)
+        return path
 
     def sampling_defaults(self) -> dict[str, Any]:
         """The sampling fields the operator set, as SamplingParams keyword arguments."""
@@ -123,7 +143,7 @@ _FLAG_NAMES = {"api_keys": "--api-key"}  # repeatable: one key per flag
 
 
 def _flag_kind(annotation: Any) -> tuple[Any, tuple[str, ...] | None]:
-    """(int, float, str, bool or list; the allowed values of a Literal) from a field's annotation."""
+    """(int, float, str, bool, Path or list; the allowed values of a Literal) from a field's annotation."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         return _flag_kind(next(a for a in typing.get_args(annotation) if a is not type(None)))
@@ -136,23 +156,48 @@ def _flag_kind(annotation: Any) -> tuple[Any, tuple[str, ...] | None]:
     return annotation, None
 
 
+def _add_field_argument(parser: argparse.ArgumentParser, name: str, field: FieldInfo, default: Any,
+                        environment: bool) -> None:
+    """The flag of one field: its name with dashes, its type or choices, its description as the help."""
+    flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+    kind, choices = _flag_kind(field.annotation)
+    help_text = f"{field.description} [RELAT_{name.upper()}]" if environment else field.description
+    options: dict[str, Any] = {"dest": name, "default": default, "help": help_text}
+    if kind is bool:
+        options["action"] = argparse.BooleanOptionalAction
+    elif kind is list and name in _FLAG_NAMES:
+        options["action"] = "append"
+    elif kind is list:
+        options.update(type=_split_commas, metavar="A,B,...")  # comma-separated, as in the environment
+    elif kind is Path:
+        options.update(type=Path, metavar="FILE")
+    else:
+        options.update(type=kind, choices=choices)
+    parser.add_argument(flag, **options)
+
+
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting; unset flags stay out of the namespace so that the environment still applies."""
     # The server's own settings first, then the TTT defaults (inherited, so pydantic lists them first).
     names = [name for name in Settings.model_fields if name not in TTT_FIELDS] + list(TTT_FIELDS)
     for name in names:
-        field = Settings.model_fields[name]
-        flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
-        kind, choices = _flag_kind(field.annotation)
-        options: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS,
-                                   "help": f"{field.description} [RELAT_{name.upper()}]"}
-        if kind is bool:
-            options["action"] = argparse.BooleanOptionalAction
-        elif kind is list:
-            options["action"] = "append" if name in _FLAG_NAMES else "store"  # else comma-separated, as in env
-        else:
-            options.update(type=kind, choices=choices)
-        parser.add_argument(flag, **options)
+        _add_field_argument(parser, name, Settings.model_fields[name], argparse.SUPPRESS, environment=True)
+
+
+def add_ttt_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TTT option, as `relat serve` has them (`relat ask`: a request's options); unset, None."""
+    for name in TTT_FIELDS:
+        _add_field_argument(parser, name, TTTOptions.model_fields[name], None, environment=False)
+
+
+def add_agent_prompts_argument(parser: argparse.ArgumentParser) -> None:
+    """`--agent-prompts FILE` as `relat serve` has it, for a command that builds its own engine; unset, None."""
+    _add_field_argument(parser, "agent_prompts", Settings.model_fields["agent_prompts"], None, environment=False)
+
+
+def ttt_fields_from_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The TTT options given as flags (`add_ttt_arguments`), as TTTParams keyword arguments."""
+    return TTTOptions(**{name: getattr(args, name) for name in TTT_FIELDS}).ttt_fields()
 
 
 def settings_from_arguments(args: argparse.Namespace) -> Settings:

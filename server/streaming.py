@@ -1,9 +1,9 @@
 """From a job's engine events to HTTP: Server-Sent Events for streams, one result for everything else.
 
-Chat streams follow OpenAI (`data: {chunk}` lines, a role chunk first, `data: [DONE]` last); training steps go
-out as SSE comment lines, which clients ignore and proxies count as traffic. The native stream sends typed
-events (`ttt_step`, `token`, `done`). Whatever ends a stream early, the job is cancelled on the way out, so a
-client that disconnects stops its work at the next step or token.
+Chat streams follow OpenAI (`data: {chunk}` lines, a role chunk first, `data: [DONE]` last); training steps and
+finished agents go out as SSE comment lines, which clients ignore and proxies count as traffic. The native stream
+sends typed events (`ttt_step`, `agent`, `token`, `done`). Whatever ends a stream early, the job is cancelled on
+the way out, so a client that disconnects stops its work at the next step or token.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 from starlette.requests import Request as HTTPRequest
 
-from relat_core import Finished, Result, TextDelta, TrainStep
+from relat_core import AgentDone, Finished, Result, TextDelta, TrainStep
 
 from .errors import ErrorInfo, describe
 from .protocol import (
@@ -33,6 +33,9 @@ from .runner import HEARTBEAT, Job
 HEARTBEAT_SECONDS = 10.0  # well under the idle timeouts of common proxies (nginx: 60 s)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx: pass each event through at once
 
+# What a job's stream carries up to its end (a Failed event reaches the stream as the job's error).
+StreamEvent = TrainStep | AgentDone | TextDelta | Finished
+
 
 def usage_of(result: Result) -> UsageInfo:
     return UsageInfo(prompt_tokens=result.usage.prompt_tokens, completion_tokens=result.usage.completion_tokens,
@@ -45,6 +48,15 @@ def data_line(payload: str) -> str:
 
 def typed_event(name: str, payload: dict) -> str:
     return f"event: {name}\ndata: {json.dumps(payload)}\n\n"
+
+
+def agent_comment(turn: dict) -> str:
+    """An agent's finished turn as one SSE comment line (no text: it may hold newlines, which would end it)."""
+    if turn["kind"] == "latent":
+        work = f"{turn['latent_positions']} latent positions"
+    else:
+        work = f"{turn['completion_tokens']} tokens"
+    return f": agent {turn['role']} done ({turn['kind']}, {work}, {turn['seconds']:.2f} s)\n\n"
 
 
 class ChatRenderer:
@@ -61,9 +73,11 @@ class ChatRenderer:
     def start(self) -> str:
         return self._chunk(DeltaMessage(role="assistant", content=""))
 
-    def event(self, event: TrainStep | TextDelta | Finished) -> str:
+    def event(self, event: StreamEvent) -> str:
         if isinstance(event, TrainStep):
             return f": ttt step {event.step}/{event.steps} loss {event.loss:.4f}\n\n"
+        if isinstance(event, AgentDone):
+            return agent_comment(event.turn)
         if isinstance(event, TextDelta):
             return self._chunk(DeltaMessage(content=event.text))
         result = event.result
@@ -81,7 +95,7 @@ class ChatRenderer:
 
 
 class NativeRenderer:
-    """The /v1/relat stream: ttt_step, token and done events (error on failure)."""
+    """The /v1/relat stream: ttt_step, agent, token and done events (error on failure)."""
 
     def __init__(self, fields: dict):
         self.fields = fields  # id, created, model
@@ -89,9 +103,11 @@ class NativeRenderer:
     def start(self) -> str:
         return ""
 
-    def event(self, event: TrainStep | TextDelta | Finished) -> str:
+    def event(self, event: StreamEvent) -> str:
         if isinstance(event, TrainStep):
             return typed_event("ttt_step", asdict(event))
+        if isinstance(event, AgentDone):
+            return typed_event("agent", event.turn)
         if isinstance(event, TextDelta):
             return typed_event("token", {"text": event.text})
         return typed_event("done", relat_response(event.result, self.fields).model_dump())

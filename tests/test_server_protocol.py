@@ -11,7 +11,9 @@ import warnings
 
 import pytest
 from pydantic import ValidationError
-from relat_client.client import SSEParser
+from relat_client import AgentTurn
+from relat_client.client import SSEParser, _event
+from relat_server.cli import main
 from relat_server.errors import (
     DeadlineExceeded,
     ModelNotFound,
@@ -69,6 +71,8 @@ def test_minimal_chat_request_and_openai_shapes():
     ({"relat": {"method": "magic"}}, "relat.method"),
     ({"relat": {"answer_context": "both"}}, "relat.answer_context"),
     ({"relat": {"mapping": "hard"}}, "relat.mapping"),
+    ({"relat": {"agents": "bogus"}}, "relat.agents"),
+    ({"relat": {"answer_format": "xml"}}, "relat.answer_format"),
     ({"relat": {"timeout": -1}}, "relat.timeout"),
     ({"stream_options": "yes"}, "stream_options"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
@@ -138,7 +142,8 @@ def test_precedence_request_then_server_then_openai():
                                           ({"targets": ["nope"]}, "relat.targets"), ({"lr": 0}, "relat.lr"),
                                           ({"guidance": 12}, "relat.guidance"),
                                           ({"contrastive_eta": -0.1}, "relat.contrastive_eta"),
-                                          ({"soft_temperature": 0}, "relat.soft_temperature")])
+                                          ({"soft_temperature": 0}, "relat.soft_temperature"),
+                                          ({"agent_max_tokens": 0}, "relat.agent_max_tokens")])
 def test_engine_parameter_errors_name_the_field_as_sent(relat, param):
     with pytest.raises(InvalidParameter) as caught:
         to_engine(chat(relat=relat))
@@ -208,6 +213,21 @@ def test_an_invalid_ttt_default_fails_at_start_up():
         Settings(steps=1000)
 
 
+def test_a_bad_agent_prompts_file_fails_at_start_up_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps({"roles": {"critic": "Criticise: {question}"}}))
+    bad.write_text(json.dumps({"roles": {"critic": "Criticise the plan."}}))
+    monkeypatch.setenv("RELAT_AGENT_PROMPTS", str(good))
+    assert Settings().agent_prompts == good
+    with pytest.raises(ValidationError, match="agent_prompts") as caught:
+        Settings(agent_prompts=bad)
+    assert "'critic' must be a string holding {question} exactly once" in str(caught.value)
+    # `relat serve` exits at the settings (with no model anywhere to load, it would otherwise go on to fail there).
+    assert main(["serve", "--agent-prompts", str(tmp_path / "missing.json")]) == 2
+    err = capsys.readouterr().err
+    assert "agent_prompts" in err and "cannot read agent prompts from" in err
+
+
 # -- the client -------------------------------------------------------------------------------------------------
 
 def test_sse_parser_skips_comments_and_joins_data_lines():
@@ -216,6 +236,15 @@ def test_sse_parser_skips_comments_and_joins_data_lines():
     messages = [m for m in map(parser.feed, lines) if m is not None]
     assert messages == [("token", '{"text":\n"a"}'), ("message", "[DONE]")]
     assert json.loads(messages[0][1]) == {"text": "a"}
+
+
+def test_the_client_types_agent_events_and_skips_events_it_does_not_know():
+    latent = {"role": "planner", "label": "Planner", "kind": "latent", "prompt_tokens": 73, "latent_positions": 4,
+              "completion_tokens": 0, "seconds": 0.12}
+    assert _event("agent", json.dumps(latent)) == AgentTurn(**latent, text=None)
+    text = {**latent, "kind": "text", "latent_positions": 0, "completion_tokens": 5, "text": "1. add", "new": 1}
+    assert _event("agent", json.dumps(text)).text == "1. add"  # fields added later are ignored
+    assert _event("future_event", '{"anything": 1}') is None
 
 
 def test_the_client_package_needs_neither_the_engine_nor_the_server():
