@@ -17,7 +17,11 @@ the RSS after the engine was built and every weight read once (they are memory-m
 refused the peak is the whole process's, model load included, and the table says so. tracemalloc sees none of
 torch's allocations and psutil gives only the current RSS on Linux, hence the kernel's counter.
 
-    python bench/phases.py [--repeats 3] [--threads 1] [--max-tokens 32]
+    python bench/phases.py [--repeats 3] [--threads 1] [--max-tokens 32] [--agents]
+
+--agents measures the six combinations of direct / latent / relat with a single model and with the sequential
+team (four agents, TextMAS agents writing up to agent_max_tokens each) instead; "tokens" is then every token
+generated, the agents' included, so ms/token is the answer's decode time over them all only for single models.
 """
 
 from __future__ import annotations
@@ -42,9 +46,11 @@ SETTINGS: dict[str, dict[str, object]] = {
     "after thought": {"answer_context": "thought"},  # the small-model default before issue 9
     "paper": {"latent_steps": 16, "steps": 5, "adapter_during_answer": True, "follow_up": "bridge",
               "answer_context": "thought"},
+    "sequential": {"agents": "sequential"},  # the engine's defaults otherwise (issue 10)
 }
 CASES = [("direct", "defaults"), ("latent", "defaults"), ("relat", "defaults"), ("relat", "after thought"),
          ("latent", "paper"), ("relat", "paper")]  # `direct` ignores the TTT settings: one row
+AGENT_CASES = [(method, setting) for method in ("direct", "latent", "relat") for setting in ("defaults", "sequential")]
 PHASES = ("train_s", "think_s", "first_token_s", "decode_s", "total_s")
 RESULT_PREFIX = "PHASES-RESULT "
 
@@ -183,7 +189,7 @@ def markdown(rows: list[dict], info: dict[str, str], args: argparse.Namespace) -
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         m, ttt = row["medians"], row["ttt"]
-        setting = "–" if row["method"] == "direct" else \
+        setting = ("sequential" if row["setting"] == "sequential" else "–") if row["method"] == "direct" else \
             f"{row['setting']} ({ttt['latent_steps']}, {ttt['steps'] if row['method'] == 'relat' else '–'}, " \
             f"{'on' if row['adapter_in_answer'] else 'off'}, " \
             f"{'question' if row['answer_after'] == 'question' else 'thought, ' + ttt['follow_up']})"
@@ -204,6 +210,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    parser.add_argument("--agents", action="store_true",
+                        help="direct / latent / relat, single and sequential agents (issue 10), instead")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SETTING"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -216,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     info = machine_info(args.threads)
     rows = []
-    for method, setting in CASES:
+    for method, setting in AGENT_CASES if args.agents else CASES:
         print(f"measuring {method} / {setting} ...", file=sys.stderr, flush=True)
         rows.append(run_case(method, setting, args))
     if args.json:
