@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# Multi-agent collaboration (issue 10) on the embedded model: direct / latent / relat x single / sequential, and
-# hierarchical beside them, on knowledge questions and on the first 50 GSM8K problems.
+# Multi-agent collaboration (issue 10) on the embedded model: direct / latent / relat x single / sequential, on
+# knowledge questions and on the first 50 GSM8K problems (bench/RESULTS.md, section 8).
 #
-# Usage (from the repository root; two processes of one thread each suit a 2-core machine):
-#   MINUTES=70 bash bench/agents.sh knowledge & MINUTES=70 bash bench/agents.sh gsm8k & wait
+# Usage (from the repository root; one thread per process suits a 2-core machine; MINUTES bounds a run's time):
+#   bash bench/agents.sh knowledge & bash bench/agents.sh gsm8k-head & wait; bash bench/agents.sh gsm8k-tail
 #   bash bench/agents.sh summary     # tables only, runs no model
 # Knowledge: the confirm half (odd indices) of knowledge_dev and knowledge_extra, which the choice of the relat
 # defaults (issue 9, search half) never saw; nothing here is chosen, so nothing needs a half of its own. GSM8K: the
-# first 50 problems, never used for a choice. Decoding is greedy; answers get 48 tokens (knowledge) or 256
-# (GSM8K), TextMAS agents 64 or 128 before the judger. Every variant spells out the settings it depends on.
-# MINUTES bounds a run's time (quality.py --max-minutes): the runs go question by question through all variants,
-# so a stopped run leaves every variant on the same questions (the summary pairs them), and a rerun resumes.
-# The six combinations only: on 2026-12-01 a first try with hierarchical teams and the relat loop answering
-# after its thought as well ran 18 requests in 7 minutes, too slow for this machine.
+# first 50 problems, never used for a choice, in two ranges with a file each (0-37 and 38-49), so that two
+# processes could share the work without writing one file. Decoding is greedy; answers get 48 tokens (knowledge)
+# or 256 (GSM8K), TextMAS agents 64 or 128 before the judger. Every variant spells out the settings it depends on.
+# The runs go question by question through all variants, so a stopped run leaves every variant on the same
+# questions (the summary pairs them), and a rerun resumes where the records stop.
+# As run on 2026-12-01: the six combinations only (a first try with the hierarchical team and relat answering
+# after its memory ran 18 requests in 7 minutes, too slow for this machine); GSM8K ran at batch 8 (0-37) and 4
+# (38-49) to stay within memory beside the knowledge run (a relat team's training step on eight GSM8K prompts
+# holds about 11 GiB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -27,14 +30,19 @@ variants() {  # $1: the TextMAS agents' token budget
   echo --variant latent-seq:method=latent,agents=sequential,latent_steps=4,mapping=norm
   echo --variant relat-seq:$RELAT,answer_context=question,agents=sequential
 }
+LIMIT=(${MINUTES:+--max-minutes "$MINUTES"})
 KNOWLEDGE=("$PY" bench/quality.py --data ../shared/data/knowledge_dev.jsonl --data bench/data/knowledge_extra.jsonl
-           --half confirm --max-tokens 48 --batch 8 --threads 1 --out "$OUT-knowledge.jsonl" ${MINUTES:+--max-minutes "$MINUTES"})
-GSM8K=("$PY" bench/quality.py --data ../shared/data/gsm8k_test_dev.jsonl --limit 50 --batch 8 --threads 1
-       --out "$OUT-gsm8k.jsonl" ${MINUTES:+--max-minutes "$MINUTES"})
+           --half confirm --max-tokens 48 --batch 8 --threads 1 --out "$OUT-knowledge.jsonl")
+GSM8K=("$PY" bench/quality.py --data ../shared/data/gsm8k_test_dev.jsonl --threads 1)
 
 case "${1:-}" in
-  knowledge) "${KNOWLEDGE[@]}" $(variants 64) ;;
-  gsm8k) "${GSM8K[@]}" $(variants 128) ;;
-  summary) "${KNOWLEDGE[@]}" $(variants 64) --summary-only; "${GSM8K[@]}" $(variants 128) --summary-only ;;
-  *) echo "usage: $0 knowledge|gsm8k|summary" >&2; exit 2 ;;
+  knowledge) "${KNOWLEDGE[@]}" "${LIMIT[@]}" $(variants 64) ;;
+  gsm8k-head) "${GSM8K[@]}" --limit 38 --batch 8 --out "$OUT-gsm8k.jsonl" "${LIMIT[@]}" $(variants 128) ;;
+  gsm8k-tail) "${GSM8K[@]}" --start 38 --limit 12 --batch 4 --out "$OUT-gsm8k-tail.jsonl" "${LIMIT[@]}" \
+                $(variants 128) ;;
+  summary)
+    "${KNOWLEDGE[@]}" --summary-only $(variants 64)
+    "${GSM8K[@]}" --limit 50 --out "$OUT-gsm8k-all.jsonl" --also "$OUT-gsm8k.jsonl" --also "$OUT-gsm8k-tail.jsonl" \
+      --summary-only $(variants 128) ;;
+  *) echo "usage: $0 knowledge|gsm8k-head|gsm8k-tail|summary" >&2; exit 2 ;;
 esac
