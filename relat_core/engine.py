@@ -103,6 +103,8 @@ class Trace:
     stopped_early: bool = False
     aborted: str | None = None  # why the update was abandoned and the base model answered
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    # Every TTT parameter the request ran with, defaults filled in: what a report needs to name a run in full.
+    options: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -372,7 +374,8 @@ class Engine:
                       answer_context="thought" if from_thought else "question",
                       guidance=ttt.guidance if ttt.guided else 1.0,
                       contrastive_eta=ttt.contrastive_eta if ttt.trains else 0.0,
-                      agents=ttt.agents, answer_format=answer_format)
+                      agents=ttt.agents, answer_format=answer_format,
+                      options={**asdict(ttt), "targets": list(ttt.targets)})
         sequence = _Sequence(request_id, segments, ttt, sampling, trace, time.perf_counter(),
                              messages=messages, team=team)
         sequence.generator = torch.Generator()  # one per request: its agents and its answer draw from it in turn

@@ -1,5 +1,6 @@
 """The `relat` command: `relat serve` (the HTTP server), `relat ask` (one request, on a local engine or against a
-server with --url) and `relat prepare` (fetch or convert a model into the cache)."""
+server with --url), `relat eval` (variants side by side on benchmark files: relat_eval.cli) and `relat prepare`
+(fetch or convert a model into the cache)."""
 
 from __future__ import annotations
 
@@ -262,6 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     ask_parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
     add_agent_prompts_argument(ask_parser)  # the local engine's; with --url, the server's setting applies
     ask_parser.set_defaults(handler=ask)
+    from relat_eval import cli as eval_cli
+
+    eval_parser = commands.add_parser("eval", help="score variants side by side on JSONL benchmarks, with a report",
+                                      description=eval_cli.__doc__,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    eval_cli.add_arguments(eval_parser)
+    eval_parser.set_defaults(handler=eval_cli.main)
     prepare = commands.add_parser("prepare", help="download or convert a model into the cache, then exit")
     prepare.add_argument("--model", help="HF id, local folder or .gguf file (default: the embedded SmolLM2-135M)")
     prepare.set_defaults(handler=prepare_model)
