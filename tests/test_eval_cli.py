@@ -237,3 +237,27 @@ def test_an_unreachable_server_stops_before_recording_anything(tmp_path, data):
     with pytest.raises(SystemExit):
         relat(["eval", *data, "--variants", "direct", "--url", "http://127.0.0.1:9", "--out", str(out)])
     assert read_records(out) == []
+
+
+def test_every_task_format_in_one_run(tmp_path, local_model):
+    files = {
+        "k.jsonl": [{"question": "Q?", "answers": ["a"]}],
+        "m.jsonl": [{"question": "2 + 2?", "answer": "2 + 2 = 4\n#### 4"}, {"problem": "Find n.", "answer": 7}],
+        "c.jsonl": [{"question": "Which?", "choices": ["x", "y"], "answer": "A"}],
+        "code.jsonl": [{"prompt": "def one():\n", "test": "def check(f):\n    assert f() == 1\n",
+                        "entry_point": "one"}, {"text": "Write two().", "test_list": ["assert two() == 2"]}],
+    }
+    argv = ["eval", "--variants", "direct", "--max-tokens", "8", "--out", str(tmp_path / "out")]
+    for name, items in files.items():
+        argv += ["--data", str(write_jsonl(tmp_path / name, items))]
+    assert relat(argv) == 0
+    records = {(r["data"], r["index"]): r for r in read_records(tmp_path / "out")}
+    assert {key: r["task"] for key, r in records.items()} == {
+        ("k.jsonl", 0): "knowledge", ("m.jsonl", 0): "maths", ("m.jsonl", 1): "maths", ("c.jsonl", 0): "choice",
+        ("code.jsonl", 0): "code", ("code.jsonl", 1): "code"}
+    assert records[("m.jsonl", 1)]["gold"] == "7"
+    # A random model's 8 tokens are no program: the sandbox ran it and said why it failed.
+    assert all(r["predicted"] and r["predicted"] != "passed" for key, r in records.items() if key[0] == "code.jsonl")
+    report = (tmp_path / "out" / "report.md").read_text()
+    for task in ("### knowledge", "### maths", "### choice", "### code", "### All tasks pooled"):
+        assert task in report
