@@ -303,6 +303,22 @@ def group_title(group: str, records: list[Record]) -> str:
     return f"### {group} ({files}; {items} items)\n"
 
 
+def per_file_table(records: list[Record], names: list[str]) -> str:
+    """Correct answers per data file and variant, when a task pools several files (empty otherwise)."""
+    files = list(dict.fromkeys(r["data"] for r in records))
+    if len(files) < 2:
+        return ""
+    lines = ["| file | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for data in files:
+        cells = []
+        for name in names:
+            mine = [r for r in records if r["data"] == data and r["variant"] == name]
+            correct = sum(bool(r.get("correct")) for r in mine)
+            cells.append(f"{correct}/{len(mine)}" if mine else "–")
+        lines.append(f"| {_code(data)} | " + " | ".join(cells) + " |")
+    return "Per file:\n\n" + "\n".join(lines) + "\n"
+
+
 def phase_table(records: list[Record], names: list[str]) -> str:
     head = ["variant", *PHASES, "other", "total_s", "latency (seconds)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -614,6 +630,8 @@ def body(folder: Path, records: list[Record], runs: list[dict[str, Any]], names:
         note = "" if paired or not has_baseline else f"`{baseline}` has no records here: no paired columns.\n\n"
         parts.append(group_title(group, subsets[group]) + "\n" + note + accuracy_table(rows.values(), baseline,
                                                                                         paired))
+        if group != POOLED:
+            parts.append(per_file_table(subsets[group], names))
     parts.append(_plot_link(plot_accuracy(folder / "accuracy.png", groups, names), "accuracy per variant and task",
                             "no accuracy plot"))
     if has_baseline:

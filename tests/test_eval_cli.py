@@ -79,6 +79,8 @@ def test_variants_are_a_method_and_any_request_option():
     quick = variants[3]
     assert quick.options == {"method": "relat", "steps": 1, "latent_steps": 1, "lr": 0.001,
                              "targets": ("q_proj", "v_proj")}
+    assert parse_variant("on=relat:adapter_during_answer=true:stop_loss=1").options == {
+        "method": "relat", "adapter_during_answer": True, "stop_loss": 1.0}
     textmas = variants[4]
     assert textmas.ttt == {"method": "direct", "agents": "sequential", "stop_loss": None}
     assert textmas.sampling == {"max_tokens": 64}
@@ -172,12 +174,13 @@ def test_a_request_the_engine_refuses_is_recorded_as_an_error(tmp_path, data, lo
     assert "| huge |" in (out / "report.md").read_text()
 
 
-def test_halves_split_by_parity_after_start_and_limit(tmp_path, local_model):
+@pytest.mark.parametrize("half, indices", [("confirm", [1, 3, 5]), ("search", [2, 4]), ("all", [1, 2, 3, 4, 5])])
+def test_halves_split_by_parity_after_start_and_limit(tmp_path, local_model, half, indices):
     items = write_jsonl(tmp_path / "k.jsonl", [{"question": f"Q{i}?", "answers": ["x"]} for i in range(7)])
     out = tmp_path / "out"
-    relat(["eval", "--data", str(items), "--start", "1", "--limit", "5", "--half", "confirm",
-           "--variants", "direct", "--out", str(out)])
-    assert sorted(r["index"] for r in read_records(out)) == [1, 3, 5]
+    relat(["eval", "--data", str(items), "--start", "1", "--limit", "5", "--half", half,
+           "--variants", "direct", "--out", str(out), "--max-tokens", "2"])
+    assert sorted(r["index"] for r in read_records(out)) == indices
 
 
 def test_a_variant_must_keep_its_options_and_an_item_its_question(tmp_path, data, local_model):
@@ -261,3 +264,62 @@ def test_every_task_format_in_one_run(tmp_path, local_model):
     report = (tmp_path / "out" / "report.md").read_text()
     for task in ("### knowledge", "### maths", "### choice", "### code", "### All tasks pooled"):
         assert task in report
+
+
+class FakeEngine:
+    """Finishes request i after 1 + i % 3 steps, so that requests overlap and finish out of order."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.defaults = relat_core.TTTParams()
+        self.live: dict[str, list] = {}
+        self.admitted: list[str] = []
+        self.most_live = 0
+
+    def add_request(self, request_id: str, request) -> None:
+        if len(self.live) >= self.num_slots:
+            raise relat_core.EngineBusy("no free adapter slot")
+        self.live[request_id] = [1 + len(self.admitted) % 3, request]
+        self.admitted.append(request_id)
+        self.most_live = max(self.most_live, len(self.live))
+
+    def step(self) -> list:
+        events = []
+        for request_id, entry in list(self.live.items()):
+            entry[0] -= 1
+            if not entry[0]:
+                del self.live[request_id]
+                trace = relat_core.Trace("direct", 0, False)
+                result = relat_core.Result("a", "stop", relat_core.Usage(4, 1), trace, [1])
+                events.append((request_id, relat_core.Finished(result)))
+        return events
+
+
+def test_the_local_runner_keeps_batch_requests_in_flight_in_item_order():
+    from relat_eval.runners import Job, LocalRunner
+
+    runner = object.__new__(LocalRunner)  # its engine, without loading a model
+    runner.engine, runner.batch = FakeEngine(3), 3
+    variants = parse_variants(["direct,relat"])
+    jobs = [Job("k.jsonl", index, "knowledge", {}, f"Q{index}?", 4, variant) for index in range(3)
+            for variant in variants]
+    finished = [job.request_id for job, outcome in runner.run(jobs)]
+    assert runner.engine.admitted == [job.request_id for job in jobs]  # item-major admission
+    assert runner.engine.most_live == 3
+    assert sorted(finished) == sorted(job.request_id for job in jobs) and finished != runner.engine.admitted
+
+
+def test_max_minutes_admits_nothing_after_the_deadline():
+    jobs = list(range(5))
+    assert list(eval_cli._until(jobs, deadline=float("inf"))) == jobs
+    assert list(eval_cli._until(jobs, deadline=0.0)) == []
+
+
+def test_a_baseline_left_out_of_the_variants_still_pairs(tmp_path, data, local_model):
+    out = tmp_path / "out"
+    relat(["eval", *data, "--variants", "direct,latent", "--out", str(out), "--limit", "1", "--max-tokens", "4"])
+    relat(["eval", *data, "--variants", "latent", "--baseline", "direct", "--out", str(out), "--report-only"])
+    pooled = (out / "report.md").read_text().split("### All tasks pooled")[1].split("![")[0]
+    rows = [line.strip("|").split("|") for line in pooled.splitlines() if line.startswith("| latent |")]
+    assert len(rows) == 1 and "| direct |" not in pooled  # direct is not shown, but latent is paired with it:
+    assert rows[0][4].strip().endswith("/2")  # replies that differ, out of the 2 items both answered

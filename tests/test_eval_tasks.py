@@ -70,6 +70,9 @@ def test_prompts_carry_the_task_instruction():
     ("It is the name of an element", ["Na"], False),
     ("The mitochondria.", ["mitochondri"], True),  # longer answers match inside words: a stem is enough
     ("It boils at 1000 degrees", ["100"], False),
+    ("Water boils at 100°C.", ["100"], True),  # a short answer beside a symbol is still a whole word
+    ("Sodium's symbol is NA (natrium)", ["Na"], True),
+    ("Leonardo da Vinci painted it", ["leonardo"], True),
     ("", ["blue"], False),
 ])
 def test_knowledge(reply, answers, expected):
@@ -80,6 +83,8 @@ def test_knowledge(reply, answers, expected):
 # -- maths ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, expected", [
+    ("The answer is 18.", ["18"]),
+    ("1,2,3", ["1", "2", "3"]),  # digits between commas are no thousands group
     ("She makes $1,234.50 a week", ["1234.50"]),
     ("It costs $ 7 and then -3 degrees", ["7", "-3"]),
     ("10-5 = 5", ["10", "5", "5"]),
@@ -101,10 +106,17 @@ GSM8K = {"question": "Q?", "answer": "9 * 2 = <<9*2=18>>18\n#### 18"}
     ("18 eggs, so 36 dollars", False, "36"),
     ("She sells \\boxed{18", True, "18"),  # unclosed at max_tokens: what there is
     ("no number", False, None),
+    ("\\boxed{x} so 18", True, "18"),  # a box without a number: the reply's last number
 ])
 def test_maths_gsm8k(reply, correct, predicted):
     score = tasks.score("maths", GSM8K, reply)
     assert (score.correct, score.predicted, score.gold) == (correct, predicted, "18")
+
+
+def test_maths_negative_and_decimal_answers():
+    assert tasks.score("maths", {"question": "Q", "answer": "#### -5"}, "It drops to -5 degrees.").correct
+    assert tasks.score("maths", {"question": "Q", "answer": "#### -12.5"}, "\\boxed{-12.50}").correct
+    assert not tasks.score("maths", {"question": "Q", "answer": "#### -5"}, "It is 5.").correct
 
 
 def test_maths_aime_and_gold_forms():
@@ -257,6 +269,17 @@ def test_data_files_are_well_formed(name, task, least):
         tasks.check_item(task, item)
         if task == "knowledge":  # echoing the question never scores
             assert not tasks.score(task, item, item["question"]).correct, item
+
+
+def test_knowledge_files_keep_their_fields_and_repeat_no_shared_question():
+    assert all(set(item) == {"question", "answers"} for item in read("knowledge_extra.jsonl"))
+    assert all(set(item) == {"question", "answers", "kind"} for item in read("knowledge_kinds.jsonl"))
+    shared = REPO.parent / "shared" / "data" / "knowledge_dev.jsonl"
+    if shared.exists():  # no question of the project's own sets repeats one of the shared set
+        dev = {json.loads(line)["question"].casefold() for line in shared.read_text().splitlines() if line.strip()}
+        ours = {item["question"].casefold() for name in ("knowledge_extra.jsonl", "knowledge_kinds.jsonl",
+                                                         "choice.jsonl") for item in read(name)}
+        assert not dev & ours
 
 
 def test_choice_gold_letters_are_balanced():
