@@ -12,7 +12,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """Next token from one row of logits (V,): greedy at temperature 0, else temperature, top-k, then top-p."""
     if params.greedy:
         return int(logits.argmax())
-    logits = logits.float() / params.temperature
+    # Shifted by the maximum (the distribution is the same) over a temperature no smaller than float32 can hold: a
+    # tiny temperature then makes the likeliest token certain, where it would overflow to inf - inf = nan.
+    logits = logits.float()
+    logits = (logits - logits.max()) / max(params.temperature, torch.finfo(logits.dtype).tiny)
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -21,6 +24,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the token that crosses it included).
         drop = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
+        drop[0] = False  # the likeliest token stays however small top_p is (in float32 a tiny one rounds to 0)
         probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 

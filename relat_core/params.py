@@ -19,6 +19,7 @@ FollowUp = Literal["bridge", "restate"]
 AnswerContext = Literal["thought", "question"]
 Agents = Literal["single", "sequential", "hierarchical"]
 AnswerFormat = Literal["auto", "text", "boxed", "choice", "code"]
+Target = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # ALL_TARGETS
 
 METHODS: tuple[str, ...] = ("direct", "latent", "relat")
 MAPPINGS: tuple[str, ...] = ("norm", "realign", "none", "soft")
@@ -47,6 +48,80 @@ class InvalidParameter(ValueError):
 def _require(condition: bool, param: str, message: str) -> None:
     if not condition:
         raise InvalidParameter(param, message)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The range of a numeric parameter, stated once: the dataclasses below check it, and the server generates
+    its request validation and its OpenAPI document's minimum/maximum from it (server/settings.py), so that the
+    API cannot promise what the engine refuses."""
+
+    low: float | None = None  # None: unbounded
+    high: float | None = None
+    low_open: bool = False  # (low, ... rather than [low, ...
+    high_open: bool = False
+    integer: bool = False
+
+    def holds(self, value: object) -> bool:
+        if not (_is_int(value) if self.integer else _is_number(value)):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        """'an integer in [0, 256]', 'in (0, 1]', 'positive', 'a non-negative integer', ..."""
+        kind = "an integer" if self.integer else "a number"
+        if self.low is not None and self.high is not None:
+            opening, closing = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            span = f"{opening}{_number(self.low)}, {_number(self.high)}{closing}"
+            return f"an integer in {span}" if self.integer else f"in {span}"
+        if self.low is None:
+            return kind
+        positive = self.low_open if self.low == 0 else (self.integer and self.low == 1 and not self.low_open)
+        if self.low == 0 or positive:
+            word = "positive" if positive else "non-negative"
+            return f"a {word} integer" if self.integer else word
+        return f"{kind} {'greater than' if self.low_open else 'at least'} {_number(self.low)}"
+
+    def message(self, name: str, value: object) -> str:
+        return f"{name} must be {self.describe()}, got {value!r}"
+
+    def json_schema(self) -> dict[str, object]:
+        """The range in JSON Schema (2020-12, as OpenAPI 3.1 has it)."""
+        schema: dict[str, object] = {"type": "integer" if self.integer else "number"}
+        if self.low is not None:
+            schema["exclusiveMinimum" if self.low_open else "minimum"] = self.low
+        if self.high is not None:
+            schema["exclusiveMaximum" if self.high_open else "maximum"] = self.high
+        return schema
+
+
+# The numeric TTT parameters' ranges (the others are enumerations, checked below).
+TTT_BOUNDS: dict[str, Bound] = {
+    "latent_steps": Bound(0, 256, integer=True),  # a request's L; `relat` needs at least 1 (checked below)
+    "steps": Bound(0, 100, integer=True),
+    "lr": Bound(0, 1, low_open=True),
+    "rank": Bound(1, 256, integer=True),
+    "alpha": Bound(0, low_open=True),
+    "stop_loss": Bound(0),  # or None: no early stop
+    "max_grad_norm": Bound(0, low_open=True),
+    "weight_decay": Bound(0),
+    "soft_temperature": Bound(0, 10, low_open=True),
+    "soft_top_k": Bound(0, integer=True),  # 0: the whole vocabulary
+    "residual_alpha": Bound(0, 1, high_open=True),
+    "guidance": Bound(0, MAX_GUIDANCE),
+    "contrastive_eta": Bound(0, MAX_GUIDANCE),
+    "agent_max_tokens": Bound(1, MAX_AGENT_TOKENS, integer=True),
+}
+SAMPLING_BOUNDS: dict[str, Bound] = {
+    "max_tokens": Bound(1, integer=True),
+    "temperature": Bound(0, 2),
+    "top_p": Bound(0, 1, low_open=True),
+    "top_k": Bound(0, integer=True),  # 0 disables top-k
+    # What torch's generators take: a seed beyond would fail inside the engine instead of as a 400.
+    "seed": Bound(-(2**63), 2**64 - 1, integer=True),
+}
 
 
 @dataclass(frozen=True)
@@ -97,44 +172,20 @@ class TTTParams:
     def __post_init__(self) -> None:
         _require(self.method in METHODS, "method",
                  f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        _require(_is_int(self.latent_steps) and 0 <= self.latent_steps <= 256, "latent_steps",
-                 f"latent_steps must be an integer in [0, 256], got {self.latent_steps!r}")
-        _require(_is_int(self.steps) and 0 <= self.steps <= 100, "steps",
-                 f"steps must be an integer in [0, 100], got {self.steps!r}")
-        _require(_is_number(self.lr) and 0 < self.lr <= 1, "lr", f"lr must be in (0, 1], got {self.lr!r}")
-        _require(_is_int(self.rank) and 1 <= self.rank <= 256, "rank",
-                 f"rank must be an integer in [1, 256], got {self.rank!r}")
-        _require(_is_number(self.alpha) and self.alpha > 0, "alpha", f"alpha must be positive, got {self.alpha!r}")
+        for name, bound in TTT_BOUNDS.items():
+            value = getattr(self, name)
+            _require((name == "stop_loss" and value is None) or bound.holds(value), name, bound.message(name, value))
         _require(isinstance(self.targets, (tuple, list)) and len(self.targets) > 0
                  and all(t in ALL_TARGETS for t in self.targets), "targets",
                  f"targets must be a non-empty subset of {', '.join(ALL_TARGETS)}, got {self.targets!r}")
-        _require(self.stop_loss is None or (_is_number(self.stop_loss) and self.stop_loss >= 0), "stop_loss",
-                 f"stop_loss must be null or a non-negative number, got {self.stop_loss!r}")
-        _require(_is_number(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm",
-                 f"max_grad_norm must be positive, got {self.max_grad_norm!r}")
-        _require(_is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
-                 f"weight_decay must be non-negative, got {self.weight_decay!r}")
         _require(self.mapping in MAPPINGS, "mapping", f"mapping must be one of {', '.join(MAPPINGS)}")
-        _require(_is_number(self.soft_temperature) and 0 < self.soft_temperature <= 10, "soft_temperature",
-                 f"soft_temperature must be in (0, 10], got {self.soft_temperature!r}")
-        _require(_is_int(self.soft_top_k) and self.soft_top_k >= 0, "soft_top_k",
-                 f"soft_top_k must be a non-negative integer (0: the whole vocabulary), got {self.soft_top_k!r}")
         _require(self.answer_context in ANSWER_CONTEXTS, "answer_context",
                  f"answer_context must be one of {', '.join(ANSWER_CONTEXTS)}, got {self.answer_context!r}")
-        _require(_is_number(self.guidance) and 0 <= self.guidance <= MAX_GUIDANCE, "guidance",
-                 f"guidance must be in [0, {MAX_GUIDANCE:g}], got {self.guidance!r}")
-        _require(_is_number(self.contrastive_eta) and 0 <= self.contrastive_eta <= MAX_GUIDANCE, "contrastive_eta",
-                 f"contrastive_eta must be in [0, {MAX_GUIDANCE:g}], got {self.contrastive_eta!r}")
-        _require(_is_number(self.residual_alpha) and 0 <= self.residual_alpha < 1, "residual_alpha",
-                 f"residual_alpha must be in [0, 1), got {self.residual_alpha!r}")
         _require(self.follow_up in FOLLOW_UPS, "follow_up", f"follow_up must be one of {', '.join(FOLLOW_UPS)}")
         _require(isinstance(self.reconstruction_instruction, str) and bool(self.reconstruction_instruction.strip()),
                  "reconstruction_instruction",
                  "reconstruction_instruction must not be empty")
         _require(self.agents in AGENTS, "agents", f"agents must be one of {', '.join(AGENTS)}, got {self.agents!r}")
-        _require(_is_int(self.agent_max_tokens) and 1 <= self.agent_max_tokens <= MAX_AGENT_TOKENS,
-                 "agent_max_tokens",
-                 f"agent_max_tokens must be an integer in [1, {MAX_AGENT_TOKENS}], got {self.agent_max_tokens!r}")
         _require(self.answer_format in ANSWER_FORMATS, "answer_format",
                  f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {self.answer_format!r}")
         if self.method == "relat":
@@ -169,15 +220,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, list):
             object.__setattr__(self, "stop", tuple(self.stop))
-        _require(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
-                 f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        _require(_is_number(self.temperature) and 0 <= self.temperature <= 2, "temperature",
-                 f"temperature must be in [0, 2], got {self.temperature!r}")
-        _require(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p",
-                 f"top_p must be in (0, 1], got {self.top_p!r}")
-        _require(_is_int(self.top_k) and self.top_k >= 0, "top_k",
-                 f"top_k must be a non-negative integer, got {self.top_k!r}")
-        _require(self.seed is None or _is_int(self.seed), "seed", f"seed must be an integer, got {self.seed!r}")
+        for name, bound in SAMPLING_BOUNDS.items():
+            value = getattr(self, name)
+            _require((name == "seed" and value is None) or bound.holds(value), name, bound.message(name, value))
         _require(isinstance(self.stop, (tuple, list)) and len(self.stop) <= 4
                  and all(isinstance(s, str) and s for s in self.stop), "stop",
                  "stop must hold at most 4 non-empty strings")
@@ -190,6 +235,10 @@ class SamplingParams:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def _is_number(value: object) -> bool:

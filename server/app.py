@@ -3,22 +3,25 @@
 Life of the app: it listens at once and loads the model in a thread (`/health` 200, `/ready` 503 until it is
 loaded); SIGTERM (through `Service.drain`, called by `relat serve`) turns `/ready` to 503 and refuses new work
 while in-flight requests finish. Everything per app lives on `app.state.service`, so tests can run several apps.
+Requests are validated by the server's own request classes (its limits in their bounds), which its OpenAPI
+document is generated from (server/openapi.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import json
+import dataclasses
+import hashlib
+import hmac
 import logging
 import re
-import secrets
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -28,11 +31,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from relat_core import AgentPrompts, Engine, InvalidParameter, load_model
+from relat_core import AgentPrompts, Engine, InvalidParameter, Request, TTTParams, load_model
 
 from .errors import (
     APIError,
-    BadRequest,
+    ContextLengthExceeded,
     ErrorInfo,
     ModelNotFound,
     PayloadTooLarge,
@@ -42,15 +45,19 @@ from .errors import (
     describe,
 )
 from .metrics import Metrics
+from .openapi import openapi_document
 from .protocol import (
     ChatCompletionRequest,
+    Health,
     ModelCard,
     ModelList,
+    Readiness,
     RelatRequest,
     ServerDefaults,
     engine_request,
     new_id,
     now,
+    request_models,
 )
 from .runner import Job, Runner
 from .settings import Settings
@@ -59,6 +66,7 @@ from .streaming import SSE_HEADERS, ChatRenderer, NativeRenderer, chat_response,
 log = logging.getLogger("relat_server")
 
 CLIENT_CLOSED = 499  # nginx's status for "the client went away first"; nobody receives it
+OPEN_PATHS = frozenset({"/health", "/ready"})  # probes: kubelets and load balancers send no key
 
 
 def default_loader(settings: Settings) -> Callable[[], Engine]:
@@ -84,34 +92,62 @@ class Service:
         self.phase = "loading"
         self.created = now()
         self._load_engine = load_engine
-        self._api_keys = [key.encode() for key in settings.api_keys]
+        # Digests of equal length: comparing them takes the same time whatever the key sent, even its length.
+        self._key_digests = [_digest(key.get_secret_value().encode()) for key in settings.api_keys]
+        self.models = request_models(settings.limits())
+        self.context_length: int | None = None  # prompt + answer, in tokens; known once the model is loaded
         self.runner: Runner | None = None
         self.defaults: ServerDefaults | None = None
         self.model_name = settings.served_model_name or ""
         self.tokenizer: Any = None
-        # `relat serve` sets this to stop the process when the model cannot be loaded.
+        # `relat serve` sets this to stop the process when the model cannot be loaded or the engine dies.
         self.on_fatal: Callable[[], None] | None = None
 
     async def load(self) -> None:
+        loop = asyncio.get_running_loop()
         runner = Runner(self._load_engine, self.metrics, self.settings.max_queue, self.settings.max_concurrency,
-                        self.settings.batch_window)
+                        self.settings.batch_window, on_death=lambda _: loop.call_soon_threadsafe(self._fail))
         try:
             engine = await runner.start()  # loaded on the thread that will run it
-            defaults = engine.defaults.replace(**self.settings.ttt_fields())
+            defaults = self._defaults(engine)
         except Exception:
             log.exception("cannot load the model")
             await asyncio.to_thread(runner.stop)
-            self.phase = "failed"
-            if self.on_fatal is not None:
-                self.on_fatal()
+            self._fail()
             return
         self.defaults = ServerDefaults(defaults, self.settings.sampling_defaults())
         # The engine's thread uses its tokenizer; a fast tokenizer must not be used by two threads at once.
         self.tokenizer = copy.deepcopy(engine.tokenizer)
         self.model_name = self.settings.served_model_name or engine.name
+        self.context_length = self._context_length(engine)
         self.runner = runner
         self.phase = "ready"
         log.info("serving %s; default TTT parameters: %s", self.model_name, defaults)
+
+    def _fail(self) -> None:
+        """The model could not be loaded or the engine's thread died: /health turns 503 and the process stops."""
+        self.phase = "failed"
+        if self.on_fatal is not None:
+            self.on_fatal()
+
+    def _defaults(self, engine: Engine) -> TTTParams:
+        """The engine's defaults for the model with the operator's settings applied, within the server's limits:
+        a request that leaves a field out must not be given more than it may ask for."""
+        defaults = engine.defaults.replace(**self.settings.ttt_fields())
+        over = {name: limit for name, limit in self.settings.limits().items() if getattr(defaults, name) > limit}
+        if over:
+            log.warning("the model's defaults (%s) exceed this server's limits; using the limits",
+                        ", ".join(f"{name} {getattr(defaults, name)}" for name in over))
+            defaults = defaults.replace(**over)
+        return defaults
+
+    def _context_length(self, engine: Engine) -> int | None:
+        """The model's context (max_position_embeddings), or the max_model_len setting below it."""
+        model = getattr(engine.model.config, "max_position_embeddings", None)
+        setting = self.settings.max_model_len
+        if setting is not None and model is not None and setting > model:
+            log.warning("max_model_len %d is over the model's context of %d tokens; using %d", setting, model, model)
+        return min((n for n in (model, setting) if n is not None), default=None)
 
     async def drain(self) -> None:
         """Refuse new requests and wait for in-flight ones, up to the drain timeout; then cancel what is left,
@@ -130,21 +166,26 @@ class Service:
 
     # -- request checks, in the order a request meets them -------------------------------------------------
 
-    def authorize(self, header: str | None) -> None:
-        if not self._api_keys:
-            return
-        scheme, _, token = (header or "").partition(" ")
-        given = token.strip().encode()
+    def requires_key(self, path: str) -> bool:
+        """Every route needs a key when keys are set, but the probes, and /metrics unless metrics_need_key."""
+        if not self._key_digests or path in OPEN_PATHS:
+            return False
+        return path != "/metrics" or self.settings.metrics_need_key
+
+    def authorize(self, header: bytes) -> None:
+        """Raises Unauthorized unless `header` is `Bearer <one of the keys>`; the key is never logged or echoed."""
+        scheme, _, token = header.partition(b" ")
+        given = _digest(token.strip())
         # compare_digest with every key, no early exit: the time taken says nothing about which key came close.
         matched = False
-        for key in self._api_keys:
-            matched |= secrets.compare_digest(given, key)
-        if scheme.lower() != "bearer" or not matched:
+        for digest in self._key_digests:
+            matched |= hmac.compare_digest(given, digest)
+        if scheme.lower() != b"bearer" or not matched:
             raise Unauthorized("missing or invalid API key; send Authorization: Bearer <key>")
 
     def check_ready(self) -> None:
         reasons = {"loading": "the model is still loading", "draining": "the server is shutting down",
-                   "failed": "the model failed to load"}
+                   "failed": "the engine failed"}
         if self.phase != "ready":
             raise Unavailable(reasons[self.phase])
 
@@ -153,17 +194,34 @@ class Service:
             raise ModelNotFound(f"the model {name!r} does not exist; this server serves {self.model_name!r}",
                                 param="model")
 
-    def check_prompt(self, messages: list[dict[str, str]]) -> None:
+    def check_prompt(self, messages: list[dict[str, str]]) -> int:
+        """The prompt's length in tokens; 413 past max_prompt_tokens or with no room left for an answer."""
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         count = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         limit = self.settings.max_prompt_tokens
         if count > limit:
             raise PromptTooLong(f"the prompt has {count} tokens; this server accepts at most {limit}",
                                 param="messages")
+        if self.context_length is not None and count >= self.context_length:
+            raise PromptTooLong(f"the prompt has {count} tokens; the model's context is {self.context_length}",
+                                param="messages")
+        return count
+
+    def fit_context(self, request: Request, prompt_tokens: int, sent: bool, param: str) -> Request:
+        """The answer within the context the prompt leaves, as vLLM has it: a request that asks for more is a 400;
+        the server's default length is cut to fit."""
+        room = None if self.context_length is None else self.context_length - prompt_tokens
+        if room is None or request.sampling.max_tokens <= room:
+            return request
+        if sent:
+            raise ContextLengthExceeded(
+                f"the model's context is {self.context_length} tokens: the prompt's {prompt_tokens} leave {room} "
+                f"for the answer, and {param} asks for {request.sampling.max_tokens}", param=param)
+        return dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, max_tokens=room))
 
     def submit(self, request_id: str, messages: list[dict], ttt_fields: dict, sampling_fields: dict,
-               timeout: float | None, ttt_prefix: str) -> Job:
-        """Validate a request's parameters and prompt, then queue it (the deadline: at most the server's)."""
+               timeout: float | None, ttt_prefix: str, max_tokens_param: str) -> Job:
+        """Validate a request's parameters, prompt and length, then queue it (the deadline: at most the server's)."""
         assert self.runner is not None and self.defaults is not None
         request = engine_request(messages, ttt_fields, sampling_fields, self.defaults, ttt_prefix)
         try:
@@ -172,7 +230,9 @@ class Service:
             if error.param.startswith("messages"):
                 raise
             raise InvalidParameter(ttt_prefix + error.param, str(error)) from None
-        self.check_prompt(messages)
+        prompt_tokens = self.check_prompt(messages)
+        request = self.fit_context(request, prompt_tokens, sampling_fields["max_tokens"] is not None,
+                                   max_tokens_param)
         deadline = min(timeout or self.settings.request_timeout, self.settings.request_timeout)
         return self.runner.submit(request_id, request, deadline)
 
@@ -180,12 +240,16 @@ class Service:
         self.metrics.errors.labels(str(info.status)).inc()
 
 
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
+
+
 def service_of(request: HTTPRequest) -> Service:
     return request.app.state.service
 
 
-async def read_json(request: HTTPRequest, limit: int) -> dict:
-    """The body as a JSON object: 413 past `limit` bytes (declared or streamed), 400 for anything not an object."""
+async def read_body(request: HTTPRequest, limit: int) -> bytes:
+    """The body, or 413 past `limit` bytes (declared or streamed)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body is over {limit} bytes")
@@ -194,25 +258,17 @@ async def read_json(request: HTTPRequest, limit: int) -> dict:
         body += chunk
         if len(body) > limit:
             raise PayloadTooLarge(f"the request body is over {limit} bytes")
-    try:
-        value = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BadRequest(f"the request body is not valid JSON: {error}") from None
-    if not isinstance(value, dict):
-        raise BadRequest("the request body must be a JSON object")
-    return value
+    return bytes(body)
 
 
 async def parse(request: HTTPRequest, model: type[BaseModel]) -> Any:
+    """The body as `model` (one of the server's request classes): pydantic parses the JSON itself, so that invalid
+    JSON, a body that is not an object and a field of the wrong type are all 400s that say so."""
     service = service_of(request)
     service.check_ready()
-    body = model.model_validate(await read_json(request, service.settings.max_body_bytes))
+    body = model.model_validate_json(await read_body(request, service.settings.max_body_bytes))
     service.check_model(body.model)
     return body
-
-
-async def require_api_key(request: HTTPRequest) -> None:
-    service_of(request).authorize(request.headers.get("authorization"))
 
 
 def stream_response(service: Service, job: Job, renderer: ChatRenderer | NativeRenderer) -> StreamingResponse:
@@ -222,17 +278,19 @@ def stream_response(service: Service, job: Job, renderer: ChatRenderer | NativeR
 
 # -- routes -------------------------------------------------------------------------------------------------
 
-api = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+api = APIRouter(prefix="/v1")  # keys are checked before routing (RequestContext), for every route that needs one
 
 
 @api.post("/chat/completions")
 async def chat_completions(request: HTTPRequest) -> Response:
+    """OpenAI's Chat Completions, streaming or not, with the `relat` extension."""
     service = service_of(request)
-    body: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
+    body: ChatCompletionRequest = await parse(request, service.models.chat)
     messages = [m.model_dump(include={"role", "content"}) for m in body.messages]
     relat = body.relat
     job = service.submit(request.state.request_id, messages, relat.ttt_fields() if relat else {},
-                         body.sampling_fields(), relat.timeout if relat else None, ttt_prefix="relat.")
+                         body.sampling_fields(), relat.timeout if relat else None, ttt_prefix="relat.",
+                         max_tokens_param=body.max_tokens_param)
     completion_id, created = new_id("chatcmpl"), now()
     if body.stream:
         renderer = ChatRenderer(completion_id, created, service.model_name, body.include_usage)
@@ -245,10 +303,11 @@ async def chat_completions(request: HTTPRequest) -> Response:
 
 @api.post("/relat")
 async def relat(request: HTTPRequest) -> Response:
+    """One question in, the answer and the whole trace out; typed events when streaming."""
     service = service_of(request)
-    body: RelatRequest = await parse(request, RelatRequest)
+    body: RelatRequest = await parse(request, service.models.native)
     job = service.submit(request.state.request_id, body.messages(), body.ttt_fields(), body.sampling_fields(),
-                         body.timeout, ttt_prefix="")
+                         body.timeout, ttt_prefix="", max_tokens_param=body.max_tokens_param)
     fields = {"id": new_id("relat"), "created": now(), "model": service.model_name}
     if body.stream:
         return stream_response(service, job, NativeRenderer(fields))
@@ -260,6 +319,7 @@ async def relat(request: HTTPRequest) -> Response:
 
 @api.get("/models")
 async def models(request: HTTPRequest) -> ModelList:
+    """The served model (one)."""
     service = service_of(request)
     service.check_ready()
     return ModelList(data=[ModelCard(id=service.model_name, created=service.created)])
@@ -270,19 +330,22 @@ probes = APIRouter()
 
 @probes.get("/health")
 async def health(request: HTTPRequest) -> Response:
+    """200 while the process is alive; 503 if the model failed to load or the engine's thread died."""
     failed = service_of(request).phase == "failed"
-    return JSONResponse({"status": "failed" if failed else "ok"}, status_code=503 if failed else 200)
+    return JSONResponse(Health(status="failed" if failed else "ok").model_dump(), status_code=503 if failed else 200)
 
 
 @probes.get("/ready")
 async def ready(request: HTTPRequest) -> Response:
+    """200 when requests are accepted; 503 while the model loads or the server drains."""
     # Not an error response (and not counted as one): a probe's answer while loading or draining.
     phase = service_of(request).phase
-    return JSONResponse({"status": phase}, status_code=200 if phase == "ready" else 503)
+    return JSONResponse(Readiness(status=phase).model_dump(), status_code=200 if phase == "ready" else 503)
 
 
 @probes.get("/metrics")
 async def metrics(request: HTTPRequest) -> Response:
+    """Prometheus metrics."""
     return PlainTextResponse(generate_latest(service_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -293,12 +356,21 @@ def error_response(service: Service, info: ErrorInfo) -> JSONResponse:
     return JSONResponse(info.body(), status_code=info.status, headers=info.headers)
 
 
-_REQUEST_ID = re.compile(r"[\w.:/+=-]{1,128}")  # echo ids that are safe in a header and a log line
+# A client's X-Request-Id goes into log lines and a response header: only ASCII letters, digits and a few marks,
+# so that it can neither break a line nor smuggle anything; any other is replaced by one of ours.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def _route_path(scope: Scope) -> str:
+    """The path as routes see it (without the root path of an app mounted below a prefix)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 class RequestContext:
-    """Pure ASGI middleware (it must not wrap `receive`): X-Request-Id on every response, and the 500 of last
-    resort, so that even an unexpected error gets the OpenAI error shape, the id, and no stack trace."""
+    """Pure ASGI middleware (it must not wrap `receive`): X-Request-Id on every response, the API key check before
+    any route (unknown paths and the OpenAPI document included), and the 500 of last resort, so that even an
+    unexpected error gets the OpenAI error shape, the id, and no stack trace."""
 
     def __init__(self, app: ASGIApp, service: Service):
         self.app = app
@@ -320,6 +392,12 @@ class RequestContext:
                 MutableHeaders(scope=message)["X-Request-Id"] = request_id
             await send(message)
 
+        if self.service.requires_key(_route_path(scope)):
+            try:
+                self.service.authorize(dict(scope["headers"]).get(b"authorization", b""))
+            except Unauthorized as error:
+                await error_response(self.service, describe(error))(scope, receive, send_with_id)
+                return
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as error:
@@ -354,6 +432,7 @@ def create_app(settings: Settings, load_engine: Callable[[], Engine] | None = No
     app.state.service = service
     app.include_router(api)
     app.include_router(probes)
+    app.openapi = lambda: openapi_document(app, service)  # type: ignore[method-assign]
     handle = _handler(service)
     for error_class in (APIError, InvalidParameter, ValidationError, RequestValidationError, HTTPException):
         app.add_exception_handler(error_class, handle)

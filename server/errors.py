@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from relat_core import EngineBusy, InvalidParameter
@@ -26,6 +27,7 @@ class APIError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
+    headers: ClassVar[dict[str, str]] = {}
 
     def __init__(self, message: str, param: str | None = None, retry_after: int | None = None):
         super().__init__(message)
@@ -37,8 +39,15 @@ class BadRequest(APIError):
     status, type, code = 400, "invalid_request_error", "invalid_value"
 
 
+class ContextLengthExceeded(BadRequest):
+    """The prompt and the answer asked for do not fit in the model's context."""
+
+    code = "context_length_exceeded"
+
+
 class Unauthorized(APIError):
     status, type, code = 401, "authentication_error", "invalid_api_key"
+    headers = {"WWW-Authenticate": "Bearer"}  # RFC 9110: a 401 names the scheme it wants
 
 
 class ModelNotFound(APIError):
@@ -73,6 +82,25 @@ class DeadlineExceeded(APIError):
     status, type, code = 504, "timeout_error", "deadline_exceeded"
 
 
+class ErrorObject(BaseModel):
+    message: str
+    type: str
+    param: str | None = Field(description="the request field at fault, as sent: 'relat.steps', 'messages[0].role'")
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: every error response, and the event of an error in a chat stream."""
+
+    error: ErrorObject
+
+
+class StreamError(ErrorResponse):
+    """The `error` event of a native stream: the error and the HTTP status it would have had."""
+
+    status: int
+
+
 @dataclass
 class ErrorInfo:
     status: int
@@ -83,13 +111,15 @@ class ErrorInfo:
     headers: dict[str, str] = field(default_factory=dict)
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        error = ErrorObject(message=self.message, type=self.type, param=self.param, code=self.code)
+        return ErrorResponse(error=error).model_dump()
 
     def json(self) -> str:
         return json.dumps(self.body())
 
 
-# Pydantic puts the member of a union it tried into the location ("str", "list[str]", ...); clients know fields.
+# Pydantic puts the member of a union it tried into the location ("str", "list[str]", "constrained-str", ...);
+# clients know fields.
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
@@ -99,7 +129,7 @@ def _param(location: tuple) -> str | None:
     for part in location:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif part != "body" and part not in _UNION_TAGS and "[" not in part:
+        elif part != "body" and part not in _UNION_TAGS and "[" not in part and not part.startswith("constrained-"):
             text += f".{part}" if text else part
     return text or None
 
@@ -116,7 +146,9 @@ def _most_specific(errors: list[dict]) -> dict:
 def describe(error: BaseException) -> ErrorInfo:
     """The one mapping from an exception to status, OpenAI error object and headers."""
     if isinstance(error, APIError):
-        headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else {}
+        headers = dict(error.headers)
+        if error.retry_after is not None:
+            headers["Retry-After"] = str(error.retry_after)
         return ErrorInfo(error.status, str(error), error.type, error.param, error.code, headers)
     if isinstance(error, InvalidParameter):  # relat_core's own parameter checks
         return ErrorInfo(400, str(error), "invalid_request_error", error.param, "invalid_value")

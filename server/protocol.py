@@ -1,9 +1,11 @@
 """The wire format: OpenAI's Chat Completions objects field by field, the `relat` extension, the native endpoint.
 
-Requests accept unknown fields and log them (an SDK newer than the server must keep working); bounds live in
-the field types so that a bad value is a 400 naming its field. The TTT fields carry no bounds here: TTTParams
-(relat_core/params.py) owns them and names the field it rejects, and repeating them would let the two drift.
-`engine_request` is the one place that turns a request into engine parameters.
+Requests accept unknown fields and log them (an SDK newer than the server must keep working), and take each
+field's type strictly, as OpenAI does ("5" is not an integer); bounds live in the field types so that a bad value
+is a 400 naming its field. The numeric bounds come from relat_core/params.py through `bounded`, and a server's
+limits narrow them in its own request classes (`request_models`): the server validates with the classes its
+OpenAPI document is generated from, so the document is the API. `engine_request` is the one place that turns a
+request into engine parameters.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ import warnings
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model, model_validator
 
 from relat_core import InvalidParameter, Request, SamplingParams, TTTParams
 
-from .settings import TTTOptions
+from .settings import JSONInteger, TTTOptions, bounded
 
 log = logging.getLogger("relat_server")
 
@@ -28,7 +30,7 @@ OPENAI_SAMPLING_DEFAULTS: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "t
 
 
 class OpenAIBaseModel(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _log_ignored_fields(self) -> OpenAIBaseModel:
@@ -44,10 +46,16 @@ def _none(value: object) -> bool:
 # -- fields shared by the chat and native requests (llama-cpp-python style) -----------------------------------
 
 StopField = Field(None, description="up to 4 strings that end the answer (not included in it)")
-Stop = str | Annotated[list[str], Field(max_length=4)] | None
-TemperatureField = Field(None, ge=0, le=2, description="0 is greedy; default 1 (or the server's)")
-TopPField = Field(None, gt=0, le=1, description="nucleus sampling mass; default 1 (or the server's)")
-TopKField = Field(None, ge=0, description="sample among the k likeliest tokens; 0 disables (vLLM's extension)")
+StopString = Annotated[str, Field(min_length=1)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=4)] | None
+MaxTokens = bounded("max_tokens") | None  # and at most the context left after the prompt (checked by the server)
+Temperature = bounded("temperature") | None
+TemperatureField = Field(None, description="0 is greedy; default 1 (or the server's)")
+TopP = bounded("top_p") | None
+TopPField = Field(None, description="nucleus sampling mass; default 1 (or the server's)")
+TopK = bounded("top_k") | None
+TopKField = Field(None, description="sample among the k likeliest tokens; 0 disables (vLLM's extension)")
+Seed = bounded("seed") | None
 SeedField = Field(None, description="same seed, same answer; also seeds the adapter's initialisation")
 IgnoreEosField = Field(None, description="keep decoding past end-of-sequence tokens (vLLM's extension)")
 ModelField = Field(None, description="the served model's name (GET /v1/models); may be left out")
@@ -83,17 +91,18 @@ class ChatCompletionRequest(OpenAIBaseModel):
     # In the order of OpenAI's reference; fields it has and we do not serve fall into the logged extras.
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = ModelField
-    max_completion_tokens: int | None = Field(None, ge=1, description="answer length limit in tokens")
-    max_tokens: int | None = Field(None, ge=1, deprecated="max_tokens is deprecated: use max_completion_tokens")
-    n: int | None = Field(1, ge=1, le=1, description="only 1 is supported")
-    seed: int | None = SeedField
+    max_completion_tokens: MaxTokens = Field(None, description="answer length limit in tokens")
+    max_tokens: MaxTokens = Field(None, deprecated="max_tokens is deprecated: use max_completion_tokens")
+    n: Annotated[JSONInteger, Field(ge=1, le=1), WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 1})] \
+        | None = Field(1, description="only 1 is supported")
+    seed: Seed = SeedField
     stop: Stop = StopField
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = TemperatureField
-    top_p: float | None = TopPField
+    temperature: Temperature = TemperatureField
+    top_p: TopP = TopPField
     user: str | None = None
-    top_k: int | None = TopKField
+    top_k: TopK = TopKField
     ignore_eos: bool | None = IgnoreEosField
     relat: RelatOptions | None = Field(None, description="ReLAT parameters (through the SDK: extra_body)")
 
@@ -105,6 +114,11 @@ class ChatCompletionRequest(OpenAIBaseModel):
                 "seed": self.seed, "stop": self.stop, "ignore_eos": self.ignore_eos}
 
     @property
+    def max_tokens_param(self) -> str:
+        """The field that set the answer's length, as errors name it."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
@@ -112,17 +126,21 @@ class ChatCompletionRequest(OpenAIBaseModel):
 class RelatRequest(RelatOptions):
     """POST /v1/relat: one question; TTT fields at the top level."""
 
-    question: str = Field(min_length=1, description="the question")
+    question: str = Field(min_length=1, pattern=r"\S", description="the question (not blank)")
     system: str | None = Field(None, description="an optional system message")
     model: str | None = ModelField
-    stream: bool | None = Field(False, description="typed SSE events: ttt_step, token, done")
-    max_tokens: int | None = Field(None, ge=1, description="answer length limit in tokens")
-    temperature: float | None = TemperatureField
-    top_p: float | None = TopPField
-    top_k: int | None = TopKField
-    seed: int | None = SeedField
+    stream: bool | None = Field(False, description="typed SSE events: ttt_step, agent, token, done")
+    max_tokens: MaxTokens = Field(None, description="answer length limit in tokens")
+    temperature: Temperature = TemperatureField
+    top_p: TopP = TopPField
+    top_k: TopK = TopKField
+    seed: Seed = SeedField
     stop: Stop = StopField
     ignore_eos: bool | None = IgnoreEosField
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_tokens"
 
     def messages(self) -> list[dict[str, str]]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -130,6 +148,30 @@ class RelatRequest(RelatOptions):
 
     def sampling_fields(self) -> dict[str, Any]:
         return self.model_dump(include={"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos"})
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    """One server's request classes: the TTT fields in LIMITS bounded by its settings as well as by TTTParams."""
+
+    chat: type[ChatCompletionRequest]
+    native: type[RelatRequest]
+
+
+def request_models(limits: dict[str, int]) -> RequestModels:
+    """The request classes of a server with these limits (Settings.limits). They keep the names of the classes they
+    narrow, so that the OpenAPI document names them as the API does."""
+    narrowed: dict[str, Any] = {
+        name: (bounded(name, limit) | None, Field(None, description=TTTOptions.model_fields[name].description))
+        for name, limit in limits.items()}
+    options = create_model("RelatOptions", __base__=RelatOptions, __doc__=RelatOptions.__doc__,
+                           __module__=__name__, **narrowed)
+    relat_field = ChatCompletionRequest.model_fields["relat"]
+    chat = create_model("ChatCompletionRequest", __base__=ChatCompletionRequest, __doc__=ChatCompletionRequest.__doc__,
+                        __module__=__name__, relat=(options | None, Field(None, description=relat_field.description)))
+    native = create_model("RelatRequest", __base__=RelatRequest, __doc__=RelatRequest.__doc__, __module__=__name__,
+                          **narrowed)
+    return RequestModels(chat, native)
 
 
 # -- request -> engine ----------------------------------------------------------------------------------------
@@ -231,6 +273,47 @@ class RelatResponse(BaseModel):
     finish_reason: Literal["stop", "length"]
     usage: UsageInfo
     trace: dict[str, Any]
+
+
+# -- the native stream's events (the `done` event is a RelatResponse, `error` a StreamError) ---------------------
+
+class TrainStepEvent(BaseModel):
+    """`ttt_step`: a finished training step of the adapter."""
+
+    step: int = Field(description="1-based")
+    steps: int
+    loss: float = Field(description="the reconstruction loss before this step's update")
+    grad_norm: float | None = Field(description="null when the step stopped training (stop_loss) before an update")
+    seconds: float
+
+
+class AgentTurn(BaseModel):
+    """`agent`: an agent of a multi-agent request finished its turn (as in the trace's agent_turns)."""
+
+    role: str
+    label: str
+    kind: Literal["text", "latent", "answer"]
+    prompt_tokens: int
+    latent_positions: int
+    completion_tokens: int
+    seconds: float
+    text: str | None = Field(None, exclude_if=_none, description="what a TextMAS agent wrote")
+
+
+class TokenEvent(BaseModel):
+    """`token`: a piece of the answer's text."""
+
+    text: str
+
+
+# -- probes and models ------------------------------------------------------------------------------------------
+
+class Health(BaseModel):
+    status: Literal["ok", "failed"]
+
+
+class Readiness(BaseModel):
+    status: Literal["loading", "ready", "draining", "failed"]
 
 
 class ModelCard(BaseModel):

@@ -13,14 +13,75 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from relat_core.agents import AgentPrompts
-from relat_core.params import ALL_TARGETS, Agents, AnswerContext, AnswerFormat, FollowUp, Mapping, Method, TTTParams
+from relat_core.params import (
+    ALL_TARGETS,
+    SAMPLING_BOUNDS,
+    TTT_BOUNDS,
+    Agents,
+    AnswerContext,
+    AnswerFormat,
+    FollowUp,
+    InvalidParameter,
+    Mapping,
+    Method,
+    Target,
+    TTTParams,
+)
 
 SAMPLING_FIELDS: tuple[str, ...] = ("temperature", "top_p", "top_k")
+
+
+BOUNDS = {**TTT_BOUNDS, **SAMPLING_BOUNDS}
+
+
+def invalid(message: str) -> PydanticCustomError:
+    """A validation error whose message is ours (the engine's wording) rather than pydantic's."""
+    return PydanticCustomError("invalid_value", "{message}", {"message": message})
+
+
+def _integral(value: Any) -> Any:
+    """2.0 as 2: JSON Schema's integers include numbers with a zero fraction, and strict validation would refuse
+    them (a fraction is still refused)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+JSONInteger = Annotated[int, BeforeValidator(_integral)]
+
+
+def bounded(name: str, limit: int | None = None) -> Any:
+    """The type of the numeric parameter `name` as relat_core.params bounds it and, with `limit`, as a server
+    setting bounds it further. The check and the JSON schema's range both come from that one Bound, so that the
+    OpenAPI document cannot promise what validation refuses; the messages are the engine's."""
+    bound = BOUNDS[name]
+    schema = bound.json_schema()
+    if limit is not None:
+        schema.pop("exclusiveMaximum", None)
+        schema["maximum"] = limit
+
+    def check(value: float) -> float:
+        if not bound.holds(value):
+            raise invalid(bound.message(name, value))
+        if limit is not None and value > limit:
+            raise invalid(f"{name} must be at most {limit} on this server, got {value!r}")
+        return value
+
+    return Annotated[JSONInteger if bound.integer else float, AfterValidator(check), WithJsonSchema(schema)]
 
 
 def _split_commas(value: Any) -> Any:
@@ -38,33 +99,40 @@ class TTTOptions(BaseModel):
     """
 
     method: Method | None = Field(None, description="direct, latent (open loop) or relat (closed loop)")
-    steps: int | None = Field(None, description="test-time training steps N, 0..100")
-    latent_steps: int | None = Field(None, description="latent thought length L, 0..256")
-    lr: float | None = Field(None, description="AdamW learning rate of the adapter, (0, 1]")
-    rank: int | None = Field(None, description="LoRA rank of the adapter, up to the server's max_rank")
-    alpha: float | None = Field(None, description="LoRA alpha (scale alpha/rank)")
-    targets: Annotated[list[str] | None, NoDecode] = Field(
+    steps: bounded("steps") | None = Field(None, description="test-time training steps N")
+    latent_steps: bounded("latent_steps") | None = Field(
+        None, description="latent thought length L (at least 1 for relat)")
+    lr: bounded("lr") | None = Field(None, description="AdamW learning rate of the adapter")
+    rank: bounded("rank") | None = Field(None, description="LoRA rank of the adapter, up to the server's max_rank")
+    alpha: bounded("alpha") | None = Field(None, description="LoRA alpha (scale alpha/rank)")
+    targets: Annotated[Annotated[list[Target], Field(min_length=1)] | None, NoDecode] = Field(
         None, description=f"layers that carry the adapter, among {','.join(ALL_TARGETS)}")
     adapter_during_answer: bool | None = Field(None, description="keep the adapter on while decoding the answer")
-    stop_loss: float | None = Field(None, description="stop training once the reconstruction loss is this low")
-    max_grad_norm: float | None = Field(None, description="gradient clipping norm")
-    weight_decay: float | None = Field(None, description="AdamW weight decay")
+    stop_loss: bounded("stop_loss") | None = Field(
+        None, description="stop training once the reconstruction loss is this low")
+    max_grad_norm: bounded("max_grad_norm") | None = Field(None, description="gradient clipping norm")
+    weight_decay: bounded("weight_decay") | None = Field(None, description="AdamW weight decay")
     mapping: Mapping | None = Field(None, description="hidden-to-embedding map: norm, realign, soft or none")
-    soft_temperature: float | None = Field(None, description="temperature of soft latent tokens, (0, 10]")
-    soft_top_k: int | None = Field(None, description="soft latent tokens over the top-k tokens only, 0 = all")
-    residual_alpha: float | None = Field(None, description="residual mixing of latent embeddings, in [0, 1)")
+    soft_temperature: bounded("soft_temperature") | None = Field(
+        None, description="temperature of soft latent tokens")
+    soft_top_k: bounded("soft_top_k") | None = Field(
+        None, description="soft latent tokens over the top-k tokens only, 0 = all")
+    residual_alpha: bounded("residual_alpha") | None = Field(
+        None, description="residual mixing of latent embeddings")
     follow_up: FollowUp | None = Field(None, description="what separates thought and answer: bridge or restate")
     answer_context: AnswerContext | None = Field(
         None, description="relat: answer after the thought, or from the question alone with the adapter on")
-    guidance: float | None = Field(
-        None, description="answer logits l_plain + w (l_thought - l_plain), w in [0, 10]; 1 = off, 0 = direct")
-    contrastive_eta: float | None = Field(
+    guidance: bounded("guidance") | None = Field(
+        None, description="answer logits l_plain + w (l_thought - l_plain); 1 = off, 0 = direct")
+    contrastive_eta: bounded("contrastive_eta") | None = Field(
         None, description="relat: contrastive feedback of the final thought, adapted vs base model; 0 = off")
-    reconstruction_instruction: str | None = Field(None, description="the instruction of the reconstruction turn")
+    reconstruction_instruction: str | None = Field(
+        None, pattern=r"\S", description="the instruction of the reconstruction turn (not blank)")
     agents: Agents | None = Field(
         None, description="single, sequential (planner, critic, refiner, judger) or hierarchical (maths, science, "
                           "code, summariser)")
-    agent_max_tokens: int | None = Field(None, description="text each agent may write before the last (direct)")
+    agent_max_tokens: bounded("agent_max_tokens") | None = Field(
+        None, description="text each agent may write before the last (direct)")
     answer_format: AnswerFormat | None = Field(
         None, description="the answer's format: auto, text, boxed (maths), choice (a letter) or code (python)")
 
@@ -77,6 +145,9 @@ class TTTOptions(BaseModel):
 
 
 TTT_FIELDS: tuple[str, ...] = tuple(TTTOptions.model_fields)
+# The TTT fields whose cost grows with their value, and the setting that is this server's maximum of each.
+LIMITS: dict[str, str] = {"steps": "max_steps", "latent_steps": "max_latent_steps", "rank": "max_rank",
+                          "agent_max_tokens": "max_agent_tokens"}
 
 
 class Settings(BaseSettings, TTTOptions):
@@ -87,7 +158,9 @@ class Settings(BaseSettings, TTTOptions):
     served_model_name: str | None = Field(None, description="the `model` name clients use (default: derived)")
     device: str | None = Field(None, description="cpu, cuda, cuda:1, ... (default: cuda if present)")
     dtype: str | None = Field(None, description="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
-    max_rank: int = Field(16, ge=1, le=256, description="largest LoRA rank a request may ask for (sizes every slot)")
+    max_rank: bounded("rank") = Field(16, description="largest LoRA rank a request may ask for (sizes every slot)")
+    max_model_len: int | None = Field(
+        None, ge=1, description="context length in tokens, prompt plus answer (default and at most: the model's)")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice)")
     agent_prompts: Path | None = Field(
         None, description="a JSON file of agent role prompts and answer-format instructions (default: built in)")
@@ -95,8 +168,9 @@ class Settings(BaseSettings, TTTOptions):
     # -- HTTP -------------------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
-    api_keys: Annotated[list[str], NoDecode] = Field(
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="accepted API keys (comma-separated in RELAT_API_KEYS); none: no auth")
+    metrics_need_key: bool = Field(False, description="/metrics needs an API key too (default: open, as in vLLM)")
     log_level: str = Field("info", description="debug, info, warning or error")
 
     # -- limits and lifecycle ---------------------------------------------------------------------------------
@@ -107,6 +181,12 @@ class Settings(BaseSettings, TTTOptions):
     max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt accepted, in tokens (else 413)")
     max_body_bytes: int = Field(1 << 20, ge=1, description="largest request body accepted, in bytes (else 413)")
     drain_timeout: float = Field(30.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
+    max_steps: bounded("steps") = Field(
+        TTT_BOUNDS["steps"].high, description="most training steps a request may ask for (else 400)")
+    max_latent_steps: bounded("latent_steps") = Field(
+        TTT_BOUNDS["latent_steps"].high, description="longest latent thought a request may ask for (else 400)")
+    max_agent_tokens: bounded("agent_max_tokens") = Field(
+        TTT_BOUNDS["agent_max_tokens"].high, description="most agent_max_tokens a request may ask for (else 400)")
 
     # -- defaults of a request's sampling parameters -----------------------------------------------------------
     max_tokens: int = Field(256, ge=1, description="answer length when a request sets none")
@@ -120,6 +200,10 @@ class Settings(BaseSettings, TTTOptions):
     def _check_ttt_defaults(self) -> Settings:
         # Fail at start-up, not on the first request; the message names the setting as the user wrote it.
         TTTParams().replace(**self.ttt_fields())
+        for name, limit in self.limits().items():
+            value = getattr(self, name)
+            if value is not None and value > limit:
+                raise ValueError(f"the default {name} {value} is above {LIMITS[name]} {limit}")
         return self
 
     @field_validator("agent_prompts")
@@ -131,6 +215,10 @@ class Settings(BaseSettings, TTTOptions):
             AgentPrompts.load(path)
         return path
 
+    def limits(self) -> dict[str, int]:
+        """This server's maximum of each TTT field in LIMITS."""
+        return {name: getattr(self, setting) for name, setting in LIMITS.items()}
+
     def sampling_defaults(self) -> dict[str, Any]:
         """The sampling fields the operator set, as SamplingParams keyword arguments."""
         values = {name: getattr(self, name) for name in SAMPLING_FIELDS if getattr(self, name) is not None}
@@ -140,6 +228,7 @@ class Settings(BaseSettings, TTTOptions):
 # -- the same definition as command-line flags ------------------------------------------------------------------
 
 _FLAG_NAMES = {"api_keys": "--api-key"}  # repeatable: one key per flag
+_LIMITED = {setting: name for name, setting in LIMITS.items()}  # max_steps -> steps: its range
 
 
 def _flag_kind(annotation: Any) -> tuple[Any, tuple[str, ...] | None]:
@@ -161,7 +250,10 @@ def _add_field_argument(parser: argparse.ArgumentParser, name: str, field: Field
     """The flag of one field: its name with dashes, its type or choices, its description as the help."""
     flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
     kind, choices = _flag_kind(field.annotation)
-    help_text = f"{field.description} [RELAT_{name.upper()}]" if environment else field.description
+    bound = BOUNDS.get(name) or BOUNDS.get(_LIMITED.get(name, ""))
+    help_text = f"{field.description} ({bound.describe()})" if bound else field.description
+    if environment:
+        help_text += f" [RELAT_{name.upper()}]"
     options: dict[str, Any] = {"dest": name, "default": default, "help": help_text}
     if kind is bool:
         options["action"] = argparse.BooleanOptionalAction
@@ -196,8 +288,13 @@ def add_agent_prompts_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def ttt_fields_from_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    """The TTT options given as flags (`add_ttt_arguments`), as TTTParams keyword arguments."""
-    return TTTOptions(**{name: getattr(args, name) for name in TTT_FIELDS}).ttt_fields()
+    """The TTT options given as flags (`add_ttt_arguments`), as TTTParams keyword arguments; InvalidParameter (the
+    engine's message) for the first that is out of range."""
+    try:
+        return TTTOptions(**{name: getattr(args, name) for name in TTT_FIELDS}).ttt_fields()
+    except ValidationError as error:
+        problem = error.errors()[0]
+        raise InvalidParameter(".".join(map(str, problem["loc"])), problem["msg"]) from None
 
 
 def settings_from_arguments(args: argparse.Namespace) -> Settings:

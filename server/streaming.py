@@ -13,12 +13,14 @@ import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 
+from pydantic import BaseModel
 from starlette.requests import Request as HTTPRequest
 
 from relat_core import AgentDone, Finished, Result, TextDelta, TrainStep
 
-from .errors import ErrorInfo, describe
+from .errors import ErrorInfo, StreamError, describe
 from .protocol import (
+    AgentTurn,
     AssistantMessage,
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -26,6 +28,8 @@ from .protocol import (
     ChatCompletionStreamChoice,
     DeltaMessage,
     RelatResponse,
+    TokenEvent,
+    TrainStepEvent,
     UsageInfo,
 )
 from .runner import HEARTBEAT, Job
@@ -46,8 +50,9 @@ def data_line(payload: str) -> str:
     return f"data: {payload}\n\n"
 
 
-def typed_event(name: str, payload: dict) -> str:
-    return f"event: {name}\ndata: {json.dumps(payload)}\n\n"
+def typed_event(name: str, payload: BaseModel) -> str:
+    """A native stream's event; each payload is the model that the OpenAPI document names for its event."""
+    return f"event: {name}\ndata: {json.dumps(payload.model_dump())}\n\n"
 
 
 def agent_comment(turn: dict) -> str:
@@ -105,18 +110,18 @@ class NativeRenderer:
 
     def event(self, event: StreamEvent) -> str:
         if isinstance(event, TrainStep):
-            return typed_event("ttt_step", asdict(event))
+            return typed_event("ttt_step", TrainStepEvent(**asdict(event)))
         if isinstance(event, AgentDone):
-            return typed_event("agent", event.turn)
+            return typed_event("agent", AgentTurn(**event.turn))
         if isinstance(event, TextDelta):
-            return typed_event("token", {"text": event.text})
-        return typed_event("done", relat_response(event.result, self.fields).model_dump())
+            return typed_event("token", TokenEvent(text=event.text))
+        return typed_event("done", relat_response(event.result, self.fields))
 
     def end(self) -> str:
         return ""
 
     def error(self, info: ErrorInfo) -> str:
-        return typed_event("error", {**info.body(), "status": info.status})
+        return typed_event("error", StreamError(**info.body(), status=info.status))
 
 
 async def sse_stream(job: Job, renderer: ChatRenderer | NativeRenderer,

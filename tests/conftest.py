@@ -40,6 +40,14 @@ def build_tiny(architecture: str, tokenizer, seed: int = 0) -> LoadedModel:
     return prepare(model, tokenizer, f"tiny-{architecture}", "cpu")
 
 
+def save_tiny(folder, tokenizer, seed: int):
+    """A tiny Qwen3 saved as a model folder, for tests that start `relat serve --model FOLDER` in a process."""
+    loaded = build_tiny("qwen3", tokenizer, seed=seed)
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session", params=["qwen3", "qwen2"])
 def tiny(request, tokenizer) -> LoadedModel:
     return build_tiny(request.param, tokenizer)

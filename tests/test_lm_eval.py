@@ -16,7 +16,7 @@ import sys
 import httpx
 import pytest
 
-from .conftest import build_tiny
+from .conftest import save_tiny
 from .deploy_support import Service
 from .server_support import free_port, metrics, sample, wait_for
 
@@ -77,10 +77,7 @@ def lm_eval():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tokenizer):
     """`relat serve` in its own process: API keys on, and `direct` as its default method."""
-    folder = tmp_path_factory.mktemp("models") / "tiny-qwen3"
-    loaded = build_tiny("qwen3", tokenizer, seed=5)
-    loaded.model.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
+    folder = save_tiny(tmp_path_factory.mktemp("models") / "tiny-qwen3", tokenizer, seed=5)
     port = free_port()
     command = [sys.executable, "-m", "relat_server", "serve", "--model", str(folder), "--port", str(port),
                "--served-model-name", MODEL, "--api-key", KEY, "--method", "direct", "--torch-threads", "1"]

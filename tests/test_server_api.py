@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from relat_server.settings import Settings
 
 from relat_core import Engine, TrainStep
@@ -327,6 +328,161 @@ def test_metrics_parse_and_histograms_count_what_was_sent(server):
     assert grew("relat_errors_total", code="400") == 1
     assert sample(after, "relat_requests_running") == sample(after, "relat_requests_waiting") == 0
     assert sample(after, "relat_adapter_slots_in_use") == 0
+
+
+# -- limits -------------------------------------------------------------------------------------------------------
+
+LIMITS = {"max_steps": 3, "max_latent_steps": 3, "max_rank": 4, "max_agent_tokens": 8}
+CONTEXT = 64  # max_model_len: QUESTION's prompt is 37 tokens on the embedded tokenizer, which leaves 27
+
+
+@pytest.fixture(scope="module")
+def limited(engine):
+    """A server with tight limits, a short context and /metrics behind the key."""
+    settings = Settings(api_keys=[KEY], metrics_need_key=True, max_model_len=CONTEXT, **LIMITS)
+    with serve_in_thread(settings, lambda: engine) as served:
+        wait_for(lambda: httpx.get(f"{served.url}/ready").status_code == 200, "readiness")
+        served.model = engine.name
+        served.http = httpx.Client(base_url=served.url, headers=AUTH, timeout=120)
+        yield served
+
+
+def queued_and_refused(server) -> tuple[float, float]:
+    """Requests that reached the queue, and 400s (this server's /metrics needs the key)."""
+    text = server.http.get("/metrics").text
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for family in text_string_to_metric_families(text) for s in family.samples}
+    queued = sum(value for (name, _), value in values.items() if name == "relat_requests_total")
+    return queued, sample(values, "relat_errors_total", code="400")
+
+
+@pytest.mark.parametrize("name, setting", [("steps", "max_steps"), ("latent_steps", "max_latent_steps"),
+                                           ("rank", "max_rank"), ("agent_max_tokens", "max_agent_tokens")])
+def test_each_limit_is_a_400_naming_the_field_before_the_request_queues(limited, name, setting):
+    limit = LIMITS[setting]
+    before = queued_and_refused(limited)
+    over = {name: limit + 1}
+    for response, param in ((post(limited, chat(limited, relat=over)), f"relat.{name}"),
+                            (post(limited, {"question": "q", **over}, "/v1/relat"), name)):
+        error = assert_error(response, 400, "invalid_value", param)
+        assert error["message"] == f"{param}: {name} must be at most {limit} on this server, got {limit + 1}"
+    queued, refused = queued_and_refused(limited)
+    assert (queued, refused) == (before[0], before[1] + 2)  # counted as errors, never as requests that queued
+    at_limit = {"steps": 1, "latent_steps": 1, name: limit}
+    assert post(limited, chat(limited, max_completion_tokens=2, relat=at_limit)).status_code == 200
+
+
+def test_max_tokens_must_fit_in_the_context_after_the_prompt(limited):
+    prompt = post(limited, chat(limited, max_completion_tokens=1)).json()["usage"]["prompt_tokens"]
+    room = CONTEXT - prompt
+    for body, path, param in ((chat(limited, max_completion_tokens=room + 1), "/v1/chat/completions",
+                               "max_completion_tokens"),
+                              ({**chat(limited), "max_completion_tokens": None, "max_tokens": room + 1},
+                               "/v1/chat/completions", "max_tokens"),
+                              ({"question": QUESTION[0]["content"], "max_tokens": room + 1}, "/v1/relat",
+                               "max_tokens")):
+        error = assert_error(post(limited, body, path), 400, "context_length_exceeded", param)
+        assert f"context is {CONTEXT} tokens: the prompt's {prompt} leave {room}" in error["message"]
+    fits = post(limited, chat(limited, max_completion_tokens=room, ignore_eos=True)).json()["usage"]
+    assert fits["total_tokens"] == CONTEXT
+    # Left out, the answer's length is the server's default (256) cut to what the context leaves, as in vLLM.
+    default = post(limited, {**chat(limited, ignore_eos=True), "max_completion_tokens": None}).json()["usage"]
+    assert default["completion_tokens"] == room
+
+
+def test_a_prompt_that_fills_the_context_is_a_413(limited):
+    long_question = [{"role": "user", "content": "word " * CONTEXT}]
+    error = assert_error(post(limited, chat(limited, messages=long_question)), 413, "context_length_exceeded",
+                         "messages")
+    assert f"the model's context is {CONTEXT}" in error["message"]
+
+
+def test_the_models_defaults_are_kept_within_the_limits(limited, engine):
+    assert engine.defaults.latent_steps > LIMITS["max_latent_steps"]
+    body = chat(limited, max_completion_tokens=2, relat={"method": "latent"})
+    assert post(limited, body).json()["relat"]["latent_steps"] == LIMITS["max_latent_steps"]
+
+
+# -- security -----------------------------------------------------------------------------------------------------
+
+def test_a_key_is_needed_on_every_route_but_the_probes(limited):
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/relat"),
+                         ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/redoc"), ("GET", "/metrics"),
+                         ("GET", "/v1/chat/completions"), ("GET", "/no/such/path")):
+        response = httpx.request(method, f"{limited.url}{path}", json={})
+        assert_error(response, 401, "invalid_api_key")
+        assert response.headers["www-authenticate"] == "Bearer", path
+    for path in ("/health", "/ready"):
+        assert httpx.get(f"{limited.url}{path}").status_code == 200
+    assert limited.http.get("/metrics").status_code == 200
+    assert limited.http.get("/openapi.json").json()["openapi"].startswith("3.1")
+    assert_error(limited.http.get("/v1/chat/completions"), 405, "method_not_allowed")  # past the key: routing
+    assert_error(limited.http.get("/no/such/path"), 404, "not_found")
+
+
+def test_metrics_are_open_by_default_as_in_vllm(server):
+    assert httpx.get(f"{server.url}/metrics").status_code == 200
+    assert_error(httpx.get(f"{server.url}/openapi.json"), 401)
+
+
+def test_keys_are_compared_in_constant_time(server, monkeypatch):
+    """Every key is compared, equal-length digests, whichever matches and whatever is sent."""
+    import hmac
+
+    compared = []
+    real = hmac.compare_digest
+
+    def counting(a, b):
+        compared.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting)
+    service = server.app.state.service
+    for header in (f"Bearer {KEY}".encode(), b"Bearer sk-second", b"Bearer wrong", b"Bearer " + b"x" * 1000, b""):
+        compared.clear()
+        try:
+            service.authorize(header)
+        except Exception:
+            pass
+        assert compared == [(32, 32), (32, 32)], header
+
+
+def test_keys_never_reach_the_log(server, caplog):
+    import logging
+
+    with caplog.at_level(logging.DEBUG):
+        post(server, chat(server))
+        httpx.post(f"{server.url}/v1/chat/completions", json=chat(server),
+                   headers={"Authorization": "Bearer sk-guess"})
+        httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert caplog.records
+    assert KEY not in caplog.text and "sk-guess" not in caplog.text and "sk-second" not in caplog.text
+
+
+@pytest.mark.parametrize("sent", ["caf\u00e9-1", "x" * 129, "two words", "semi;colon", "quote\"d", ""])
+def test_a_client_request_id_is_replaced_unless_short_and_plain(server, caplog, sent):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="relat_server"):
+        response = post(server, chat(server), headers={"X-Request-Id": sent.encode("latin-1")})
+    made = response.headers["x-request-id"]
+    assert response.status_code == 200 and made != sent and len(made) == 32 and made.isalnum()
+    assert f"request {made}:" in caplog.text
+    assert not sent or sent not in caplog.text
+
+
+def test_control_characters_never_make_it_into_a_request_id(server):
+    """h11 refuses them on the wire; an ASGI server that passed them on would still not see them echoed."""
+    import asyncio
+
+    async def send() -> httpx.Response:
+        transport = httpx.ASGITransport(app=server.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.get("/health", headers={"X-Request-Id": "a\r\nX-Injected: 1"})
+
+    response = asyncio.run(send())
+    assert "x-injected" not in response.headers and "\n" not in response.headers["x-request-id"]
+    assert len(response.headers["x-request-id"]) == 32
 
 
 # -- loading ----------------------------------------------------------------------------------------------------

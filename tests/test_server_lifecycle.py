@@ -23,7 +23,7 @@ from relat_server.settings import Settings
 
 from relat_core import Engine
 
-from .conftest import build_tiny
+from .conftest import build_tiny, save_tiny
 from .server_support import (
     AUTH,
     KEY,
@@ -169,11 +169,7 @@ def test_a_drain_that_times_out_cancels_what_is_left_with_an_error_event(engine)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("models") / "tiny-qwen3"
-    loaded = build_tiny("qwen3", tokenizer, seed=3)
-    loaded.model.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny(tmp_path_factory.mktemp("models") / "tiny-qwen3", tokenizer, seed=3)
 
 
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(model_dir, tmp_path):

@@ -24,7 +24,7 @@ from relat_server.errors import (
     Unavailable,
     describe,
 )
-from relat_server.protocol import ChatCompletionRequest, RelatRequest, ServerDefaults, engine_request
+from relat_server.protocol import ChatCompletionRequest, RelatRequest, ServerDefaults, engine_request, request_models
 from relat_server.settings import Settings, add_settings_arguments, settings_from_arguments
 from starlette.exceptions import HTTPException
 
@@ -139,16 +139,78 @@ def test_precedence_request_then_server_then_openai():
 
 
 @pytest.mark.parametrize("relat, param", [({"steps": 1000}, "relat.steps"), ({"rank": 0}, "relat.rank"),
-                                          ({"targets": ["nope"]}, "relat.targets"), ({"lr": 0}, "relat.lr"),
-                                          ({"guidance": 12}, "relat.guidance"),
+                                          ({"lr": 0.0}, "relat.lr"), ({"guidance": 12.5}, "relat.guidance"),
                                           ({"contrastive_eta": -0.1}, "relat.contrastive_eta"),
-                                          ({"soft_temperature": 0}, "relat.soft_temperature"),
-                                          ({"agent_max_tokens": 0}, "relat.agent_max_tokens")])
-def test_engine_parameter_errors_name_the_field_as_sent(relat, param):
+                                          ({"soft_temperature": 0.0}, "relat.soft_temperature"),
+                                          ({"agent_max_tokens": 0}, "relat.agent_max_tokens"),
+                                          ({"stop_loss": -1.0}, "relat.stop_loss")])
+def test_ttt_bounds_are_the_engines_and_errors_name_the_field_as_sent(relat, param):
+    """The request classes check the numeric bounds of TTTParams with its own words (relat_core.params.Bound)."""
+    with pytest.raises(ValidationError) as caught:
+        chat(relat=relat)
+    info = describe(caught.value)
+    assert info.status == 400 and info.param == param
+    with pytest.raises(InvalidParameter) as engine:
+        TTTParams(**relat)
+    assert info.message == f"{param}: {engine.value}"
+
+
+@pytest.mark.parametrize("relat, param", [({"targets": ["nope"]}, "relat.targets[0]"),
+                                          ({"targets": []}, "relat.targets"),
+                                          ({"reconstruction_instruction": "  "}, "relat.reconstruction_instruction")])
+def test_other_ttt_rules_are_in_the_request_classes_too(relat, param):
+    with pytest.raises(ValidationError) as caught:
+        chat(relat=relat)
+    assert describe(caught.value).param == param
+    with pytest.raises(InvalidParameter):
+        TTTParams(**{k: tuple(v) if k == "targets" else v for k, v in relat.items()})
+
+
+def test_a_rule_across_fields_is_the_engines_and_names_the_field_as_sent():
     with pytest.raises(InvalidParameter) as caught:
-        to_engine(chat(relat=relat))
-    assert caught.value.param == param
-    assert describe(caught.value).status == 400
+        to_engine(chat(relat={"method": "relat", "latent_steps": 0}))
+    assert caught.value.param == "relat.latent_steps" and describe(caught.value).status == 400
+
+
+@pytest.mark.parametrize("fields, param", [({"seed": 2**64}, "seed"), ({"seed": -(2**63) - 1}, "seed"),
+                                           ({"top_k": -1}, "top_k"), ({"stop": ""}, "stop"),
+                                           ({"stop": ["a", ""]}, "stop[1]"), ({"max_tokens": 0}, "max_tokens")])
+def test_sampling_bounds_are_the_engines(fields, param):
+    with pytest.raises(ValidationError) as caught:
+        chat(**fields)
+    assert describe(caught.value).param == param
+
+
+@pytest.mark.parametrize("fields, param", [({"max_completion_tokens": "8"}, "max_completion_tokens"),
+                                           ({"temperature": "0.5"}, "temperature"), ({"stream": "true"}, "stream"),
+                                           ({"relat": {"steps": True}}, "relat.steps"),
+                                           ({"relat": {"lr": float("nan")}}, "relat.lr"),
+                                           ({"relat": {"timeout": float("inf")}}, "relat.timeout"),
+                                           ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content")])
+def test_types_are_taken_strictly_as_openai_does(fields, param):
+    with pytest.raises(ValidationError) as caught:
+        chat(**fields)
+    assert describe(caught.value).param == param
+    assert chat(temperature=1, max_completion_tokens=8).temperature == 1.0  # an integer is a number
+
+
+def test_a_servers_limits_narrow_its_request_classes_with_a_message_that_says_so():
+    models = request_models({"steps": 3, "latent_steps": 5, "rank": 8, "agent_max_tokens": 16})
+    question = {"messages": USER}
+    for fields, param in [({"steps": 4}, "relat.steps"), ({"latent_steps": 6}, "relat.latent_steps"),
+                          ({"rank": 9}, "relat.rank"), ({"agent_max_tokens": 17}, "relat.agent_max_tokens")]:
+        with pytest.raises(ValidationError) as caught:
+            models.chat.model_validate({**question, "relat": fields})
+        info = describe(caught.value)
+        assert info.status == 400 and info.param == param
+        assert info.message.endswith(f"must be at most {next(iter(fields.values())) - 1} on this server, "
+                                     f"got {next(iter(fields.values()))}")
+        with pytest.raises(ValidationError) as caught:
+            models.native.model_validate({"question": "q", **fields})
+        assert describe(caught.value).param == param.removeprefix("relat.")
+    body = models.chat.model_validate({**question, "relat": {"steps": 3, "latent_steps": 5}})
+    assert to_engine(body).ttt.steps == 3 and isinstance(body, ChatCompletionRequest)
+    assert ChatCompletionRequest.model_validate({**question, "relat": {"steps": 100}}).relat.steps == 100
 
 
 # -- errors -----------------------------------------------------------------------------------------------------
@@ -187,7 +249,8 @@ def test_settings_from_the_environment(monkeypatch):
     monkeypatch.setenv("RELAT_TARGETS", "q_proj,v_proj")
     monkeypatch.setenv("RELAT_STEPS", "4")
     settings = Settings()
-    assert settings.api_keys == ["k1", "k2"] and settings.max_queue == 3
+    assert [key.get_secret_value() for key in settings.api_keys] == ["k1", "k2"] and settings.max_queue == 3
+    assert "k1" not in repr(settings) + str(settings)  # a settings object that reaches a log shows no key
     assert settings.ttt_fields() == {"steps": 4, "targets": ("q_proj", "v_proj")}
     assert (settings.host, settings.port, settings.max_concurrency, settings.max_body_bytes) == \
         ("127.0.0.1", 8000, 8, 1 << 20)
@@ -201,7 +264,8 @@ def test_flags_override_the_environment_and_unset_flags_do_not(monkeypatch):
     args = parser.parse_args(["--port", "9001", "--api-key", "a", "--api-key", "b", "--method", "latent",
                               "--no-adapter-during-answer", "--request-timeout", "2.5"])
     settings = settings_from_arguments(args)
-    assert (settings.port, settings.max_queue, settings.api_keys) == (9001, 5, ["a", "b"])
+    assert (settings.port, settings.max_queue) == (9001, 5)
+    assert [key.get_secret_value() for key in settings.api_keys] == ["a", "b"]
     assert settings.ttt_fields() == {"method": "latent", "adapter_during_answer": False}
     assert settings.request_timeout == 2.5
     with pytest.raises(SystemExit):
@@ -211,6 +275,15 @@ def test_flags_override_the_environment_and_unset_flags_do_not(monkeypatch):
 def test_an_invalid_ttt_default_fails_at_start_up():
     with pytest.raises(ValidationError, match="steps"):
         Settings(steps=1000)
+
+
+def test_a_default_above_a_limit_fails_at_start_up(capsys):
+    with pytest.raises(ValidationError, match="the default steps 20 is above max_steps 8"):
+        Settings(steps=20, max_steps=8)
+    assert main(["serve", "--latent-steps", "9", "--max-latent-steps", "8"]) == 2
+    assert "the default latent_steps 9 is above max_latent_steps 8" in capsys.readouterr().err
+    with pytest.raises(ValidationError, match="max_steps"):
+        Settings(max_steps=101)  # a limit is within the engine's own bound
 
 
 def test_a_bad_agent_prompts_file_fails_at_start_up_before_the_model_loads(tmp_path, monkeypatch, capsys):

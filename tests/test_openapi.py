@@ -1,0 +1,219 @@
+"""The OpenAPI document is the API: it holds the classes the server validates requests with (the engine's bounds,
+narrowed by the server's limits) and every status each route sends; schemathesis then drives a real server on a
+tiny model from the document alone, with all of its checks, streams included."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import schemathesis
+import torch
+from relat_server.app import create_app
+from relat_server.errors import ErrorResponse
+from relat_server.openapi import ERRORS, GENERATION_ERRORS, OPERATIONS
+from relat_server.settings import LIMITS, Settings
+from schemathesis.core.failures import FailureGroup
+
+from relat_core import Engine
+from relat_core.params import ALL_TARGETS, METHODS, SAMPLING_BOUNDS, TTT_BOUNDS
+
+from .conftest import build_tiny
+from .server_support import AUTH, KEY, serve_in_thread, wait_for
+
+# Small enough that every generated request takes milliseconds on the tiny model: the training, the thought, the
+# agents' text and the answer (the context leaves up to 18 tokens after the shortest prompt, of 30).
+LIMITED = {"max_steps": 2, "max_latent_steps": 2, "max_rank": 4, "max_agent_tokens": 4, "max_model_len": 48}
+
+
+def document(**settings) -> dict:
+    """The document of a server with these settings; it needs no model."""
+    return create_app(Settings(**settings), load_engine=lambda: None).openapi()
+
+
+def resolve(doc: dict, schema: dict) -> dict:
+    while "$ref" in schema:
+        schema = doc["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    return schema
+
+
+def field(doc: dict, component: str, name: str) -> dict:
+    """A property's schema, without the null that every optional field allows."""
+    schema = doc["components"]["schemas"][component]["properties"][name]
+    branches = [b for b in schema.get("anyOf", [schema]) if b.get("type") != "null"]
+    assert len(branches) == 1, schema
+    return resolve(doc, branches[0])
+
+
+# -- the document ------------------------------------------------------------------------------------------------
+
+def test_request_bodies_are_the_validating_classes_with_the_engines_bounds():
+    doc = document()
+    chat = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]
+    native = doc["paths"]["/v1/relat"]["post"]["requestBody"]
+    assert chat["required"] and resolve(doc, chat["content"]["application/json"]["schema"])["title"] == \
+        "ChatCompletionRequest"
+    assert resolve(doc, native["content"]["application/json"]["schema"])["title"] == "RelatRequest"
+    assert field(doc, "ChatCompletionRequest", "relat")["title"] == "RelatOptions"
+    # Every numeric TTT bound of relat_core.params, in the chat extension and at the native top level alike.
+    for component in ("RelatOptions", "RelatRequest"):
+        for name, bound in TTT_BOUNDS.items():
+            narrowed = {"maximum": 16} if name == "rank" else {}  # the server's max_rank, below the engine's 256
+            assert field(doc, component, name) == bound.json_schema() | narrowed, name
+        assert field(doc, component, "method")["enum"] == list(METHODS)
+        assert field(doc, component, "targets") == {"type": "array", "minItems": 1,
+                                                   "items": {"type": "string", "enum": list(ALL_TARGETS)}}
+        assert field(doc, component, "reconstruction_instruction")["pattern"] == r"\S"
+    for component, name, bound in (("ChatCompletionRequest", "max_completion_tokens", "max_tokens"),
+                                   ("ChatCompletionRequest", "seed", "seed"),
+                                   ("ChatCompletionRequest", "temperature", "temperature"),
+                                   ("RelatRequest", "top_p", "top_p")):
+        assert field(doc, component, name) == SAMPLING_BOUNDS[bound].json_schema()
+    assert field(doc, "ChatCompletionRequest", "n") == {"type": "integer", "minimum": 1, "maximum": 1}
+    assert field(doc, "RelatRequest", "question")["pattern"] == r"\S"
+
+
+def test_a_servers_limits_are_its_documents_maxima():
+    doc = document(**LIMITED)
+    for name, setting in LIMITS.items():
+        for component in ("RelatOptions", "RelatRequest"):
+            schema = field(doc, component, name)
+            assert schema["maximum"] == LIMITED[setting] and schema["minimum"] == TTT_BOUNDS[name].low
+
+
+def test_every_route_and_every_status_it_sends_is_documented():
+    doc = document(api_keys=[KEY])  # it would raise if a route and OPERATIONS differed
+    assert {(method, path) for path, item in doc["paths"].items() for method in item} == set(OPERATIONS)
+    for method, path in OPERATIONS:
+        responses = doc["paths"][path][method]["responses"]
+        for status, response in responses.items():
+            assert response["headers"]["X-Request-Id"]["required"], (path, status)
+            if status in map(str, ERRORS) and not OPERATIONS[method, path].probe:  # a probe's 503 is its state
+                assert response["content"]["application/json"]["schema"] == \
+                    {"$ref": "#/components/schemas/ErrorResponse"}
+    for path in ("/v1/chat/completions", "/v1/relat"):
+        responses = doc["paths"][path]["post"]["responses"]
+        assert set(responses) == {"200", *map(str, GENERATION_ERRORS)}
+        assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
+        assert responses["200"]["content"]["text/event-stream"]["itemSchema"]["required"][-1] == "data"
+        assert responses["429"]["headers"]["Retry-After"]["required"]
+    assert set(doc["paths"]["/ready"]["get"]["responses"]) == {"200", "503"}
+    assert set(doc["components"]["schemas"]["ErrorResponse"]["properties"]) == set(ErrorResponse.model_fields)
+    assert "422" not in str(doc["paths"])  # validation errors are 400s, as vLLM and OpenAI answer
+
+
+def test_security_follows_the_settings():
+    assert "securitySchemes" not in document()["components"]
+    assert "401" not in document()["paths"]["/v1/models"]["get"]["responses"]
+    doc = document(api_keys=[KEY])
+    assert doc["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
+    secured = {path for path, item in doc["paths"].items() if "security" in next(iter(item.values()))}
+    assert secured == {"/v1/chat/completions", "/v1/relat", "/v1/models"}  # /metrics open by default, as in vLLM
+    metrics = document(api_keys=[KEY], metrics_need_key=True)["paths"]["/metrics"]["get"]
+    assert metrics["security"] == [{"bearer": []}] and "401" in metrics["responses"]
+
+
+# -- schemathesis against a running server -----------------------------------------------------------------------
+
+# Most generated requests leave the TTT fields and max_tokens out: the defaults keep them cheap too.
+SERVED = {"api_keys": [KEY], "max_concurrency": 2, "request_timeout": 60, "batch_window": 0, "max_tokens": 4,
+          "method": "latent", "steps": 1, "latent_steps": 1, **LIMITED}
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model is faster on one thread, and the machine is shared
+    engine = Engine(build_tiny("qwen3", tokenizer, seed=3), max_rank=4, num_slots=2)
+    with serve_in_thread(Settings(**SERVED), lambda: engine) as served:
+        wait_for(lambda: httpx.get(f"{served.url}/ready").status_code == 200, "readiness")
+        yield served
+    torch.set_num_threads(threads)
+
+
+# What a schema-valid request may still be refused for: the rules no JSON schema can state, each in the document's
+# descriptions (status, code, param). Anything else refused is a document that promises too much. (The third rule,
+# the user's question last, question_last below keeps to, so that it refuses nothing.)
+BEYOND_THE_SCHEMA = {
+    (400, "invalid_value", "relat.latent_steps"), (400, "invalid_value", "latent_steps"),  # relat needs one
+    (400, "context_length_exceeded", "max_completion_tokens"), (400, "context_length_exceeded", "max_tokens"),
+    (413, "context_length_exceeded", "messages"),  # the prompt alone fills the context
+}
+
+
+def timed_out_only_when_asked(ctx, response, case) -> bool | None:
+    """not_a_server_error, narrowed: the one 5xx a request may get is the documented 504 of a deadline it set
+    itself (relat.timeout, or timeout on /v1/relat), which a generated one may well make too short."""
+    if response.status_code != 504:
+        return None
+    body = case.body if isinstance(case.body, dict) else {}
+    options = body.get("relat") if isinstance(body.get("relat"), dict) else body
+    assert options.get("timeout") is not None, "a request without a deadline of its own timed out"
+    return True
+
+
+def refused_only_beyond_the_schema(ctx, response, case) -> bool | None:
+    """positive_data_acceptance, narrowed: a schema-valid request gets a 400 or 413 only for a rule in
+    BEYOND_THE_SCHEMA."""
+    if case.meta is None or not case.meta.generation.mode.is_positive or response.status_code not in (400, 413):
+        return None
+    error = response.json()["error"]
+    assert (response.status_code, error["code"], error["param"]) in BEYOND_THE_SCHEMA, \
+        f"a request valid by the document was refused: {response.status_code} {error}"
+    return True
+
+
+# The document as the server below serves it (test_the_served_document_is_this_one); schemathesis needs it when the
+# tests are collected, before any server runs.
+schema = schemathesis.openapi.from_dict(document(**SERVED), config=schemathesis.Config.from_dict({
+    "seed": 12,  # reproducible in CI; the examples still differ per operation
+    "suppress-health-check": ["too_slow"],  # generating a chat body takes a while on a busy 2-core machine
+    "headers": AUTH,
+    "request-timeout": 60,
+    "generation": {"max-examples": 25, "database": "none"},
+    # 400, 413 and 504 only as refused_only_beyond_the_schema and timed_out_only_when_asked allow
+    "checks": {"not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx", "504"]},
+               "positive_data_acceptance": {"expected-statuses": ["2xx", "400", "401", "403", "404", "413", "429",
+                                                                  "504"]}},
+}))
+
+
+@schema.hook("map_case")
+def question_last(context, case):
+    """A schema-valid chat request ends with the user's question: the one rule of the messages that no JSON schema
+    can state (it is about the last item), so that generated requests reach the engine rather than that 400."""
+    messages = case.body.get("messages") if isinstance(case.body, dict) else None
+    if case.meta is None or not case.meta.generation.mode.is_positive or not isinstance(messages, list):
+        return case
+    last = messages[-1] if messages else {}
+    if last.get("role") != "user" or not isinstance(last.get("content"), str) or not last["content"].strip():
+        case.body["messages"] = [*messages, {"role": "user", "content": "Why is the sky blue?"}]
+    return case
+
+
+def test_the_served_document_is_this_one(server):
+    assert httpx.get(f"{server.url}/openapi.json").status_code == 401  # the document needs a key like the API
+    assert httpx.get(f"{server.url}/openapi.json", headers=AUTH).json() == document(**SERVED)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "stream": True,
+                              "stream_options": {"include_usage": True}, "relat": {"method": "relat"}}),
+    ("/v1/relat", {"question": "Hi", "stream": True, "method": "relat", "agents": "sequential"})])
+def test_every_event_of_a_stream_is_checked_against_the_document(server, path, body):
+    """The streams' event schemas are not vacuous: the events pass, and fail once the document says otherwise."""
+    case = schema[path]["POST"].Case(body=body)
+    response = case.call(base_url=server.url, headers=AUTH)
+    assert response.status_code == 200 and response.headers["content-type"][0].startswith("text/event-stream")
+    case.validate_response(response)
+    wrong = document(**SERVED)
+    for name in ("ChatCompletionChunk", "TokenEvent", "TrainStepEvent"):
+        wrong["components"]["schemas"][name]["required"].append("missing")
+    wrong_case = schemathesis.openapi.from_dict(wrong)[path]["POST"].Case(body=body)
+    with pytest.raises(FailureGroup, match="SSE event violates schema"):
+        wrong_case.validate_response(response)
+
+
+@schema.parametrize()
+def test_the_server_is_as_documented(case, server):
+    case.call_and_validate(base_url=server.url,
+                           additional_checks=[refused_only_beyond_the_schema, timed_out_only_when_asked])
