@@ -42,6 +42,12 @@ log = logging.getLogger("relat_core")
 DEFAULT_ADAPTER_SEED = 0  # adapters are drawn from the request's seed, else this: same request, same answer
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the RuntimeError other allocators (CPU, MPS) raise when memory runs out."""
+    return isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError)
+                                                           and "out of memory" in str(error).lower())
+
+
 class EngineBusy(RuntimeError):
     """Every adapter slot is leased."""
 
@@ -392,7 +398,11 @@ class Engine:
             if slot is None:
                 raise EngineBusy("no free adapter slot")
             seed = sampling.seed if sampling.seed is not None else DEFAULT_ADAPTER_SEED
-            self.bank.reset(slot, ttt.rank, ttt.targets, torch.Generator(self.device).manual_seed(seed))
+            try:
+                self.bank.reset(slot, ttt.rank, ttt.targets, torch.Generator(self.device).manual_seed(seed))
+            except BaseException:
+                self.bank.release(slot)  # the request never joined: nothing else would give its slot back
+                raise
             sequence.slot, sequence.phase = slot, "train"
         self._sequences[request_id] = sequence
 
@@ -471,21 +481,27 @@ class Engine:
 
     def _isolated(self, rows: list[_Sequence], phase: Callable[[list[_Sequence]], list[tuple[str, Event]]]
                   ) -> list[tuple[str, Event]]:
-        """Run a phase over its rows as one batch; if the batch fails, run each row alone so that only the row
-        that fails alone fails (the training and thinking phases change nothing until they succeed)."""
+        """Run a phase over its rows as one batch; if the batch fails, run it again in halves, down to one row, so
+        that only a row that fails alone fails: a batch too large for the memory left finishes as smaller ones,
+        and a row whose own work raises fails without the others (the training and thinking phases change nothing
+        until they succeed)."""
         try:
             return phase(rows)
         except Exception as error:
-            if len(rows) == 1:
-                return [self._fail(rows[0], error)]
-            log.exception("a batch of %d failed; running its requests one at a time", len(rows))
-        events = []
-        for row in rows:
-            try:
-                events += phase([row])
-            except Exception as error:
-                events.append(self._fail(row, error))
-        return events
+            failure = error
+        # Out of the except block, so that the failed batch's tensors (held by the traceback's frames) can go.
+        self._release_memory(failure)
+        if len(rows) == 1:
+            return [self._fail(rows[0], failure)]
+        log.warning("a batch of %d failed (%r); running it again in halves", len(rows), failure)
+        middle = len(rows) // 2
+        return self._isolated(rows[:middle], phase) + self._isolated(rows[middle:], phase)
+
+    def _release_memory(self, error: Exception) -> None:
+        """After an out-of-memory error on CUDA: hand the allocator's cached blocks back, so that the smaller
+        batches that follow are not refused by a heap fragmented by the failed one."""
+        if _out_of_memory(error) and self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _fail(self, sequence: _Sequence, error: Exception) -> tuple[str, Event]:
         """End one request with its error; the others go on."""
@@ -813,9 +829,62 @@ class Engine:
             if batch.stale:
                 batch.binding = self._binding(batch.rows, [row.answers_with_adapter for row in batch.rows])
                 batch.stale = False
-            with torch.no_grad(), self.bank.bound(batch.binding):
-                batch.hidden = extend(self.model, batch.state, input_ids=tokens)[:, -1]
+            length = batch.state.length
+            try:
+                with torch.no_grad(), self.bank.bound(batch.binding):
+                    batch.hidden = extend(self.model, batch.state, input_ids=tokens)[:, -1]
+                return events
+            except Exception as error:
+                failure = error
+            events += self._feed_apart(batch, tokens, length, failure)
         return events
+
+    def _feed_apart(self, batch: _Decoding, tokens: torch.Tensor, length: int, failure: Exception
+                    ) -> list[tuple[str, Event]]:
+        """After feeding the decoding batch its tokens failed: feed it again in halves, down to one row, so that
+        only a request whose row fails alone fails (a batch too large for the memory left goes on as smaller
+        ones); the rows fed become the decoding batch again, in their order."""
+        for layer in batch.state.cache.layers:  # the layers the failed forward reached hold its keys: drop them
+            if layer.is_initialized:
+                layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+        self._release_memory(failure)
+        log.warning("a decoding batch of %d failed (%r); feeding it again in halves", len(batch.rows), failure)
+        singles = batch.state.split(self.model)
+        batch.state = batch.hidden = None  # the copies in `singles` replace it
+        fed: list[tuple[SequenceState, torch.Tensor, list[_Sequence | _Plain]]] = []
+        failed: dict[int, tuple[_Sequence, Exception]] = {}  # by id of the request
+
+        def feed(rows: range, error: Exception | None) -> None:
+            if error is None:
+                state = SequenceState.concatenate(self.model, [singles[i] for i in rows])
+                part = [batch.rows[i] for i in rows]
+                try:
+                    with torch.no_grad(), self._bind(part, [row.answers_with_adapter for row in part]):
+                        fed.append((state, extend(self.model, state, input_ids=tokens[rows.start:rows.stop])[:, -1],
+                                    part))
+                    return
+                except Exception as raised:
+                    error = raised
+                del state
+                self._release_memory(error)
+            if len(rows) == 1:
+                owner = _owner(batch.rows[rows.start])
+                failed.setdefault(id(owner), (owner, error))
+                return
+            middle = (rows.start + rows.stop) // 2
+            feed(range(rows.start, middle), None)
+            feed(range(middle, rows.stop), None)
+
+        feed(range(len(batch.rows)), failure)
+        if fed:
+            batch.rows = [row for *_, part in fed for row in part]
+            batch.state = SequenceState.concatenate(self.model, [state for state, *_ in fed])
+            batch.hidden = torch.cat([hidden for _, hidden, _ in fed])
+            batch.stale = True
+        else:
+            self._decoding = None
+        # A failed request leaves the batch (its own and its plain row) through abort_request.
+        return [self._fail(row, error) for row, error in failed.values() if row.request_id in self._sequences]
 
     @staticmethod
     def _guided_logits(rows: list[_Sequence | _Plain], logits: torch.Tensor) -> torch.Tensor:

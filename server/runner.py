@@ -96,7 +96,8 @@ class Runner:
     """A bounded queue in front of one batched engine, worked by one scheduling thread."""
 
     def __init__(self, load_engine: Callable[[], Engine], metrics: Metrics, max_queue: int,
-                 max_concurrency: int = 1, batch_window: float = 0.0):
+                 max_concurrency: int = 1, batch_window: float = 0.0,
+                 on_death: Callable[[BaseException], None] | None = None):
         # An idle engine waits this long after a request arrives for others to join it: requests that start
         # together train together, while a request that arrives a moment late waits a whole training step and
         # stays a step out of phase (bench/RESULTS.md, section 6.4).
@@ -113,6 +114,9 @@ class Runner:
         self._service_seconds = 0.0  # moving average of a request's time in the engine, for Retry-After
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # Called from the scheduling thread if it dies (not a request's failure: the thread's own), so that the
+        # server can report it and exit for its supervisor to restart it.
+        self.on_death = on_death
 
     # -- asyncio side ---------------------------------------------------------------------------------------
 
@@ -178,6 +182,26 @@ class Runner:
             loop.call_soon_threadsafe(loaded.set_exception, error)
             return
         loop.call_soon_threadsafe(loaded.set_result, self.engine)
+        try:
+            self._serve()
+        except BaseException as error:
+            self._die(error)
+
+    def _die(self, error: BaseException) -> None:
+        """The thread's loop raised: refuse new work, end every request admitted with the error (nothing will run
+        them), and tell the server."""
+        log.critical("the engine's thread died", exc_info=error)
+        with self._lock:
+            self._stopping = True
+            jobs = [*self._waiting, *self._running.values()]
+            self._waiting.clear()
+            self._running.clear()
+        for job in jobs:
+            job.post(error)
+        if self.on_death is not None:
+            self.on_death(error)
+
+    def _serve(self) -> None:
         while True:
             with self._lock:
                 while not (self._waiting or self._running or self._stopping):
