@@ -6,14 +6,17 @@ its tests skip, except under CI=true, where a missing tool is a failure: CI must
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -132,6 +135,16 @@ class Service:
                 pass
             time.sleep(0.2)
         pytest.fail(f"{self.name}: no {what} after {timeout:.0f} s:\n{self.output()[-3000:]}")
+
+    @contextlib.contextmanager
+    def serving(self, url: str, probe: str, timeout: float, what: str) -> Iterator[Service]:
+        """Wait until GET `url` + `probe` answers 200, hand the service over, and stop it whatever happens."""
+        self.url = url
+        try:
+            self.wait_until(lambda: httpx.get(f"{url}{probe}", timeout=2).status_code == 200, timeout, what)
+            yield self
+        finally:
+            self.stop()
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -48,14 +48,10 @@ def relat(model_dir, tmp_path_factory):
                "--max-prompt-tokens", str(MAX_PROMPT_TOKENS)]
     service = Service("relat", command, tmp_path_factory.mktemp("relat") / "relat.log",
                       env={**os.environ, "RELAT_DEVICE": "cpu"})
-    service.url = f"http://127.0.0.1:{port}"
     service.port = port
-    try:
-        service.wait_until(lambda: httpx.get(f"{service.url}/ready", timeout=2).status_code == 200, 180, "readiness")
+    with service.serving(f"http://127.0.0.1:{port}", "/ready", 180, "readiness"):
         service.model = httpx.get(f"{service.url}/v1/models", headers=AUTH, timeout=5).json()["data"][0]["id"]
         yield service
-    finally:
-        service.stop()
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +61,8 @@ def gateway(relat, tmp_path_factory):
     conf = scratch / "nginx.conf"
     conf.write_text(gateway_config(relat.port, port, scratch))
     service = Service("nginx", nginx_command(conf, scratch, "-g", "daemon off;"), scratch / "nginx.log")
-    service.url = f"http://127.0.0.1:{port}"
-    try:
-        service.wait_until(lambda: httpx.get(f"{service.url}/health", timeout=2).status_code == 200, 30, "proxying")
+    with service.serving(f"http://127.0.0.1:{port}", "/health", 30, "proxying"):
         yield service
-    finally:
-        service.stop()
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +74,8 @@ def prometheus(relat, tmp_path_factory):
     command = [tool("prometheus"), f"--config.file={conf}", f"--storage.tsdb.path={scratch / 'data'}",
                f"--web.listen-address=127.0.0.1:{port}"]
     service = Service("prometheus", command, scratch / "prometheus.log")
-    service.url = f"http://127.0.0.1:{port}"
-    try:
-        service.wait_until(lambda: httpx.get(f"{service.url}/-/ready", timeout=2).status_code == 200, 60, "readiness")
+    with service.serving(f"http://127.0.0.1:{port}", "/-/ready", 60, "readiness"):
         yield service
-    finally:
-        service.stop()
 
 
 # --- helpers -------------------------------------------------------------------------------------------------------

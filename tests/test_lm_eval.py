@@ -83,12 +83,8 @@ def server(tmp_path_factory, tokenizer):
                "--served-model-name", MODEL, "--api-key", KEY, "--method", "direct", "--torch-threads", "1"]
     service = Service("relat serve", command, tmp_path_factory.mktemp("serve") / "serve.log",
                       env={**os.environ, "RELAT_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"})
-    service.url = f"http://127.0.0.1:{port}"
-    try:
-        service.wait_until(lambda: httpx.get(f"{service.url}/ready", timeout=2).status_code == 200, 180, "readiness")
+    with service.serving(f"http://127.0.0.1:{port}", "/ready", 180, "readiness"):
         yield service
-    finally:
-        service.stop()
 
 
 @pytest.fixture
