@@ -28,6 +28,7 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "relat.json"
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
 K8S = DEPLOY / "k8s" / "relat.yaml"
+K8S_AUTOSCALING = DEPLOY / "k8s" / "autoscaling.yaml"
 PROBE = DEPLOY / "docker" / "relat-probe"
 
 # The server's settings as environment variables (the contract in issue 3); deployment files may set only these.

@@ -7,6 +7,7 @@ paths that exist. Live behaviour (gateway, scraping, dashboard metrics) is in te
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import subprocess
@@ -14,12 +15,15 @@ import subprocess
 import pytest
 import yaml
 
+from server.metrics import Metrics
+
 from .deploy_support import (
     COMPOSE,
     COMPOSE_CPU,
     DASHBOARD,
     DEPLOY,
     K8S,
+    K8S_AUTOSCALING,
     NGINX_CONF,
     PROBE,
     PROMETHEUS_CONF,
@@ -195,9 +199,31 @@ def test_dashboard_is_provisioned_and_covers_the_loop():
 
 # --- Kubernetes ----------------------------------------------------------------------------------------------------
 
+def k8s_documents(path=K8S) -> dict[str, dict]:
+    documents = list(yaml.safe_load_all(path.read_text()))
+    kinds = {doc["kind"]: doc for doc in documents}
+    assert len(kinds) == len(documents), f"{path.name}: one object of each kind"
+    return kinds
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """Whether a label selector (matchLabels and matchExpressions) selects pods with these labels."""
+    ok = selector.get("matchLabels", {}).items() <= labels.items()
+    for expression in selector.get("matchExpressions", []):
+        value, operator = labels.get(expression["key"]), expression["operator"]
+        ok &= {"In": value in expression.get("values", []), "NotIn": value not in expression.get("values", []),
+               "Exists": value is not None, "DoesNotExist": value is None}[operator]
+    return bool(ok) and bool(selector)
+
+
+def container_env(deployment: dict) -> dict[str, str | None]:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return {item["name"]: item.get("value") for item in container["env"]}
+
+
 def test_kubernetes_manifest_is_consistent():
-    documents = {doc["kind"]: doc for doc in yaml.safe_load_all(K8S.read_text())}
-    assert set(documents) == {"Deployment", "Service", "PersistentVolumeClaim"}
+    documents = k8s_documents()
+    assert set(documents) == {"Deployment", "Service", "PersistentVolumeClaim", "PodDisruptionBudget"}
     deployment, service, claim = documents["Deployment"], documents["Service"], documents["PersistentVolumeClaim"]
     pod = deployment["spec"]["template"]
     labels = pod["metadata"]["labels"]
@@ -228,12 +254,94 @@ def test_kubernetes_manifest_is_consistent():
     assert pod["spec"]["securityContext"]["runAsUser"] == int(user.split(":")[0])
 
 
+def test_kubernetes_replicas_can_run_side_by_side_on_different_nodes():
+    documents = k8s_documents()
+    deployment, claim = documents["Deployment"], documents["PersistentVolumeClaim"]
+    # The model cache is mounted by every replica, wherever it runs.
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    # The autoscaler owns the count: re-applying the manifest must not reset it.
+    assert "replicas" not in deployment["spec"]
+    # A rollout replaces one pod at a time and never asks for a GPU more than the replicas hold.
+    strategy = deployment["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+
+
+def test_kubernetes_pod_disruption_budget_covers_the_deployments_pods():
+    documents = k8s_documents()
+    budget, deployment = documents["PodDisruptionBudget"], documents["Deployment"]
+    assert budget["apiVersion"] == "policy/v1"
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selects(budget["spec"]["selector"], labels)
+    # One pod at a time, and a single replica does not block node drains (minAvailable: 1 would).
+    assert budget["spec"]["maxUnavailable"] == 1 and "minAvailable" not in budget["spec"]
+
+
+def test_kubernetes_replicas_spread_over_zones_and_nodes():
+    pod = k8s_documents()["Deployment"]["spec"]["template"]
+    constraints = pod["spec"]["topologySpreadConstraints"]
+    keys = [constraint["topologyKey"] for constraint in constraints]
+    assert keys == ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]
+    for constraint in constraints:
+        assert selects(constraint["labelSelector"], pod["metadata"]["labels"])
+        assert constraint["maxSkew"] == 1
+        # Non-GPU nodes count as domains too: a hard rule would leave replicas Pending.
+        assert constraint["whenUnsatisfiable"] == "ScheduleAnyway"
+        assert constraint["matchLabelKeys"] == ["pod-template-hash"]
+
+
+def test_kubernetes_readiness_gates_traffic_until_the_model_is_loaded():
+    (container,) = k8s_documents()["Deployment"]["spec"]["template"]["spec"]["containers"]
+    # /ready is 503 while loading and draining; /health is 200 from the moment relat listens. Both need no key.
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["startupProbe"]["httpGet"]["path"] == "/health"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    # The app's set of keyless paths, read from its source (importing server.app would import torch).
+    open_paths = re.search(r"^OPEN_PATHS = frozenset\((\{.*?\})\)", (ROOT / "server/app.py").read_text(), re.M)
+    assert {"/ready", "/health"} <= ast.literal_eval(open_paths.group(1))
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert "httpHeaders" not in container[probe]["httpGet"]
+    # The startup probe gives the model minutes to load before liveness may restart the pod.
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+
+
+def test_kubernetes_autoscaler_scales_the_deployment_on_relats_queue_depth():
+    scaled = k8s_documents(K8S_AUTOSCALING)["ScaledObject"]
+    deployment = k8s_documents()["Deployment"]
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    target = scaled["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"], target["name"]) == \
+        (deployment["apiVersion"], deployment["kind"], deployment["metadata"]["name"])
+    spec = scaled["spec"]
+    assert 2 <= spec["minReplicaCount"] < spec["maxReplicaCount"], "never to zero: a cold replica loads for minutes"
+    assert spec["fallback"]["replicas"] >= spec["minReplicaCount"]
+    # The metric names are the ones relat exports, read from server/metrics.py's gauges.
+    metrics = Metrics()
+    waiting, running = (gauge.describe()[0].name for gauge in (metrics.waiting, metrics.running))
+    triggers = {trigger["name"]: trigger for trigger in spec["triggers"]}
+    assert set(triggers) == {"queue-depth", "in-flight"}
+    env = container_env(deployment)
+    service = k8s_documents()["Service"]["metadata"]["name"]
+    for name, metric in (("queue-depth", waiting), ("in-flight", running)):
+        trigger = triggers[name]
+        assert trigger["type"] == "prometheus"
+        assert trigger.get("metricType", "AverageValue") == "AverageValue", "replicas = ceil(sum / threshold)"
+        query = trigger["metadata"]["query"]
+        assert re.fullmatch(rf'sum\({metric}\{{namespace="\w+", service="{service}"\}}\)', query), query
+        assert re.fullmatch(r"https?://\S+", trigger["metadata"]["serverAddress"])
+    # Scale out well before the queue is full (429), and hold replicas while their engine slots are busy.
+    queue = float(triggers["queue-depth"]["metadata"]["threshold"])
+    assert 0 < queue <= int(env["RELAT_MAX_QUEUE"]) / 2
+    assert float(triggers["in-flight"]["metadata"]["threshold"]) == int(env["RELAT_MAX_CONCURRENCY"])
+
+
 def test_probe_script_is_executable():
     assert PROBE.stat().st_mode & 0o111
     compile(PROBE.read_text(), str(PROBE), "exec")
 
 
-@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_CPU, K8S, PROMETHEUS_CONF])
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_CPU, K8S, K8S_AUTOSCALING, PROMETHEUS_CONF])
 def test_yaml_files_have_no_tabs_or_duplicate_keys(path):
     class Strict(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
