@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -66,10 +66,15 @@ def replace_once(text: str, old: str, new: str) -> str:
     return text.replace(old, new)
 
 
-def gateway_config(upstream_port: int, listen_port: int, scratch: Path) -> str:
-    """deploy/nginx/nginx.conf with loopback addresses and its temporary files in `scratch`; nothing else changed."""
+def gateway_config(upstream_ports: int | Sequence[int], listen_port: int, scratch: Path) -> str:
+    """deploy/nginx/nginx.conf with loopback addresses and its temporary files in `scratch`; nothing else changed.
+
+    `upstream_ports`: one relat replica's port, or several, each becoming a `server` line of the same upstream."""
+    ports = [upstream_ports] if isinstance(upstream_ports, int) else list(upstream_ports)
     text = NGINX_CONF.read_text()
-    text = replace_once(text, "server relat:8000;", f"server 127.0.0.1:{upstream_port};")
+    server = "server relat:8000 max_fails=0;"
+    text = replace_once(text, server, "\n        ".join(server.replace("relat:8000", f"127.0.0.1:{port}")
+                                                       for port in ports))
     text = replace_once(text, "listen 8080;", f"listen 127.0.0.1:{listen_port};")
     temp_paths = "".join(f"    {kind}_temp_path {scratch / kind};\n"
                          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))

@@ -129,7 +129,7 @@ def test_compose_references_only_what_exists():
     # The gateway's configuration is mounted where nginx reads it; its upstream and listen port are these services'.
     assert mounts[("gateway", "/etc/nginx/nginx.conf")] == "./deploy/nginx/nginx.conf"
     nginx = NGINX_CONF.read_text()
-    upstream_host, upstream_port = re.search(r"server (\w+):(\d+);", nginx).groups()
+    upstream_host, upstream_port = re.search(r"server (\w+):(\d+)[ ;]", nginx).groups()
     assert upstream_host in services and upstream_port in relat["expose"]
     listen = re.search(r"listen (\d+);", nginx).group(1)
     assert any(port.endswith(f":{listen}") for port in services["gateway"]["ports"])
