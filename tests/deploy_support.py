@@ -116,6 +116,17 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
 
 
+@contextlib.contextmanager
+def gateway_service(upstream: int | list[int], port: int, scratch: Path) -> Iterator[Service]:
+    """nginx with the project's gateway configuration in front of the replicas at `upstream`, on `port`; stopped
+    when the block ends."""
+    conf = scratch / "nginx.conf"
+    conf.write_text(gateway_config(upstream, port, scratch))
+    service = Service("nginx", nginx_command(conf, scratch, "-g", "daemon off;"), scratch / "nginx.log")
+    with service.serving(f"http://127.0.0.1:{port}", "/health", 30, "proxying"):
+        yield service
+
+
 class Service:
     """A process started by a test, its output in a log file, always stopped (terminate, then kill)."""
 

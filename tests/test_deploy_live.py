@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import build_tiny
-from .deploy_support import DASHBOARD, PROBE, Service, gateway_config, nginx_command, prometheus_config, tool
+from .deploy_support import DASHBOARD, PROBE, Service, gateway_service, prometheus_config, tool
 from .server_support import free_port
 
 KEY = "sk-deploy-test"
@@ -56,12 +56,7 @@ def relat(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gateway(relat, tmp_path_factory):
-    scratch = tmp_path_factory.mktemp("nginx")
-    port = free_port()
-    conf = scratch / "nginx.conf"
-    conf.write_text(gateway_config(relat.port, port, scratch))
-    service = Service("nginx", nginx_command(conf, scratch, "-g", "daemon off;"), scratch / "nginx.log")
-    with service.serving(f"http://127.0.0.1:{port}", "/health", 30, "proxying"):
+    with gateway_service(relat.port, free_port(), tmp_path_factory.mktemp("nginx")) as service:
         yield service
 
 
@@ -132,7 +127,9 @@ def test_stream_arrives_through_the_gateway_chunk_by_chunk(relat, gateway):
         start = time.monotonic()
         status, headers, events, _ = stream_events(
             client, f"{gateway.url}/v1/chat/completions",
-            chat(relat.model, stream=True, max_completion_tokens=LONG, temperature=0))
+            # direct: no training before the first token, so that the timing says how the answer was delivered,
+            # not how long the adapter took to train on a loaded machine.
+            chat(relat.model, stream=True, max_completion_tokens=LONG, temperature=0, relat={"method": "direct"}))
     assert status == 200 and headers["content-type"].startswith("text/event-stream")
     assert "x-accel-buffering" not in headers
     assert events[-1][1] == "[DONE]"

@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import save_tiny
-from .deploy_support import Service, gateway_config, nginx_command, tool
+from .deploy_support import Service, gateway_service, tool
 from .server_support import free_port
 
 REPLICAS = 3
@@ -57,12 +57,7 @@ def replicas(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gateway(replicas, tmp_path_factory):
-    scratch = tmp_path_factory.mktemp("nginx")
-    port = free_port()
-    conf = scratch / "nginx.conf"
-    conf.write_text(gateway_config([r.port for r in replicas], port, scratch))
-    service = Service("nginx", nginx_command(conf, scratch, "-g", "daemon off;"), scratch / "nginx.log")
-    with service.serving(f"http://127.0.0.1:{port}", "/health", 30, "proxying"):
+    with gateway_service([r.port for r in replicas], free_port(), tmp_path_factory.mktemp("nginx")) as service:
         yield service
 
 
