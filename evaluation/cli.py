@@ -34,6 +34,7 @@ from typing import Any
 from . import tasks
 from .records import RecordWriter, add_run, done_keys, read_records
 from .runners import Job, Outcome, TargetFailed
+from .sandbox import run_program
 from .variants import Variant, parse_variants
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,8 +109,6 @@ def check_resumable(records: list[dict], variants: list[Variant], files: list[Da
 
 
 def make_record(job: Job, outcome: Outcome, run_id: str, run_s: float, code_timeout: float) -> dict[str, Any]:
-    from .sandbox import run_program
-
     result = outcome.result or {}
     reply = result.get("answer", "")
     if outcome.result is None:

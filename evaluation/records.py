@@ -68,7 +68,11 @@ class RecordWriter:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / RECORDS
         # A line cut off by a kill would glue itself to the next record: end it first.
-        needs_newline = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+        needs_newline = False
+        if path.exists() and path.stat().st_size > 0:
+            with path.open("rb") as file:
+                file.seek(-1, 2)
+                needs_newline = file.read(1) != b"\n"
         self.file = path.open("a", encoding="utf-8")
         if needs_newline:
             self.file.write("\n")

@@ -200,8 +200,7 @@ def gold_number(item: dict) -> Decimal:
 
 def _number_text(value: Decimal) -> str:
     """18.0 → "18", 2.50 → "2.5": the value, without the trailing zeros that do not change it."""
-    text = format(value.normalize(), "f")
-    return text
+    return format(value.normalize(), "f")
 
 
 # -- multiple choice --------------------------------------------------------------------------------------------
