@@ -15,7 +15,7 @@ _EXPORTS = {
     "Usage": "engine",
     "default_ttt_params": "engine",
     "EMBEDDED_MODEL": "loading", "LoadedModel": "loading", "ModelLoadError": "loading", "load_model": "loading",
-    "prepare": "loading",
+    "prepare": "loading", "weights_digest": "loading",
     "AgentPrompts": "agents",
     "InvalidParameter": "params", "SamplingParams": "params", "TTTParams": "params",
 }

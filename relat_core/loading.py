@@ -8,6 +8,7 @@ cache directory and later starts read that instead (well under a second).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -138,3 +139,14 @@ def prepare(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: st
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter and buffer of `model` (names and raw bytes, in name order): the base weights'
+    fingerprint, which no request may change. Adapter slots are not in it (they live in a SlotBank, not in the
+    module's state). Tensors go through host memory one at a time; hashlib releases the GIL while it hashes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy())
+    return digest.hexdigest()

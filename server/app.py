@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import ctypes
 import dataclasses
 import hashlib
 import hmac
 import logging
+import os
 import re
 import uuid
 from collections.abc import Awaitable, Callable
@@ -31,12 +33,13 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from relat_core import AgentPrompts, Engine, InvalidParameter, Request, TTTParams, load_model
+from relat_core import AgentPrompts, Engine, InvalidParameter, Request, TTTParams, load_model, weights_digest
 
 from .errors import (
     APIError,
     ContextLengthExceeded,
     ErrorInfo,
+    Forbidden,
     ModelNotFound,
     PayloadTooLarge,
     PromptTooLong,
@@ -47,6 +50,7 @@ from .errors import (
 from .metrics import Metrics
 from .openapi import openapi_document
 from .protocol import (
+    AdminStatus,
     ChatCompletionRequest,
     Health,
     ModelCard,
@@ -100,6 +104,7 @@ class Service:
         self.defaults: ServerDefaults | None = None
         self.model_name = settings.served_model_name or ""
         self.tokenizer: Any = None
+        self.base_digest: str | None = None  # the base weights' SHA-256 once loaded, for GET /admin/status
         # `relat serve` sets this to stop the process when the model cannot be loaded or the engine dies.
         self.on_fatal: Callable[[], None] | None = None
 
@@ -110,6 +115,8 @@ class Service:
         try:
             engine = await runner.start()  # loaded on the thread that will run it
             defaults = self._defaults(engine)
+            # Off the engine's thread and the event loop (hashlib releases the GIL): about 1 s per GB of weights.
+            self.base_digest = await asyncio.to_thread(weights_digest, engine.model)
         except Exception:
             log.exception("cannot load the model")
             await asyncio.to_thread(runner.stop)
@@ -166,9 +173,13 @@ class Service:
 
     # -- request checks, in the order a request meets them -------------------------------------------------
 
+    @property
+    def has_keys(self) -> bool:
+        return bool(self._key_digests)
+
     def requires_key(self, path: str) -> bool:
         """Every route needs a key when keys are set, but the probes, and /metrics unless metrics_need_key."""
-        if not self._key_digests or path in OPEN_PATHS:
+        if not self.has_keys or path in OPEN_PATHS:
             return False
         return path != "/metrics" or self.settings.metrics_need_key
 
@@ -349,6 +360,52 @@ async def metrics(request: HTTPRequest) -> Response:
     return PlainTextResponse(generate_latest(service_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+admin = APIRouter(prefix="/admin")
+
+
+@admin.get("/status")
+async def admin_status(request: HTTPRequest) -> AdminStatus:
+    """The base weights' checksum now and at start-up, adapter slots and requests in use, resident memory. Only
+    with a key: on a server without keys it is refused (403), since anyone could make it hash the weights."""
+    service = service_of(request)
+    if not service.has_keys:
+        raise Forbidden("the admin routes need API keys; start the server with --api-keys (RELAT_API_KEYS)")
+    if service.phase not in ("ready", "draining"):
+        service.check_ready()  # loading or failed: 503
+    assert service.runner is not None and service.runner.engine is not None and service.base_digest is not None
+    engine = service.runner.engine
+    digest, memory = await asyncio.to_thread(lambda: (weights_digest(engine.model), resident_memory_bytes()))
+    running, waiting = service.runner.counts()
+    return AdminStatus(phase=service.phase, base_weights_sha256=digest,
+                       base_weights_sha256_at_start=service.base_digest,
+                       base_weights_unchanged=digest == service.base_digest, adapter_slots=engine.bank.num_slots,
+                       adapter_slots_in_use=engine.slots_in_use, requests_running=running, requests_waiting=waiting,
+                       resident_memory_bytes=memory)
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc's; musl and other systems have none
+    except (OSError, AttributeError):
+        return None
+
+
+MALLOC_TRIM = _malloc_trim()
+
+
+def resident_memory_bytes() -> int | None:
+    """This process's resident set from /proc/self/statm (pages), or None off Linux. The C allocator first returns
+    its free pages to the system (glibc's malloc_trim): it keeps tens of MB per thread after a batch's tensors
+    are freed, and without this the figure says more about when the last batch ended than about memory in use."""
+    if MALLOC_TRIM is not None:
+        MALLOC_TRIM(0)
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 # -- errors and request ids -------------------------------------------------------------------------------
 
 def error_response(service: Service, info: ErrorInfo) -> JSONResponse:
@@ -432,6 +489,7 @@ def create_app(settings: Settings, load_engine: Callable[[], Engine] | None = No
     app.state.service = service
     app.include_router(api)
     app.include_router(probes)
+    app.include_router(admin)
     app.openapi = lambda: openapi_document(app, service)  # type: ignore[method-assign]
     handle = _handler(service)
     for error_class in (APIError, InvalidParameter, ValidationError, RequestValidationError, HTTPException):

@@ -50,6 +50,12 @@ class Unauthorized(APIError):
     headers = {"WWW-Authenticate": "Bearer"}  # RFC 9110: a 401 names the scheme it wants
 
 
+class Forbidden(APIError):
+    """The route needs a key and this server has none set (the admin route)."""
+
+    status, type, code = 403, "permission_error", "keys_required"
+
+
 class ModelNotFound(APIError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
 

@@ -20,6 +20,7 @@ from pydantic.json_schema import models_json_schema
 
 from .errors import ErrorResponse, StreamError
 from .protocol import (
+    AdminStatus,
     AgentTurn,
     ChatCompletionChunk,
     ChatCompletionResponse,
@@ -45,6 +46,7 @@ ERRORS: dict[int, str] = {
          "cannot say: the last message must be a non-empty user message, `relat` needs `latent_steps` >= 1, and "
          "the prompt and the answer asked for must fit in the model's context (code `context_length_exceeded`).",
     401: "API keys are set and the `Authorization: Bearer` key is missing or wrong.",
+    403: "The server has no API keys set: the admin routes need one.",
     404: "`model` is not the served model.",
     413: "The body is over `max_body_bytes`, or the prompt over `max_prompt_tokens` or the model's context.",
     429: "The queue is full; `Retry-After` says in how many seconds to retry.",
@@ -79,6 +81,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("get", "/health"): Operation(json=Health, probe=True),
     ("get", "/ready"): Operation(json=Readiness, probe=True),
     ("get", "/metrics"): Operation(text=True, errors=(401,)),
+    ("get", "/admin/status"): Operation(json=AdminStatus, errors=(401, 403, 500, 503)),
 }
 
 NATIVE_EVENTS: dict[str, type[BaseModel]] = {"ttt_step": TrainStepEvent, "agent": AgentTurn, "token": TokenEvent,
@@ -127,7 +130,7 @@ def _responses(operation: Operation, refs: dict[type[BaseModel], dict], needs_ke
         responses["503"] = {"description": "not (or no longer) ready", "headers": headers,
                             "content": {"application/json": {"schema": refs[operation.json]}}}
     for status in operation.errors:
-        if status == 401 and not needs_key:
+        if (status == 401 and not needs_key) or (status == 403 and needs_key):  # a key needed, or none to give
             continue
         error_headers = {**headers, "Retry-After": {**RETRY_AFTER, "required": True}} if status == 429 else \
             {**headers, "Retry-After": RETRY_AFTER} if status == 503 else headers
@@ -144,7 +147,7 @@ def openapi_document(app: FastAPI, service: Service) -> dict[str, Any]:
     models = service.models
     requests = {"chat": models.chat, "native": models.native}
     responses = [ChatCompletionResponse, ChatCompletionChunk, RelatResponse, ModelList, Health, Readiness,
-                 ErrorResponse, *NATIVE_EVENTS.values()]
+                 AdminStatus, ErrorResponse, *NATIVE_EVENTS.values()]
     keys, schemas = models_json_schema(
         [(model, "validation") for model in requests.values()]
         + [(model, "serialization") for model in dict.fromkeys(responses)], ref_template=REF_TEMPLATE)

@@ -316,6 +316,21 @@ class Readiness(BaseModel):
     status: Literal["loading", "ready", "draining", "failed"]
 
 
+class AdminStatus(BaseModel):
+    """GET /admin/status: what a soak or an operator checks after load, that nothing leaked and nothing changed."""
+
+    phase: Literal["ready", "draining"]
+    base_weights_sha256: str = Field(description="SHA-256 of the base model's parameters and buffers, now")
+    base_weights_sha256_at_start: str = Field(description="the same, computed once the model was loaded")
+    base_weights_unchanged: bool
+    adapter_slots: int = Field(description="adapter slots of the engine (max_concurrency)")
+    adapter_slots_in_use: int
+    requests_running: int
+    requests_waiting: int
+    resident_memory_bytes: int | None = Field(
+        description="the server process's resident set, once the C allocator returned its free pages; null off Linux")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

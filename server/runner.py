@@ -150,6 +150,11 @@ class Runner:
         together, at least a second."""
         return max(1, math.ceil(self._service_seconds / self.max_concurrency))
 
+    def counts(self) -> tuple[int, int]:
+        """Requests (running in the engine, waiting in the queue)."""
+        with self._lock:
+            return len(self._running), len(self._waiting)
+
     @property
     def busy(self) -> bool:
         with self._lock:

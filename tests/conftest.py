@@ -6,8 +6,6 @@ model hub. The embedded model is converted once into the cache (about 20 s on a 
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -66,15 +64,6 @@ def smol() -> LoadedModel:
 @pytest.fixture(scope="session")
 def smol_engine(smol) -> Engine:
     return Engine(smol)
-
-
-def base_checksum(model: torch.nn.Module) -> str:
-    """SHA-256 over every parameter and buffer of the base model, in a fixed order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(list(model.state_dict().items())):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def train_alone(engine: Engine, segments, ttt, slot: int):

@@ -12,9 +12,10 @@ from transformers import DynamicCache
 from relat_core import AgentPrompts, Engine, Request, SamplingParams, TTTParams
 from relat_core.agents import TEAMS, labelled, resolve_answer_format
 from relat_core.engine import AgentDone, Finished, TextDelta
+from relat_core.loading import weights_digest
 from relat_core.params import InvalidParameter
 
-from .conftest import base_checksum, build_tiny
+from .conftest import build_tiny
 from .test_batching import assert_as_alone, drive
 
 QUESTION = "Which planet is known as the red planet?"
@@ -148,7 +149,7 @@ MIXED = {
 def test_mixed_single_and_multi_agent_batch_equals_each_alone(engine):
     """Single and multi-agent requests of every method (with contrast and guidance), joining at different
     steps: each gets exactly its answer alone, and single-agent requests finish without waiting for the agents."""
-    before = base_checksum(engine.model)
+    before = weights_digest(engine.model)
     first = {name: MIXED[name] for name in ("relat-sequential", "textmas")}
     later = {2: {name: MIXED[name] for name in ("single-relat", "latent-hierarchical", "direct")}}
     order: list[str] = []
@@ -159,7 +160,7 @@ def test_mixed_single_and_multi_agent_batch_equals_each_alone(engine):
         got = outcomes[name].finished.result.trace.agent_turns
         assert [(t["role"], t.get("text")) for t in got] == [(t["role"], t.get("text")) for t in alone]
     assert order.index("direct") < order.index("textmas")
-    assert sorted(engine.bank.free) == [0, 1, 2, 3] and base_checksum(engine.model) == before
+    assert sorted(engine.bank.free) == [0, 1, 2, 3] and weights_digest(engine.model) == before
 
 
 @pytest.mark.parametrize("method", ["relat", "direct"])
@@ -232,7 +233,7 @@ def test_agent_prompts_file(tmp_path):
 def test_agents_on_the_embedded_model(smol_engine):
     """The closed loop over three agents' latent memory on the real model: the reconstruction loss falls, the
     judger answers, and the base weights are untouched."""
-    before = base_checksum(smol_engine.model)
+    before = weights_digest(smol_engine.model)
     ttt = smol_engine.defaults.replace(agents="sequential", latent_steps=2, steps=2)
     events = list(smol_engine.generate(Request(RED, ttt, SamplingParams(max_tokens=12))))
     result = events[-1].result
@@ -240,4 +241,4 @@ def test_agents_on_the_embedded_model(smol_engine):
     assert sum(isinstance(e, AgentDone) for e in events) == 3
     assert result.trace.recon_loss_after < result.trace.recon_loss_before
     assert "".join(e.text for e in events if isinstance(e, TextDelta)).strip()
-    assert base_checksum(smol_engine.model) == before
+    assert weights_digest(smol_engine.model) == before

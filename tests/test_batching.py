@@ -10,8 +10,9 @@ import pytest
 
 from relat_core import Engine, Request, SamplingParams, TTTParams
 from relat_core.engine import AgentDone, Failed, Finished, TextDelta, TrainStep
+from relat_core.loading import weights_digest
 
-from .conftest import base_checksum, build_tiny
+from .conftest import build_tiny
 
 RED = [{"role": "user", "content": "Which planet is known as the red planet?"}]
 PETRA = [{"role": "system", "content": "Answer in one word."},
@@ -98,12 +99,12 @@ def engine(request, tokenizer) -> Engine:
 def test_a_mixed_batch_equals_each_request_alone(engine):
     """Mixed prompt lengths, latent lengths, step counts, learning rates, ranks, targets, methods, answer lengths,
     adapters on and off while answering, greedy and sampled: each request gets exactly its answer alone."""
-    before = base_checksum(engine.model)
+    before = weights_digest(engine.model)
     outcomes = drive(engine, MIXED)
     for request_id, request in MIXED.items():
         assert_as_alone(engine, request, outcomes[request_id])
     assert sorted(engine.bank.free) == [0, 1, 2, 3]
-    assert base_checksum(engine.model) == before
+    assert weights_digest(engine.model) == before
 
 
 def test_requests_join_a_running_batch_while_others_train_and_decode(engine):

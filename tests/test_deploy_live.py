@@ -160,6 +160,12 @@ def test_401_passes_through_with_its_body(relat, gateway):
     assert response.headers["x-request-id"] == "deploy-test-401"
 
 
+def test_metrics_and_admin_routes_stay_inside(relat, gateway):
+    for path in ("/metrics", "/admin/status"):
+        assert httpx.get(f"{gateway.url}{path}", headers=AUTH, timeout=10).status_code == 404, path
+        assert httpx.get(f"{relat.url}{path}", headers=AUTH, timeout=120).status_code == 200, path
+
+
 def test_413_from_relat_passes_through_and_the_gateway_answers_its_own_in_the_same_shape(relat, gateway):
     too_long = " ".join(["word"] * (MAX_PROMPT_TOKENS * 4))
     response = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat(relat.model, too_long), headers=AUTH,

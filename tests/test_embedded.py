@@ -9,8 +9,9 @@ import torch
 
 from relat_core import Request, SamplingParams, TTTParams
 from relat_core.latent import SequenceState, extend, latent_rollout
+from relat_core.loading import weights_digest
 
-from .conftest import base_checksum, train_alone
+from .conftest import train_alone
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +19,7 @@ GOLD = [{"role": "user", "content": "What is the chemical symbol for gold?"}]
 
 
 def test_relat_end_to_end(smol_engine):
-    before = base_checksum(smol_engine.model)
+    before = weights_digest(smol_engine.model)
     result = smol_engine.run(Request(GOLD, smol_engine.defaults.replace(method="relat", steps=3, stop_loss=None),
                                      SamplingParams(max_tokens=24)))
     losses = [step["loss"] for step in result.trace.steps]
@@ -26,7 +27,7 @@ def test_relat_end_to_end(smol_engine):
     assert result.trace.recon_loss_after < result.trace.recon_loss_before
     assert result.trace.aborted is None
     assert result.text.strip() and result.finish_reason in ("stop", "length")
-    assert base_checksum(smol_engine.model) == before
+    assert weights_digest(smol_engine.model) == before
 
 
 def _first_latent_gradient(engine, sequence) -> float:

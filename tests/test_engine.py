@@ -7,8 +7,9 @@ import torch
 
 from relat_core import Engine, InvalidParameter, Request, SamplingParams, TextDelta, TrainStep, TTTParams
 from relat_core.engine import Finished
+from relat_core.loading import weights_digest
 
-from .conftest import base_checksum, train_alone
+from .conftest import train_alone
 
 QUESTION = [{"role": "user", "content": "Which planet is known as the red planet?"}]
 
@@ -63,12 +64,12 @@ def test_gradient_reaches_every_latent_step_and_every_adapted_layer(engine, monk
 
 
 def test_base_weights_unchanged_across_many_requests(engine):
-    before = base_checksum(engine.model)
+    before = weights_digest(engine.model)
     for i in range(12):
         method = ("direct", "latent", "relat")[i % 3]
         run(engine, [{"role": "user", "content": f"Question number {i}?"}], method=method, latent_steps=2 + i % 3,
             steps=1 + i % 2, lr=5e-2, adapter_during_answer=bool(i % 2), sampling=SamplingParams(max_tokens=3))
-    assert base_checksum(engine.model) == before
+    assert weights_digest(engine.model) == before
     assert sorted(engine.bank.free) == [0, 1], "every adapter slot is released"
 
 

@@ -10,8 +10,9 @@ import torch
 from relat_core import Engine, Request, SamplingParams, TTTParams
 from relat_core.engine import DEFAULT_ADAPTER_SEED, _Plain
 from relat_core.latent import SequenceState, extend, latent_rollout
+from relat_core.loading import weights_digest
 
-from .conftest import base_checksum, build_tiny, train_alone
+from .conftest import build_tiny, train_alone
 from .test_batching import assert_as_alone, drive
 
 QUESTION = [{"role": "user", "content": "Which planet is known as the red planet?"}]
@@ -172,7 +173,7 @@ OPTIONS = {
 
 
 def test_every_option_batched_equals_alone(engine):
-    before = base_checksum(engine.model)
+    before = weights_digest(engine.model)
     first = {name: OPTIONS[name] for name in ("soft-topk", "guided-latent", "direct")}
     later = {1: {"question-context": OPTIONS["question-context"]},
              3: {"guided-sampled": OPTIONS["guided-sampled"], "contrastive-guided": OPTIONS["contrastive-guided"]}}
@@ -180,7 +181,7 @@ def test_every_option_batched_equals_alone(engine):
     for name, request in OPTIONS.items():
         assert_as_alone(engine, request, outcomes[name])
     assert sorted(engine.bank.free) == [0, 1, 2, 3] and not engine.has_unfinished_requests
-    assert base_checksum(engine.model) == before
+    assert weights_digest(engine.model) == before
 
 
 def test_an_aborted_guided_request_takes_its_plain_row_along(engine):

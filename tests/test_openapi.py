@@ -107,7 +107,11 @@ def test_security_follows_the_settings():
     doc = document(api_keys=[KEY])
     assert doc["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
     secured = {path for path, item in doc["paths"].items() if "security" in next(iter(item.values()))}
-    assert secured == {"/v1/chat/completions", "/v1/relat", "/v1/models"}  # /metrics open by default, as in vLLM
+    # /metrics open by default, as in vLLM
+    assert secured == {"/v1/chat/completions", "/v1/relat", "/v1/models", "/admin/status"}
+    admin = doc["paths"]["/admin/status"]["get"]["responses"]
+    assert "401" in admin and "403" not in admin  # a key is needed, and there are keys to give
+    assert "403" in document()["paths"]["/admin/status"]["get"]["responses"]  # no keys: refused
     metrics = document(api_keys=[KEY], metrics_need_key=True)["paths"]["/metrics"]["get"]
     assert metrics["security"] == [{"bearer": []}] and "401" in metrics["responses"]
 

@@ -17,12 +17,14 @@ from relat_server.settings import Settings
 
 from relat_core import Engine, TrainStep
 from relat_core.engine import Failed
+from relat_core.loading import weights_digest
 
-from .conftest import base_checksum, build_tiny
+from .conftest import build_tiny
 from .server_support import (
     AUTH,
     KEY,
     QUESTION,
+    SLOW,
     assert_error,
     chat,
     data_events,
@@ -284,7 +286,7 @@ def test_500_from_the_server_itself_keeps_the_shape_and_the_request_id(server, m
 def test_concurrent_requests_answer_as_when_sent_alone_and_leave_the_base_weights(server, engine):
     bodies = [chat(server, seed=seed, temperature=0.9, max_completion_tokens=6, relat={"steps": 2, "latent_steps": 3})
               for seed in (1, 2, 3, 1)]
-    checksum = base_checksum(engine.model)
+    checksum = weights_digest(engine.model)
     alone = [post(server, body).json() for body in bodies]
     with ThreadPoolExecutor(len(bodies)) as pool:
         together = list(pool.map(lambda body: post(server, body).json(), bodies * 2))
@@ -293,7 +295,7 @@ def test_concurrent_requests_answer_as_when_sent_alone_and_leave_the_base_weight
     assert answers[0] == answers[3] and len(set(answers[:3])) > 1  # the seed decides, and it does matter
     losses = [[s["loss"] for s in r["relat"]["steps"]] for r in alone]
     assert [[s["loss"] for s in r["relat"]["steps"]] for r in together] == losses * 2
-    assert base_checksum(engine.model) == checksum
+    assert weights_digest(engine.model) == checksum
 
 
 def test_metrics_parse_and_histograms_count_what_was_sent(server):
@@ -408,7 +410,7 @@ def test_the_models_defaults_are_kept_within_the_limits(limited, engine):
 def test_a_key_is_needed_on_every_route_but_the_probes(limited):
     for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/relat"),
                          ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/redoc"), ("GET", "/metrics"),
-                         ("GET", "/v1/chat/completions"), ("GET", "/no/such/path")):
+                         ("GET", "/v1/chat/completions"), ("GET", "/no/such/path"), ("GET", "/admin/status")):
         response = httpx.request(method, f"{limited.url}{path}", json={})
         assert_error(response, 401, "invalid_api_key")
         assert response.headers["www-authenticate"] == "Bearer", path
@@ -418,6 +420,36 @@ def test_a_key_is_needed_on_every_route_but_the_probes(limited):
     assert limited.http.get("/openapi.json").json()["openapi"].startswith("3.1")
     assert_error(limited.http.get("/v1/chat/completions"), 405, "method_not_allowed")  # past the key: routing
     assert_error(limited.http.get("/no/such/path"), 404, "not_found")
+
+
+def test_admin_status_sees_the_base_weights_slots_and_requests_as_they_are(server, engine):
+    status = server.http.get("/admin/status").json()
+    digest = weights_digest(engine.model)
+    assert status["base_weights_sha256"] == status["base_weights_sha256_at_start"] == digest
+    assert status["base_weights_unchanged"] and status["phase"] == "ready"
+    assert (status["adapter_slots"], status["adapter_slots_in_use"]) == (engine.bank.num_slots, 0)
+    assert (status["requests_running"], status["requests_waiting"]) == (0, 0)
+    assert status["resident_memory_bytes"] > 0
+    # While a relat request trains, its slot and its place in the engine show; once its client leaves, they are free.
+    with server.http.stream("POST", "/v1/relat", json={"question": "q", "stream": True, **SLOW}) as response:
+        assert response.status_code == 200
+        busy = wait_for(lambda: (s := server.http.get("/admin/status").json())["adapter_slots_in_use"] and s,
+                        "the request's slot")
+        assert busy["requests_running"] == 1
+    wait_for(lambda: server.http.get("/admin/status").json()["adapter_slots_in_use"] == 0, "the slot to be freed")
+    # A change to a base weight, as a request that leaked into the model would make, is seen.
+    weight = engine.model.get_input_embeddings().weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0] += 1.0
+    try:
+        changed = server.http.get("/admin/status").json()
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert not changed["base_weights_unchanged"] and changed["base_weights_sha256"] != digest
+    assert changed["base_weights_sha256_at_start"] == digest
+    assert server.http.get("/admin/status").json()["base_weights_unchanged"]
 
 
 def test_metrics_are_open_by_default_as_in_vllm(server):
@@ -502,6 +534,8 @@ def test_ready_is_503_while_loading_and_requests_are_refused(engine):
         loaded.set()
         wait_for(lambda: httpx.get(f"{url}/ready").status_code == 200, "readiness")
         assert httpx.post(f"{url}/v1/chat/completions", json=chat(engine.name), timeout=60).status_code == 200
+        # No keys on this server: the admin route, which anyone could make hash the weights, is refused.
+        assert_error(httpx.get(f"{url}/admin/status"), 403, "keys_required")
 
 
 def test_a_model_that_fails_to_load_makes_the_server_unhealthy():

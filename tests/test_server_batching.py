@@ -12,8 +12,9 @@ import torch
 from relat_server.settings import Settings
 
 from relat_core import Engine
+from relat_core.loading import weights_digest
 
-from .conftest import base_checksum, build_tiny
+from .conftest import build_tiny
 from .server_support import AUTH, SLOW, assert_error, chat, metrics, sample, serve_in_thread, sse_lines, wait_for
 
 CONCURRENCY = 4
@@ -64,7 +65,7 @@ def test_requests_run_as_one_batch_and_one_ending_early_disturbs_no_other(server
               chat(server, relat={"steps": 2, "latent_steps": 2, "adapter_during_answer": True},
                    max_completion_tokens=12),
               chat(server, relat={"method": "direct"}, max_completion_tokens=5)]
-    checksum = base_checksum(engine.model)
+    checksum = weights_digest(engine.model)
     alone = [answer(server, body) for body in bodies]
 
     left = threading.Event()
@@ -91,7 +92,7 @@ def test_requests_run_as_one_batch_and_one_ending_early_disturbs_no_other(server
     assert left.is_set() and max(batch_sizes) >= 3, batch_sizes  # a slow request and quick ones, batched
     wait_for(lambda: sample(metrics(server.url), "relat_requests_running") == 0, "the server to be idle")
     assert engine.slots_in_use == 0 and not engine.has_unfinished_requests
-    assert base_checksum(engine.model) == checksum
+    assert weights_digest(engine.model) == checksum
 
 
 def test_a_burst_on_an_idle_server_starts_as_one_batch(engine, batch_sizes):
