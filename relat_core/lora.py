@@ -44,8 +44,9 @@ class Binding:
 class AdaptedLinear:
     """The slot tensors of one linear layer, applied by a forward hook."""
 
-    def __init__(self, module: nn.Linear, kind: str, bank: SlotBank, num_slots: int, max_rank: int):
+    def __init__(self, module: nn.Linear, kind: str, bank: SlotBank, num_slots: int, max_rank: int, name: str = ""):
         self.kind = kind
+        self.name = name  # the module's path in the model ("model.layers.0.self_attn.q_proj"): PEFT's key
         self.index = len(bank.layers)
         self.bank = bank
         device = module.weight.device
@@ -80,7 +81,7 @@ class SlotBank:
         for name, module in model.named_modules():
             kind = name.rsplit(".", 1)[-1]
             if isinstance(module, nn.Linear) and kind in targets:
-                self.layers.append(AdaptedLinear(module, kind, self, num_slots, max_rank))
+                self.layers.append(AdaptedLinear(module, kind, self, num_slots, max_rank, name))
         if not self.layers:
             raise ValueError(f"the model has no linear layers named {', '.join(targets)}")
         self.kinds = frozenset(layer.kind for layer in self.layers)

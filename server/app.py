@@ -21,11 +21,13 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import MutableHeaders
@@ -33,10 +35,14 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from relat_core import AgentPrompts, Engine, InvalidParameter, Request, TTTParams, load_model, weights_digest
+from relat_core import AgentPrompts, Engine, InvalidParameter, Request, Result, TTTParams, load_model, weights_digest
+from relat_core.export import adapter_bytes
 
+from .adapters import AdapterStore
 from .errors import (
+    AdapterNotFound,
     APIError,
+    BadRequest,
     ContextLengthExceeded,
     ErrorInfo,
     Forbidden,
@@ -71,6 +77,14 @@ log = logging.getLogger("relat_server")
 
 CLIENT_CLOSED = 499  # nginx's status for "the client went away first"; nobody receives it
 OPEN_PATHS = frozenset({"/health", "/ready"})  # probes: kubelets and load balancers send no key
+# The playground's page and files hold no data (the page asks for the key), so they need none.
+PLAYGROUND_PATHS = frozenset({"/"})
+STATIC_PREFIX = "/static/"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+# The page loads nothing but its own files and talks to nothing but this server.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; "
+                                           "base-uri 'none'; form-action 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
 def default_loader(settings: Settings) -> Callable[[], Engine]:
@@ -105,13 +119,15 @@ class Service:
         self.model_name = settings.served_model_name or ""
         self.tokenizer: Any = None
         self.base_digest: str | None = None  # the base weights' SHA-256 once loaded, for GET /admin/status
+        self.adapters = AdapterStore(settings.max_adapters, settings.adapter_ttl, settings.max_adapter_bytes)
         # `relat serve` sets this to stop the process when the model cannot be loaded or the engine dies.
         self.on_fatal: Callable[[], None] | None = None
 
     async def load(self) -> None:
         loop = asyncio.get_running_loop()
         runner = Runner(self._load_engine, self.metrics, self.settings.max_queue, self.settings.max_concurrency,
-                        self.settings.batch_window, on_death=lambda _: loop.call_soon_threadsafe(self._fail))
+                        self.settings.batch_window, on_death=lambda _: loop.call_soon_threadsafe(self._fail),
+                        on_result=self.keep_adapter)
         try:
             engine = await runner.start()  # loaded on the thread that will run it
             defaults = self._defaults(engine)
@@ -178,8 +194,9 @@ class Service:
         return bool(self._key_digests)
 
     def requires_key(self, path: str) -> bool:
-        """Every route needs a key when keys are set, but the probes, and /metrics unless metrics_need_key."""
-        if not self.has_keys or path in OPEN_PATHS:
+        """Every route needs a key when keys are set, but the probes, the playground's page and static files (no
+        data in them), and /metrics unless metrics_need_key."""
+        if not self.has_keys or path in OPEN_PATHS or path in PLAYGROUND_PATHS or path.startswith(STATIC_PREFIX):
             return False
         return path != "/metrics" or self.settings.metrics_need_key
 
@@ -231,21 +248,35 @@ class Service:
         return dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, max_tokens=room))
 
     def submit(self, request_id: str, messages: list[dict], ttt_fields: dict, sampling_fields: dict,
-               timeout: float | None, ttt_prefix: str, max_tokens_param: str) -> Job:
+               timeout: float | None, ttt_prefix: str, max_tokens_param: str, return_adapter: bool = False) -> Job:
         """Validate a request's parameters, prompt and length, then queue it (the deadline: at most the server's)."""
         assert self.runner is not None and self.defaults is not None
-        request = engine_request(messages, ttt_fields, sampling_fields, self.defaults, ttt_prefix)
+        request = engine_request(messages, ttt_fields, sampling_fields, self.defaults, ttt_prefix, return_adapter)
+        if return_adapter and not self.adapters.enabled:
+            raise BadRequest("this server keeps no adapters (max_adapters is 0)", param=ttt_prefix + "return_adapter")
         try:
             messages = self.runner.engine.check(request)
         except InvalidParameter as error:
             if error.param.startswith("messages"):
                 raise
             raise InvalidParameter(ttt_prefix + error.param, str(error)) from None
+        if return_adapter:
+            size = adapter_bytes(self.runner.engine.bank, request.ttt.rank, request.ttt.targets)
+            if size > self.adapters.max_bytes:
+                raise BadRequest(f"this adapter would take {size} bytes; this server keeps at most "
+                                 f"{self.adapters.max_bytes} (max_adapter_bytes)", param=ttt_prefix + "return_adapter")
         prompt_tokens = self.check_prompt(messages)
         request = self.fit_context(request, prompt_tokens, sampling_fields["max_tokens"] is not None,
                                    max_tokens_param)
         deadline = min(timeout or self.settings.request_timeout, self.settings.request_timeout)
         return self.runner.submit(request_id, request, deadline)
+
+    def keep_adapter(self, result: Result) -> None:
+        """On the engine's thread, as a request finishes: keep its exported adapter, and say in the trace where."""
+        if result.adapter is not None:
+            kept = self.adapters.put(result.adapter)
+            result.adapter = None  # the store holds it now
+            result.trace.adapter = {**(result.trace.adapter or {}), **kept.reference()}
 
     def count_error(self, info: ErrorInfo) -> None:
         self.metrics.errors.labels(str(info.status)).inc()
@@ -301,7 +332,7 @@ async def chat_completions(request: HTTPRequest) -> Response:
     relat = body.relat
     job = service.submit(request.state.request_id, messages, relat.ttt_fields() if relat else {},
                          body.sampling_fields(), relat.timeout if relat else None, ttt_prefix="relat.",
-                         max_tokens_param=body.max_tokens_param)
+                         max_tokens_param=body.max_tokens_param, return_adapter=bool(relat and relat.return_adapter))
     completion_id, created = new_id("chatcmpl"), now()
     if body.stream:
         renderer = ChatRenderer(completion_id, created, service.model_name, body.include_usage)
@@ -318,7 +349,8 @@ async def relat(request: HTTPRequest) -> Response:
     service = service_of(request)
     body: RelatRequest = await parse(request, service.models.native)
     job = service.submit(request.state.request_id, body.messages(), body.ttt_fields(), body.sampling_fields(),
-                         body.timeout, ttt_prefix="", max_tokens_param=body.max_tokens_param)
+                         body.timeout, ttt_prefix="", max_tokens_param=body.max_tokens_param,
+                         return_adapter=bool(body.return_adapter))
     fields = {"id": new_id("relat"), "created": now(), "model": service.model_name}
     if body.stream:
         return stream_response(service, job, NativeRenderer(fields))
@@ -326,6 +358,18 @@ async def relat(request: HTTPRequest) -> Response:
     if result is None:
         return Response(status_code=CLIENT_CLOSED)
     return JSONResponse(relat_response(result, fields).model_dump())
+
+
+@api.get("/adapters/{adapter_id}")
+async def adapter(request: HTTPRequest, adapter_id: str) -> Response:
+    """An adapter a request kept (`return_adapter`), as a zip of PEFT's files (adapter_config.json and
+    adapter_model.safetensors); 404 once it has expired or newer ones have pushed it out."""
+    kept = service_of(request).adapters.get(adapter_id)
+    if kept is None:
+        raise AdapterNotFound(f"no adapter {adapter_id!r}: it expired, was evicted, or never was", param="adapter_id")
+    body = await asyncio.to_thread(kept.archive)  # serialising megabytes: off the event loop
+    return Response(body, media_type="application/zip",
+                    headers={"Content-Disposition": f'attachment; filename="{kept.id}.zip"'})
 
 
 @api.get("/models")
@@ -358,6 +402,24 @@ async def ready(request: HTTPRequest) -> Response:
 async def metrics(request: HTTPRequest) -> Response:
     """Prometheus metrics."""
     return PlainTextResponse(generate_latest(service_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+playground = APIRouter(include_in_schema=False)  # a page, not API: out of the OpenAPI document
+
+
+@playground.get("/")
+async def playground_page() -> Response:
+    """The playground (server/static): asks /v1/relat and shows the answer, the loss per step and the phases."""
+    return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+
+
+class PlaygroundFiles(StaticFiles):
+    """The playground's scripts and styles, with the page's security headers."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers.update(PAGE_HEADERS)
+        return response
 
 
 admin = APIRouter(prefix="/admin")
@@ -490,6 +552,8 @@ def create_app(settings: Settings, load_engine: Callable[[], Engine] | None = No
     app.include_router(api)
     app.include_router(probes)
     app.include_router(admin)
+    app.include_router(playground)
+    app.mount(STATIC_PREFIX.rstrip("/"), PlaygroundFiles(directory=STATIC_DIR), name="static")
     app.openapi = lambda: openapi_document(app, service)  # type: ignore[method-assign]
     handle = _handler(service)
     for error_class in (APIError, InvalidParameter, ValidationError, RequestValidationError, HTTPException):

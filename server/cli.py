@@ -10,7 +10,10 @@ import json
 import logging
 import os
 import sys
+import zipfile
 from collections.abc import Iterable, Iterator, Sequence
+from io import BytesIO
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -32,6 +35,21 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--system", help="a system message")
     parser.add_argument("--json", action="store_true", help="print the whole result as JSON instead of streaming")
+    parser.add_argument("--save-adapter", type=Path, metavar="DIR",
+                        help="keep the trained adapter and write it to DIR in PEFT's format (adapter_config.json, "
+                             "adapter_model.safetensors); method relat with steps >= 1")
+
+
+class NoAdapter(RuntimeError):
+    """--save-adapter, and the request ended without an adapter (its update was abandoned)."""
+
+
+def _saved(folder: Path, trace: dict) -> None:
+    print(f"adapter saved to {folder} ({trace['adapter']['bytes']} bytes of weights)", file=sys.stderr)
+
+
+def _no_adapter(trace: dict) -> NoAdapter:
+    return NoAdapter(f"no adapter to save: {trace.get('aborted') or 'the request trained none'}")
 
 
 def _messages(args: argparse.Namespace) -> list[dict]:
@@ -122,7 +140,8 @@ def _local_events(args: argparse.Namespace, agent_prompts: AgentPrompts | None) 
     ttt = engine.defaults.replace(**ttt_fields_from_arguments(args))
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               seed=args.seed)
-    for event in engine.generate(Request(_messages(args), ttt, sampling)):
+    keep = args.save_adapter is not None
+    for event in engine.generate(Request(_messages(args), ttt, sampling, return_adapter=keep)):
         if isinstance(event, TrainStep):
             yield "step", (event.step, event.steps, event.loss)
         elif isinstance(event, AgentDone):
@@ -132,8 +151,12 @@ def _local_events(args: argparse.Namespace, agent_prompts: AgentPrompts | None) 
         elif isinstance(event, Finished):
             result = event.result
             usage = {**asdict(result.usage), "total_tokens": result.usage.total_tokens}
+            if keep and result.adapter is not None:
+                _saved(result.adapter.save(args.save_adapter), result.trace.to_dict())
             yield "done", {"answer": result.text, "finish_reason": result.finish_reason, "usage": usage,
                            "trace": result.trace.to_dict()}
+            if keep and result.adapter is None:
+                raise _no_adapter(result.trace.to_dict())
 
 
 def _remote_events(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
@@ -141,8 +164,9 @@ def _remote_events(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
 
     from relat_client import AgentTurn, Done, RelatClient, Token, TrainStep
 
+    keep = args.save_adapter is not None
     options = {**ttt_fields_from_arguments(args), "max_tokens": args.max_tokens, "temperature": args.temperature,
-               "top_p": args.top_p, "seed": args.seed, "system": args.system}
+               "top_p": args.top_p, "seed": args.seed, "system": args.system, "return_adapter": keep or None}
     with RelatClient(args.url, api_key=args.api_key) as client:
         for event in client.stream(args.question, **options):
             if isinstance(event, TrainStep):
@@ -152,7 +176,33 @@ def _remote_events(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
             elif isinstance(event, Token):
                 yield "text", event.text
             elif isinstance(event, Done):
+                trace = event.result["trace"]
+                if keep and trace.get("adapter"):
+                    _saved(_download_adapter(client, trace["adapter"]["url"], args.save_adapter), trace)
                 yield "done", {key: event.result[key] for key in ("answer", "finish_reason", "usage", "trace")}
+                if keep and not trace.get("adapter"):
+                    raise _no_adapter(trace)
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _download_adapter(client: Any, url: str, folder: Path) -> Path:
+    """GET the server's zip of the adapter and write its two files (only those: the names come from the server)."""
+    from relat_client import RelatError
+
+    response = client.http.get(url)
+    if response.status_code != 200:
+        try:
+            body = response.json()
+        except ValueError:
+            body = response.text
+        raise RelatError.from_body(response.status_code, body, response.headers)
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(BytesIO(response.content)) as archive:
+        for name in ADAPTER_FILES:
+            (folder / name).write_bytes(archive.read(name))
+    return folder
 
 
 def ask(args: argparse.Namespace) -> int:
@@ -162,7 +212,11 @@ def ask(args: argparse.Namespace) -> int:
         except ValueError as error:
             print(f"relat: error: --agent-prompts: {error}", file=sys.stderr)
             return 2
-        _show(_local_events(args, agent_prompts), args.json)
+        try:
+            _show(_local_events(args, agent_prompts), args.json)
+        except NoAdapter as error:
+            print(f"relat: {error}", file=sys.stderr)
+            return 1
         return 0
     if args.agent_prompts is not None:
         # A server's prompts are its own setting: ignoring the flag would answer with prompts the user did not ask for.
@@ -175,6 +229,9 @@ def ask(args: argparse.Namespace) -> int:
         _show(_remote_events(args), args.json)
     except RelatError as error:
         print(f"relat: server error {error.status}: {error.message}", file=sys.stderr)
+        return 1
+    except NoAdapter as error:
+        print(f"relat: {error}", file=sys.stderr)
         return 1
     except httpx.HTTPError as error:
         print(f"relat: cannot reach {args.url}: {error}", file=sys.stderr)

@@ -60,6 +60,12 @@ class ModelNotFound(APIError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
 
 
+class AdapterNotFound(APIError):
+    """GET /v1/adapters/{id}: no such adapter kept (never, expired, or evicted by newer ones)."""
+
+    status, type, code = 404, "invalid_request_error", "adapter_not_found"
+
+
 class PayloadTooLarge(APIError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
 

@@ -43,11 +43,12 @@ SSE = "text/event-stream"
 # Why each error status is sent; an operation lists those it can send.
 ERRORS: dict[int, str] = {
     400: "Invalid JSON, a field of the wrong type or out of range (`param` names it as sent), or what the schema "
-         "cannot say: the last message must be a non-empty user message, `relat` needs `latent_steps` >= 1, and "
-         "the prompt and the answer asked for must fit in the model's context (code `context_length_exceeded`).",
+         "cannot say: the last message must be a non-empty user message, `relat` needs `latent_steps` >= 1, "
+         "`return_adapter` needs method `relat` with `steps` >= 1 (and a server that keeps adapters), and the "
+         "prompt and the answer asked for must fit in the model's context (code `context_length_exceeded`).",
     401: "API keys are set and the `Authorization: Bearer` key is missing or wrong.",
     403: "The server has no API keys set: the admin routes need one.",
-    404: "`model` is not the served model.",
+    404: "`model` is not the served model; or the adapter is unknown, expired or evicted (`adapter_not_found`).",
     413: "The body is over `max_body_bytes`, or the prompt over `max_prompt_tokens` or the model's context.",
     429: "The queue is full; `Retry-After` says in how many seconds to retry.",
     500: "An internal error; the body says nothing more (the server log has it).",
@@ -71,6 +72,7 @@ class Operation:
     stream: str | None = None  # "chat" or "native": its 200 may also be an event stream
     errors: tuple[int, ...] = ()
     text: bool = False  # its 200 is text/plain (Prometheus)
+    archive: bool = False  # its 200 is application/zip (an exported adapter)
     probe: bool = False  # 503 is not an error but the same body as 200
 
 
@@ -78,6 +80,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("post", "/v1/chat/completions"): Operation("chat", ChatCompletionResponse, "chat", GENERATION_ERRORS),
     ("post", "/v1/relat"): Operation("native", RelatResponse, "native", GENERATION_ERRORS),
     ("get", "/v1/models"): Operation(json=ModelList, errors=(401, 500, 503)),
+    ("get", "/v1/adapters/{adapter_id}"): Operation(archive=True, errors=(401, 404, 500)),
     ("get", "/health"): Operation(json=Health, probe=True),
     ("get", "/ready"): Operation(json=Readiness, probe=True),
     ("get", "/metrics"): Operation(text=True, errors=(401,)),
@@ -119,6 +122,9 @@ def _responses(operation: Operation, refs: dict[type[BaseModel], dict], needs_ke
     success: dict[str, Any] = {"description": "OK", "headers": headers}
     if operation.text:
         success["content"] = {"text/plain": {"schema": {"type": "string"}}}
+    elif operation.archive:
+        success["description"] = "a zip of PEFT's adapter_config.json and adapter_model.safetensors"
+        success["content"] = {"application/zip": {"schema": {"type": "string", "format": "binary"}}}
     elif operation.json is not None:
         success["content"] = {"application/json": {"schema": refs[operation.json]}}
     if operation.stream is not None:

@@ -85,6 +85,9 @@ class RelatOptions(OpenAIBaseModel, TTTOptions):
     """
 
     timeout: float | None = Field(None, gt=0, description="deadline in seconds, at most the server's")
+    return_adapter: bool | None = Field(
+        None, description="keep the trained adapter (method relat, steps >= 1): the trace's adapter.url serves it "
+                          "as a zip of PEFT's files for a while")
 
 
 class ChatCompletionRequest(OpenAIBaseModel):
@@ -183,7 +186,7 @@ class ServerDefaults:
 
 
 def engine_request(messages: list[dict], ttt_fields: dict[str, Any], sampling_fields: dict[str, Any],
-                   defaults: ServerDefaults, ttt_prefix: str = "") -> Request:
+                   defaults: ServerDefaults, ttt_prefix: str = "", return_adapter: bool = False) -> Request:
     """Engine parameters with the precedence: the request, then the server's default, then OpenAI's.
 
     `ttt_prefix` is where the TTT fields sit in the request ("relat." in chat), so that errors name them as sent.
@@ -198,7 +201,7 @@ def engine_request(messages: list[dict], ttt_fields: dict[str, Any], sampling_fi
     if "stop" in sent:
         sent["stop"] = tuple(sent["stop"])
     sampling = SamplingParams(**{**OPENAI_SAMPLING_DEFAULTS, **defaults.sampling, **sent})
-    return Request(messages, ttt, sampling)
+    return Request(messages, ttt, sampling, return_adapter)
 
 
 # -- responses ------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from relat_core import AgentDone, Engine, Finished, Request, TextDelta, TrainStep
+from relat_core import AgentDone, Engine, Finished, Request, Result, TextDelta, TrainStep
 from relat_core.engine import Event, Failed
 
 from .errors import Cancelled, DeadlineExceeded, QueueFull, Unavailable
@@ -97,7 +97,8 @@ class Runner:
 
     def __init__(self, load_engine: Callable[[], Engine], metrics: Metrics, max_queue: int,
                  max_concurrency: int = 1, batch_window: float = 0.0,
-                 on_death: Callable[[BaseException], None] | None = None):
+                 on_death: Callable[[BaseException], None] | None = None,
+                 on_result: Callable[[Result], None] | None = None):
         # An idle engine waits this long after a request arrives for others to join it: requests that start
         # together train together, while a request that arrives a moment late waits a whole training step and
         # stays a step out of phase (bench/RESULTS.md, section 6.4).
@@ -117,6 +118,9 @@ class Runner:
         # Called from the scheduling thread if it dies (not a request's failure: the thread's own), so that the
         # server can report it and exit for its supervisor to restart it.
         self.on_death = on_death
+        # Called from the scheduling thread with each result before it goes to its job (the server keeps exported
+        # adapters there), so that the result the client gets already says where its adapter is.
+        self.on_result = on_result
 
     # -- asyncio side ---------------------------------------------------------------------------------------
 
@@ -289,6 +293,12 @@ class Runner:
             else:
                 self.metrics.itl.observe(now - job.last_text)
             job.last_text = now
+        if isinstance(event, Finished) and self.on_result is not None:
+            try:
+                self.on_result(event.result)
+            except Exception as error:  # a server bug: this request's 500, not the engine thread's death
+                self._end(job, "error", error)
+                return
         job.post(event)
         if isinstance(event, Finished):
             self._observe_result(event, job, now)

@@ -187,6 +187,11 @@ class Settings(BaseSettings, TTTOptions):
         TTT_BOUNDS["latent_steps"].high, description="longest latent thought a request may ask for (else 400)")
     max_agent_tokens: bounded("agent_max_tokens") = Field(
         TTT_BOUNDS["agent_max_tokens"].high, description="most agent_max_tokens a request may ask for (else 400)")
+    max_adapters: int = Field(
+        16, ge=0, description="adapters kept for return_adapter, the oldest dropped first; 0 turns exports off")
+    adapter_ttl: float = Field(3600.0, gt=0, description="seconds a kept adapter can be fetched")
+    max_adapter_bytes: int = Field(
+        256 << 20, ge=1, description="bytes all kept adapters may take, rank*(in+out)*4 per adapted layer each")
 
     # -- defaults of a request's sampling parameters -----------------------------------------------------------
     max_tokens: int = Field(256, ge=1, description="answer length when a request sets none")

@@ -108,7 +108,8 @@ def test_security_follows_the_settings():
     assert doc["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
     secured = {path for path, item in doc["paths"].items() if "security" in next(iter(item.values()))}
     # /metrics open by default, as in vLLM
-    assert secured == {"/v1/chat/completions", "/v1/relat", "/v1/models", "/admin/status"}
+    assert secured == {"/v1/chat/completions", "/v1/relat", "/v1/models", "/v1/adapters/{adapter_id}",
+                       "/admin/status"}
     admin = doc["paths"]["/admin/status"]["get"]["responses"]
     assert "401" in admin and "403" not in admin  # a key is needed, and there are keys to give
     assert "403" in document()["paths"]["/admin/status"]["get"]["responses"]  # no keys: refused
@@ -139,6 +140,8 @@ def server(tokenizer):
 # the user's question last, question_last below keeps to, so that it refuses nothing.)
 BEYOND_THE_SCHEMA = {
     (400, "invalid_value", "relat.latent_steps"), (400, "invalid_value", "latent_steps"),  # relat needs one
+    # return_adapter needs an adapter: method relat with steps >= 1 (the server's default method here is latent)
+    (400, "invalid_value", "relat.return_adapter"), (400, "invalid_value", "return_adapter"),
     (400, "context_length_exceeded", "max_completion_tokens"), (400, "context_length_exceeded", "max_tokens"),
     (413, "context_length_exceeded", "messages"),  # the prompt alone fills the context
 }

@@ -416,6 +416,10 @@ def test_a_key_is_needed_on_every_route_but_the_probes(limited):
         assert response.headers["www-authenticate"] == "Bearer", path
     for path in ("/health", "/ready"):
         assert httpx.get(f"{limited.url}{path}").status_code == 200
+    # The playground's page and files hold no data: the page asks for the key (tests/test_playground.py).
+    for path in ("/", "/static/playground.js", "/static/playground.css"):
+        assert httpx.get(f"{limited.url}{path}").status_code == 200, path
+    assert_error(httpx.get(f"{limited.url}/static/nothing"), 404, "not_found")
     assert limited.http.get("/metrics").status_code == 200
     assert limited.http.get("/openapi.json").json()["openapi"].startswith("3.1")
     assert_error(limited.http.get("/v1/chat/completions"), 405, "method_not_allowed")  # past the key: routing
