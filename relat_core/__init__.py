@@ -11,12 +11,13 @@ from typing import Any
 
 _EXPORTS = {
     "AgentDone": "engine", "Engine": "engine", "EngineBusy": "engine", "Event": "engine", "Finished": "engine",
-    "Request": "engine", "Result": "engine", "TextDelta": "engine", "Trace": "engine", "TrainStep": "engine",
-    "Usage": "engine",
+    "Choice": "engine", "Request": "engine", "Result": "engine", "TextDelta": "engine", "Trace": "engine",
+    "TrainStep": "engine", "Usage": "engine",
     "default_ttt_params": "engine",
     "EMBEDDED_MODEL": "loading", "LoadedModel": "loading", "ModelLoadError": "loading", "load_model": "loading",
     "prepare": "loading", "weights_digest": "loading",
     "AgentPrompts": "agents",
+    "AdapterCache": "adapter_cache",
     "InvalidParameter": "params", "SamplingParams": "params", "TTTParams": "params",
 }
 __all__ = sorted(_EXPORTS)

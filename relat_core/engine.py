@@ -21,6 +21,7 @@ requests answering share one forward pass per token. `add_request` / `step` / `a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -29,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .adapter_cache import AdapterCache, CachedAdapter, training_key
 from .agents import TEAMS, AgentPrompts, Role, labelled, resolve_answer_format, with_format
 from .chat import ChatFormat, Segments, normalise_messages
 from .decoding import IncrementalDetokenizer, sample
@@ -75,6 +77,7 @@ class TrainStep:
 @dataclass
 class TextDelta:
     text: str
+    index: int = 0  # which answer, when a request asks for n > 1
 
 
 @dataclass
@@ -115,6 +118,9 @@ class Trace:
     # return_adapter: the exported adapter (rank, alpha, targets, bytes; a server adds where to fetch it); None when
     # not asked for, or when the update was abandoned (`aborted`: no adapter answered, and its weights were bad).
     adapter: dict | None = None
+    # The adapter cache: "hit" (the adapter came from it; `steps` are those recorded when it was trained) or "miss"
+    # (trained here); None when it was not consulted (nothing trained, the cache off, or the request's cache false).
+    cache: str | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     # Every TTT parameter the request ran with, defaults filled in: what a report needs to name a run in full.
     options: dict = field(default_factory=dict)
@@ -124,13 +130,24 @@ class Trace:
 
 
 @dataclass
-class Result:
+class Choice:
+    """One of a request's n answers."""
+
+    index: int
     text: str
     finish_reason: str  # "stop" or "length"
-    usage: Usage
+    token_ids: list[int]
+
+
+@dataclass
+class Result:
+    text: str  # the first answer's (choices[0]), for the many callers that ask for one
+    finish_reason: str  # "stop" or "length"
+    usage: Usage  # completion_tokens: of every answer (and of the agents before the last)
     trace: Trace
     token_ids: list[int]
     adapter: AdapterExport | None = None  # return_adapter: the trained adapter, copied off its slot
+    choices: list[Choice] = field(default_factory=list)  # every answer, n of them
 
 
 @dataclass
@@ -185,6 +202,7 @@ class _Sequence:
     start: float
     slot: int | None = None  # the leased adapter slot (relat)
     return_adapter: bool = False  # copy the adapter into the result before the slot is released
+    cache_key: str | None = None  # a miss's key: its adapter is cached once training ends
     phase: str = "think"
     step: int = 0  # training steps taken
     adapted: bool = False  # training ended with an adapter the answer may use
@@ -205,6 +223,12 @@ class _Sequence:
     context: list[str] = field(default_factory=list)  # TextMAS: the earlier agents' labelled text
     prompt_tokens: int = 0  # every prompt token the answer's run read, for usage
     agent_tokens: int = 0  # tokens the agents before the last wrote
+    # -- n > 1: the request's answers past the first are rows of their own (copies of this one, `choice` 1..n-1,
+    # `leader` this one), decoded beside it from the same thought and adapter; the request ends with the last. --
+    choice: int = 0
+    leader: _Sequence | None = None  # of an answer past the first: the request's own row
+    siblings: list[_Sequence] = field(default_factory=list)
+    ended: dict[int, Choice] = field(default_factory=dict)  # the answers that have ended, by index
 
     @property
     def pieces(self) -> list[Piece]:
@@ -310,7 +334,7 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, max_rank: int = 64, num_slots: int = 1,
                  defaults: TTTParams | None = None, decode_share: float = 0.8,
-                 agent_prompts: AgentPrompts | None = None):
+                 agent_prompts: AgentPrompts | None = None, adapter_cache: AdapterCache | None = None):
         if not 0 <= decode_share < 1:
             raise ValueError("decode_share must be in [0, 1)")
         # While some requests train and others answer: the share of the engine's time that goes to answering
@@ -333,6 +357,8 @@ class Engine:
         self.defaults = defaults or default_ttt_params(self.num_parameters)
         self.stop_ids = self._stop_token_ids()
         self.agent_prompts = agent_prompts or AgentPrompts()
+        # Off unless given one (an empty cache is falsy: it has a length).
+        self.adapter_cache = adapter_cache if adapter_cache is not None else AdapterCache(max_entries=0, max_bytes=0)
         self._sequences: dict[str, _Sequence] = {}  # in arrival order
         self._decoding: _Decoding | None = None
 
@@ -412,13 +438,39 @@ class Engine:
             if slot is None:
                 raise EngineBusy("no free adapter slot")
             seed = sampling.seed if sampling.seed is not None else DEFAULT_ADAPTER_SEED
+            key = self._training_key(sequence, seed) if ttt.cache and self.adapter_cache.enabled else None
+            cached = self.adapter_cache.get(key) if key is not None else None
             try:
-                self.bank.reset(slot, ttt.rank, ttt.targets, torch.Generator(self.device).manual_seed(seed))
+                if cached is None:
+                    self.bank.reset(slot, ttt.rank, ttt.targets, torch.Generator(self.device).manual_seed(seed))
+                else:
+                    self.bank.load(slot, cached.weights)
             except BaseException:
                 self.bank.release(slot)  # the request never joined: nothing else would give its slot back
                 raise
             sequence.slot, sequence.phase = slot, "train"
+            if key is not None:
+                sequence.trace.cache = "miss" if cached is None else "hit"
+            if cached is None:
+                sequence.cache_key = key
+            else:
+                self._trained_from_cache(sequence, cached)
         self._sequences[request_id] = sequence
+
+    def _training_key(self, sequence: _Sequence, seed: int) -> str:
+        """The adapter cache's key: what the training of this request reads, and how it trains."""
+        pieces = [(piece.token_ids, piece.question_start, piece.latent_steps) for piece in sequence.pieces]
+        segments = sequence.segments
+        return training_key(self.name, pieces, segments.recon_ids, segments.recon_labels, sequence.ttt, seed)
+
+    def _trained_from_cache(self, sequence: _Sequence, cached: CachedAdapter) -> None:
+        """A hit: the request skips training, its trace holding what the adapter's own training recorded."""
+        sequence.step = cached.steps_taken
+        sequence.trace.steps = cached.records()
+        sequence.trace.recon_loss_before = cached.recon_loss_before
+        sequence.trace.stopped_early = cached.stopped_early
+        sequence.loss_now = cached.loss_now
+        self._end_training(sequence, adapted=True)
 
     def _agent_turn(self, sequence: _Sequence, role: Role, latent_steps: int) -> Piece:
         """An agent's prompt: the request's messages with its last user turn replaced by the agent's, holding the
@@ -440,7 +492,7 @@ class Engine:
         if sequence.slot is not None:
             self.bank.release(sequence.slot)
         if sequence.phase == "decode":
-            self._leave_decoding([sequence])
+            self._leave_decoding([sequence, *sequence.siblings])
 
     def step(self) -> list[tuple[str, Event]]:
         """One unit of work: a training step of every request still training, unless the answering requests still
@@ -664,8 +716,13 @@ class Engine:
         row.trace.aborted = reason
         self._end_training(row, adapted=False)
 
-    @staticmethod
-    def _end_training(row: _Sequence, adapted: bool) -> None:
+    def _end_training(self, row: _Sequence, adapted: bool) -> None:
+        """Training is over: with `adapted`, the slot holds the final weights, which a miss now caches."""
+        if adapted and row.cache_key is not None:
+            self.adapter_cache.put(row.cache_key, CachedAdapter(
+                self.bank.snapshot(row.slot, row.ttt.rank, row.ttt.targets), row.trace.steps, row.step,
+                row.trace.recon_loss_before, row.trace.stopped_early, row.loss_now))
+        row.cache_key = None
         row.adapted = adapted
         row.trace.adapter_during_answer = row.answers_with_adapter
         row.phase = "think"
@@ -748,12 +805,50 @@ class Engine:
                                                      else row.sampling.stop)
             row.decode_start, row.phase = now, "decode"
         if answering:
-            if self._decoding is not None:
-                parts.insert(0, (self._decoding.state, self._decoding.hidden))
-                answering = self._decoding.rows + answering
             state = parts[0][0] if len(parts) == 1 else SequenceState.concatenate(self.model, [p[0] for p in parts])
-            self._decoding = _Decoding(answering, state, torch.cat([p[1] for p in parts]))
+            answering, state, hidden = self._with_answers(answering, state, torch.cat([p[1] for p in parts]))
+            if self._decoding is not None:
+                state = SequenceState.concatenate(self.model, [self._decoding.state, state])
+                hidden = torch.cat([self._decoding.hidden, hidden])
+                answering = self._decoding.rows + answering
+            self._decoding = _Decoding(answering, state, hidden)
         return events
+
+    def _with_answers(self, rows: list[_Sequence | _Plain], state: SequenceState, hidden: torch.Tensor
+                      ) -> tuple[list[_Sequence | _Plain], SequenceState, torch.Tensor]:
+        """A request asking for n answers gets n decoding rows, copies of its row's cache (and of its plain row,
+        when guided): one training and one thought, n answers sampled apart."""
+        def answers(row: _Sequence | _Plain) -> int:
+            owner = _owner(row)
+            return 1 if owner.writes_agent_text else owner.sampling.n
+
+        if all(answers(row) == 1 for row in rows):
+            return rows, state, hidden
+        index: list[int] = []
+        expanded: list[_Sequence | _Plain] = []
+        for i, row in enumerate(rows):
+            copies: list[_Sequence | _Plain] = [row]
+            if answers(row) > 1 and isinstance(row, _Sequence):
+                row.siblings = [self._answer_row(row, k) for k in range(1, row.sampling.n)]
+                copies += row.siblings
+            elif answers(row) > 1:  # the plain row of a guided request: one beside each answer
+                copies += [_Plain(sibling) for sibling in row.owner.siblings]
+            index += [i] * len(copies)
+            expanded += copies
+        state.select(torch.tensor(index, device=self.device))
+        return expanded, state, hidden[index]
+
+    def _answer_row(self, row: _Sequence, k: int) -> _Sequence:
+        """Answer k of a request: its row's copy with a generator of its own, seeded seed + k."""
+        generator = torch.Generator()
+        if row.sampling.seed is None:
+            generator.seed()
+        else:
+            seed = row.sampling.seed + k
+            generator.manual_seed(seed - 2**64 if seed >= 2**64 else seed)
+        return dataclasses.replace(row, choice=k, leader=row, siblings=[], ended={}, tokens=[],
+                                   generator=generator, detokenizer=IncrementalDetokenizer(self.tokenizer,
+                                                                                          row.sampling.stop))
 
     def _latent_turn(self, row: _Sequence, seconds: float) -> dict:
         """Record the latent agent that just ran (its piece) and move to the next."""
@@ -927,7 +1022,7 @@ class Engine:
                 row.trace.timings["first_token_s"] = time.perf_counter() - row.start
             delta = row.detokenizer.push(token)
             if delta and not agent_text:
-                events.append((row.request_id, TextDelta(delta)))
+                events.append((row.request_id, TextDelta(delta, row.choice)))
             if row.detokenizer.stopped:
                 finish_reason = "stop"
             elif len(row.tokens) >= limit:
@@ -940,25 +1035,32 @@ class Engine:
             events.append(self._end_agent_text(row, now))
             return True
         if tail:
-            events.append((row.request_id, TextDelta(tail)))
-        row.trace.timings["decode_s"] = now - row.decode_start
-        row.trace.timings["total_s"] = now - row.start
-        if row.team:
-            role = row.team[-1]
-            row.trace.agent_turns.append({
-                "role": role.name, "label": role.label, "kind": "answer", "prompt_tokens": len(row.prompt_ids),
-                "latent_positions": 0, "completion_tokens": len(row.tokens), "seconds": now - row.decode_start})
-        prompt_tokens = row.prompt_tokens or len(row.segments.prompt_ids)
-        usage = Usage(prompt_tokens, row.agent_tokens + len(row.tokens))
-        result = Result(row.detokenizer.text, finish_reason, usage, row.trace, row.tokens)
-        if row.return_adapter and row.adapted:  # before the slot goes back: the next request resets it
-            result.adapter = export_adapter(self.bank, row.slot, row.ttt.rank, row.ttt.alpha, row.ttt.targets,
-                                            self.base_model_name)
-            row.trace.adapter = result.adapter.summary()
-        events.append((row.request_id, Finished(result)))
-        self._sequences.pop(row.request_id, None)
-        if row.slot is not None:
-            self.bank.release(row.slot)
+            events.append((row.request_id, TextDelta(tail, row.choice)))
+        request = row.leader or row
+        request.ended[row.choice] = Choice(row.choice, row.detokenizer.text, finish_reason, row.tokens)
+        if len(request.ended) < request.sampling.n:
+            return True  # this answer has ended; the request ends with its last
+        choices = [request.ended[k] for k in range(request.sampling.n)]
+        completion_tokens = sum(len(choice.token_ids) for choice in choices)
+        request.trace.timings["decode_s"] = now - request.decode_start
+        request.trace.timings["total_s"] = now - request.start
+        if request.team:
+            role = request.team[-1]
+            request.trace.agent_turns.append({
+                "role": role.name, "label": role.label, "kind": "answer", "prompt_tokens": len(request.prompt_ids),
+                "latent_positions": 0, "completion_tokens": completion_tokens, "seconds": now - request.decode_start})
+        prompt_tokens = request.prompt_tokens or len(request.segments.prompt_ids)
+        usage = Usage(prompt_tokens, request.agent_tokens + completion_tokens)
+        first = choices[0]
+        result = Result(first.text, first.finish_reason, usage, request.trace, first.token_ids, choices=choices)
+        if request.return_adapter and request.adapted:  # before the slot goes back: the next request resets it
+            result.adapter = export_adapter(self.bank, request.slot, request.ttt.rank, request.ttt.alpha,
+                                            request.ttt.targets, self.base_model_name)
+            request.trace.adapter = result.adapter.summary()
+        events.append((request.request_id, Finished(result)))
+        self._sequences.pop(request.request_id, None)
+        if request.slot is not None:
+            self.bank.release(request.slot)
         return True
 
     def _end_agent_text(self, row: _Sequence, now: float) -> tuple[str, AgentDone]:

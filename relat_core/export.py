@@ -68,13 +68,12 @@ def export_adapter(bank: SlotBank, slot: int, rank: int, alpha: float, targets: 
     """A copy of slot `slot`'s adapter (its first `rank` rows of A, columns of B, on the `targets` layers), to keep
     after the slot is released; the copies share nothing with the bank."""
     tensors: dict[str, torch.Tensor] = {}
-    for layer in bank.layers:
-        if layer.kind in targets:
+    for layer, pair in zip(bank.layers, bank.snapshot(slot, rank, targets), strict=True):
+        if pair is not None:
             key = f"base_model.model.{layer.name}"
-            # clone: on the CPU a slice of the bank would otherwise alias it, and the next request overwrites it
-            tensors[f"{key}.lora_A.weight"] = layer.A[slot, :rank].clone(memory_format=torch.contiguous_format).cpu()
-            tensors[f"{key}.lora_B.weight"] = layer.B[slot, :, :rank].clone(
-                memory_format=torch.contiguous_format).cpu()  # (out, r)
+            # On the CPU already copies (the snapshot clones: the next request overwrites the slot).
+            tensors[f"{key}.lora_A.weight"] = pair[0].cpu().contiguous()  # (r, in)
+            tensors[f"{key}.lora_B.weight"] = pair[1].cpu().contiguous()  # (out, r)
     kinds = [kind for kind in dict.fromkeys(layer.kind for layer in bank.layers) if kind in targets]
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "revision": None,

@@ -143,6 +143,24 @@ class SlotBank:
         for t in self.parameters():
             t.grad = None
 
+    @torch.no_grad()
+    def snapshot(self, slot: int, rank: int, targets: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """A copy of a slot's adapter: per layer, A[:rank] and B[:, :rank] where it adapts, else None."""
+        return [(layer.A[slot, :rank].clone(), layer.B[slot, :, :rank].clone()) if layer.kind in targets else None
+                for layer in self.layers]
+
+    @torch.no_grad()
+    def load(self, slot: int, weights: Sequence[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+        """Put a snapshot's adapter into a slot (the rest of the slot zero), with fresh optimiser state."""
+        for layer, pair in zip(self.layers, weights, strict=True):
+            layer.A[slot].zero_()
+            layer.B[slot].zero_()
+            if pair is not None:
+                a, b = pair
+                layer.A[slot, :a.shape[0]] = a
+                layer.B[slot, :, :b.shape[1]] = b
+        self.optimizer.reset(slot)
+
     def slot_state(self, slot: int) -> list[torch.Tensor]:
         return [t[slot].detach().clone() for t in self.parameters()]
 

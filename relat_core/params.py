@@ -116,6 +116,7 @@ TTT_BOUNDS: dict[str, Bound] = {
 }
 SAMPLING_BOUNDS: dict[str, Bound] = {
     "max_tokens": Bound(1, integer=True),
+    "n": Bound(1, 128, integer=True),  # answers from the one training and thought; a server narrows it (max_n)
     "temperature": Bound(0, 2),
     "top_p": Bound(0, 1, low_open=True),
     "top_k": Bound(0, integer=True),  # 0 disables top-k
@@ -168,6 +169,9 @@ class TTTParams:
     # The answer's format, as an instruction to the final agent (or, set explicitly, to a single model): "boxed"
     # (\boxed{}), "choice" (a letter), "code" (a fenced python block), "text" (none); "auto" picks by the question.
     answer_format: AnswerFormat = "auto"
+    # relat: take the adapter from the engine's adapter cache when the same training ran before, and cache this
+    # one (relat_core/adapter_cache.py); false trains afresh and caches nothing.
+    cache: bool = True
 
     def __post_init__(self) -> None:
         _require(self.method in METHODS, "method",
@@ -216,6 +220,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False  # decode past end-of-sequence tokens (vLLM's extension): fixed-length benchmarks
+    # Answers sampled from the one training and thought, each drawing from its own generator: answer k from
+    # seed + k (answer 0 is the answer of the same request with n 1), as OpenAI's n.
+    n: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, list):

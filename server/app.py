@@ -35,7 +35,17 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from relat_core import AgentPrompts, Engine, InvalidParameter, Request, Result, TTTParams, load_model, weights_digest
+from relat_core import (
+    AdapterCache,
+    AgentPrompts,
+    Engine,
+    InvalidParameter,
+    Request,
+    Result,
+    TTTParams,
+    load_model,
+    weights_digest,
+)
 from relat_core.export import adapter_bytes
 
 from .adapters import AdapterStore
@@ -96,7 +106,9 @@ def default_loader(settings: Settings) -> Callable[[], Engine]:
         # Before the model: a prompts file that went bad since the settings checked it fails in a moment.
         prompts = AgentPrompts.load(settings.agent_prompts) if settings.agent_prompts else None
         loaded = load_model(settings.model, settings.device, settings.dtype, name=settings.served_model_name)
-        return Engine(loaded, max_rank=settings.max_rank, num_slots=settings.max_concurrency, agent_prompts=prompts)
+        cache = AdapterCache(settings.adapter_cache_entries, settings.adapter_cache_bytes)
+        return Engine(loaded, max_rank=settings.max_rank, num_slots=settings.max_concurrency, agent_prompts=prompts,
+                      adapter_cache=cache)
 
     return load
 
@@ -112,7 +124,7 @@ class Service:
         self._load_engine = load_engine
         # Digests of equal length: comparing them takes the same time whatever the key sent, even its length.
         self._key_digests = [_digest(key.get_secret_value().encode()) for key in settings.api_keys]
-        self.models = request_models(settings.limits())
+        self.models = request_models(settings.limits(), settings.answers_limit)
         self.context_length: int | None = None  # prompt + answer, in tokens; known once the model is loaded
         self.runner: Runner | None = None
         self.defaults: ServerDefaults | None = None

@@ -96,6 +96,10 @@ def print_trace(trace: dict, usage: dict, stream=None) -> None:
                      f"{'  (stopped early)' if trace.get('stopped_early') else ''}")
     if trace.get("aborted"):
         lines.append(f"update abandoned: {trace['aborted']} (answered by the base model)")
+    if trace.get("cache") == "hit":
+        lines.append("adapter cache: hit (no training ran; the steps above were recorded when it was trained)")
+    elif trace.get("cache") == "miss":
+        lines.append("adapter cache: miss (trained here, now cached)")
     lines.append("timings: " + "  ".join(f"{k}={v:.2f}s" for k, v in trace.get("timings", {}).items()))
     lines.append(f"tokens: prompt {usage['prompt_tokens']}  completion {usage['completion_tokens']}")
     print("\n".join(lines), file=stream or sys.stderr)  # looked up now: tests and callers may replace it

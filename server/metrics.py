@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from relat_core.adapter_cache import CacheStats
+
 OUTCOMES: tuple[str, ...] = ("success", "error", "cancelled", "timeout", "rejected")
 
 # Seconds: from a millisecond decode step up to the 10-minute default deadline.
@@ -52,3 +54,22 @@ class Metrics:
         self.running = Gauge("relat_requests_running", "Requests the engine is working on", registry=r)
         self.waiting = Gauge("relat_requests_waiting", "Requests queued for the engine", registry=r)
         self.slots = Gauge("relat_adapter_slots_in_use", "Adapter slots leased to requests", registry=r)
+        self.cache_hits = Counter("relat_adapter_cache_hits", "Requests whose adapter came from the adapter cache",
+                                  registry=r)
+        self.cache_misses = Counter("relat_adapter_cache_misses", "Requests that trained after finding no cached "
+                                    "adapter", registry=r)
+        self.cache_evictions = Counter("relat_adapter_cache_evictions", "Adapters evicted from the adapter cache",
+                                       registry=r)
+        self.cache_bytes = Gauge("relat_adapter_cache_bytes", "Bytes the adapter cache holds", registry=r)
+        self.cache_entries = Gauge("relat_adapter_cache_entries", "Adapters the adapter cache holds", registry=r)
+        self._cache_seen = CacheStats()
+
+    def observe_cache(self, stats: CacheStats) -> None:
+        """Bring the cache's metrics up to the engine's counts (read between engine steps, on the engine's thread)."""
+        seen = self._cache_seen
+        self.cache_hits.inc(stats.hits - seen.hits)
+        self.cache_misses.inc(stats.misses - seen.misses)
+        self.cache_evictions.inc(stats.evictions - seen.evictions)
+        self.cache_bytes.set(stats.bytes)
+        self.cache_entries.set(stats.entries)
+        self._cache_seen = CacheStats(**vars(stats))

@@ -17,11 +17,11 @@ import warnings
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from relat_core import InvalidParameter, Request, SamplingParams, TTTParams
 
-from .settings import JSONInteger, TTTOptions, bounded
+from .settings import TTTOptions, bounded
 
 log = logging.getLogger("relat_server")
 
@@ -59,6 +59,9 @@ Seed = bounded("seed") | None
 SeedField = Field(None, description="same seed, same answer; also seeds the adapter's initialisation")
 IgnoreEosField = Field(None, description="keep decoding past end-of-sequence tokens (vLLM's extension)")
 ModelField = Field(None, description="the served model's name (GET /v1/models); may be left out")
+Answers = bounded("n") | None  # and at most the server's max_n (request_models)
+AnswersField = Field(None, description="answers to sample after one training and one thought (choices 0..n-1, "
+                                       "answer k drawn from seed + k); default 1")
 
 
 # -- requests -------------------------------------------------------------------------------------------------
@@ -96,8 +99,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
     model: str | None = ModelField
     max_completion_tokens: MaxTokens = Field(None, description="answer length limit in tokens")
     max_tokens: MaxTokens = Field(None, deprecated="max_tokens is deprecated: use max_completion_tokens")
-    n: Annotated[JSONInteger, Field(ge=1, le=1), WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 1})] \
-        | None = Field(1, description="only 1 is supported")
+    n: Answers = AnswersField
     seed: Seed = SeedField
     stop: Stop = StopField
     stream: bool | None = False
@@ -114,7 +116,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
             warnings.simplefilter("ignore", DeprecationWarning)
             limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return {"max_tokens": limit, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "seed": self.seed, "stop": self.stop, "ignore_eos": self.ignore_eos}
+                "seed": self.seed, "stop": self.stop, "ignore_eos": self.ignore_eos, "n": self.n}
 
     @property
     def max_tokens_param(self) -> str:
@@ -140,6 +142,7 @@ class RelatRequest(RelatOptions):
     seed: Seed = SeedField
     stop: Stop = StopField
     ignore_eos: bool | None = IgnoreEosField
+    n: Answers = AnswersField
 
     @property
     def max_tokens_param(self) -> str:
@@ -150,7 +153,8 @@ class RelatRequest(RelatOptions):
         return system + [{"role": "user", "content": self.question}]
 
     def sampling_fields(self) -> dict[str, Any]:
-        return self.model_dump(include={"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos"})
+        return self.model_dump(include={"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos",
+                                        "n"})
 
 
 @dataclass(frozen=True)
@@ -161,19 +165,21 @@ class RequestModels:
     native: type[RelatRequest]
 
 
-def request_models(limits: dict[str, int]) -> RequestModels:
-    """The request classes of a server with these limits (Settings.limits). They keep the names of the classes they
-    narrow, so that the OpenAPI document names them as the API does."""
+def request_models(limits: dict[str, int], answers: int) -> RequestModels:
+    """The request classes of a server with these limits (Settings.limits) and this most answers per request (n).
+    They keep the names of the classes they narrow, so that the OpenAPI document names them as the API does."""
     narrowed: dict[str, Any] = {
         name: (bounded(name, limit) | None, Field(None, description=TTTOptions.model_fields[name].description))
         for name, limit in limits.items()}
+    n = (bounded("n", answers) | None, AnswersField)
     options = create_model("RelatOptions", __base__=RelatOptions, __doc__=RelatOptions.__doc__,
                            __module__=__name__, **narrowed)
     relat_field = ChatCompletionRequest.model_fields["relat"]
     chat = create_model("ChatCompletionRequest", __base__=ChatCompletionRequest, __doc__=ChatCompletionRequest.__doc__,
-                        __module__=__name__, relat=(options | None, Field(None, description=relat_field.description)))
+                        __module__=__name__, relat=(options | None, Field(None, description=relat_field.description)),
+                        n=n)
     native = create_model("RelatRequest", __base__=RelatRequest, __doc__=RelatRequest.__doc__, __module__=__name__,
-                          **narrowed)
+                          **narrowed, n=n)
     return RequestModels(chat, native)
 
 
@@ -267,14 +273,21 @@ class ChatCompletionChunk(BaseModel):
     relat: dict[str, Any] | None = Field(None, exclude_if=_none, description="the trace, on the finishing chunk")
 
 
+class RelatChoice(BaseModel):
+    index: int
+    answer: str
+    finish_reason: Literal["stop", "length"]
+
+
 class RelatResponse(BaseModel):
     id: str
     object: Literal["relat.result"] = "relat.result"
     created: int
     model: str
-    answer: str
+    answer: str = Field(description="the first answer (choices[0], when n > 1)")
     finish_reason: Literal["stop", "length"]
-    usage: UsageInfo
+    choices: list[RelatChoice] | None = Field(None, exclude_if=_none, description="every answer, when n > 1")
+    usage: UsageInfo = Field(description="completion_tokens: of every answer")
     trace: dict[str, Any]
 
 
@@ -307,6 +320,7 @@ class TokenEvent(BaseModel):
     """`token`: a piece of the answer's text."""
 
     text: str
+    index: int = Field(0, description="which answer (n > 1)")
 
 
 # -- probes and models ------------------------------------------------------------------------------------------

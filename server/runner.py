@@ -225,6 +225,7 @@ class Runner:
                 admitted = self._admit()
             for job in admitted:
                 self._start(job)
+            self.metrics.observe_cache(self.engine.adapter_cache.stats)  # hits and misses count when admitted
             self._stop_expired()
             if not self.engine.has_unfinished_requests:
                 continue
@@ -327,6 +328,8 @@ class Runner:
         metrics.e2e.observe(now - job.submitted)
         metrics.prompt_tokens.inc(result.usage.prompt_tokens)
         metrics.generation_tokens.inc(result.usage.completion_tokens)
+        if trace.cache == "hit":  # no training ran: its figures are the cached adapter's, counted when it trained
+            return
         if job.request.ttt.trains:
             metrics.ttt_time.observe(trace.timings.get("train_s", 0.0))
             metrics.ttt_steps.observe(len(trace.steps))

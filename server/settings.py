@@ -135,6 +135,9 @@ class TTTOptions(BaseModel):
         None, description="text each agent may write before the last (direct)")
     answer_format: AnswerFormat | None = Field(
         None, description="the answer's format: auto, text, boxed (maths), choice (a letter) or code (python)")
+    cache: bool | None = Field(
+        None, description="relat: take the adapter from the adapter cache when the same training ran before, and "
+                          "cache this one; false trains afresh and caches nothing")
 
     def ttt_fields(self) -> dict[str, Any]:
         """The TTT fields that were set, as TTTParams keyword arguments."""
@@ -164,6 +167,10 @@ class Settings(BaseSettings, TTTOptions):
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice)")
     agent_prompts: Path | None = Field(
         None, description="a JSON file of agent role prompts and answer-format instructions (default: built in)")
+    adapter_cache_entries: int = Field(
+        64, ge=0, description="trained adapters kept for requests that repeat a training (0: no adapter cache)")
+    adapter_cache_bytes: int = Field(
+        256 << 20, ge=0, description="bytes the adapter cache may hold, on the model's device (0: no cache)")
 
     # -- HTTP -------------------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="address to listen on")
@@ -192,6 +199,8 @@ class Settings(BaseSettings, TTTOptions):
     adapter_ttl: float = Field(3600.0, gt=0, description="seconds a kept adapter can be fetched")
     max_adapter_bytes: int = Field(
         256 << 20, ge=1, description="bytes all kept adapters may take, rank*(in+out)*4 per adapted layer each")
+    max_n: bounded("n") = Field(
+        8, description="most answers (n) a request may ask for, and at most max_concurrency: each is a decoding row")
 
     # -- defaults of a request's sampling parameters -----------------------------------------------------------
     max_tokens: int = Field(256, ge=1, description="answer length when a request sets none")
@@ -223,6 +232,11 @@ class Settings(BaseSettings, TTTOptions):
     def limits(self) -> dict[str, int]:
         """This server's maximum of each TTT field in LIMITS."""
         return {name: getattr(self, setting) for name, setting in LIMITS.items()}
+
+    @property
+    def answers_limit(self) -> int:
+        """The most answers a request may ask for: max_n, within the decoding rows of the engine's batch."""
+        return min(self.max_n, self.max_concurrency)
 
     def sampling_defaults(self) -> dict[str, Any]:
         """The sampling fields the operator set, as SamplingParams keyword arguments."""

@@ -27,6 +27,7 @@ from .protocol import (
     ChatCompletionResponse,
     ChatCompletionStreamChoice,
     DeltaMessage,
+    RelatChoice,
     RelatResponse,
     TokenEvent,
     TrainStepEvent,
@@ -71,8 +72,9 @@ class ChatRenderer:
         self.fields = {"id": completion_id, "created": created, "model": model}
         self.include_usage = include_usage
 
-    def _chunk(self, delta: DeltaMessage, finish_reason: str | None = None, trace: dict | None = None) -> str:
-        choice = ChatCompletionStreamChoice(delta=delta, finish_reason=finish_reason)
+    def _chunk(self, delta: DeltaMessage, finish_reason: str | None = None, trace: dict | None = None,
+               index: int = 0) -> str:
+        choice = ChatCompletionStreamChoice(index=index, delta=delta, finish_reason=finish_reason)
         return data_line(ChatCompletionChunk(**self.fields, choices=[choice], relat=trace).model_dump_json())
 
     def start(self) -> str:
@@ -84,9 +86,13 @@ class ChatRenderer:
         if isinstance(event, AgentDone):
             return agent_comment(event.turn)
         if isinstance(event, TextDelta):
-            return self._chunk(DeltaMessage(content=event.text))
+            return self._chunk(DeltaMessage(content=event.text), index=event.index)
         result = event.result
-        text = self._chunk(DeltaMessage(), result.finish_reason, result.trace.to_dict())
+        # Each answer's finishing chunk; the trace (one training for all of them) rides on the last.
+        last = len(result.choices) - 1
+        text = "".join(self._chunk(DeltaMessage(), choice.finish_reason,
+                                   result.trace.to_dict() if choice.index == last else None, choice.index)
+                       for choice in result.choices)
         if self.include_usage:
             usage = ChatCompletionChunk(**self.fields, choices=[], usage=usage_of(result))
             text += data_line(usage.model_dump_json())
@@ -114,7 +120,7 @@ class NativeRenderer:
         if isinstance(event, AgentDone):
             return typed_event("agent", AgentTurn(**event.turn))
         if isinstance(event, TextDelta):
-            return typed_event("token", TokenEvent(text=event.text))
+            return typed_event("token", TokenEvent(text=event.text, index=event.index))
         return typed_event("done", relat_response(event.result, self.fields))
 
     def end(self) -> str:
@@ -167,11 +173,14 @@ async def run_to_end(job: Job, request: HTTPRequest) -> Result | None:
 
 
 def chat_response(result: Result, completion_id: str, created: int, model: str) -> ChatCompletionResponse:
-    choice = ChatCompletionChoice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)
-    return ChatCompletionResponse(id=completion_id, created=created, model=model, choices=[choice],
+    choices = [ChatCompletionChoice(index=choice.index, message=AssistantMessage(content=choice.text),
+                                    finish_reason=choice.finish_reason) for choice in result.choices]
+    return ChatCompletionResponse(id=completion_id, created=created, model=model, choices=choices,
                                   usage=usage_of(result), relat=result.trace.to_dict())
 
 
 def relat_response(result: Result, fields: dict) -> RelatResponse:
-    return RelatResponse(**fields, answer=result.text, finish_reason=result.finish_reason, usage=usage_of(result),
-                         trace=result.trace.to_dict())
+    choices = [RelatChoice(index=choice.index, answer=choice.text, finish_reason=choice.finish_reason)
+               for choice in result.choices] if len(result.choices) > 1 else None
+    return RelatResponse(**fields, answer=result.text, finish_reason=result.finish_reason, choices=choices,
+                         usage=usage_of(result), trace=result.trace.to_dict())

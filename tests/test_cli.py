@@ -93,3 +93,21 @@ def test_ask_agent_prompts_change_the_agents_turns_and_a_bad_file_is_refused(tok
     # A server's prompts are its own setting: refused before any request is sent (nothing listens there).
     assert main(["ask", "hi", "--url", "http://127.0.0.1:9", "--agent-prompts", str(prompts)]) == 2
     assert "relat serve --agent-prompts" in capsys.readouterr().err
+
+
+def test_the_trace_says_whether_the_adapter_came_from_the_cache():
+    import io
+
+    from relat_server.cli import print_trace
+
+    trace = {"method": "relat", "latent_steps": 2, "adapter_during_answer": False, "answer_context": "question",
+             "guidance": 1.0, "contrastive_eta": 0.0, "steps": [{"step": 1, "loss": 2.0, "grad_norm": 1.0,
+                                                                   "seconds": 0.5}]}
+    usage = {"prompt_tokens": 3, "completion_tokens": 2}
+    shown = {}
+    for cache in ("hit", "miss", None):
+        stream = io.StringIO()
+        print_trace({**trace, "cache": cache}, usage, stream)
+        shown[cache] = stream.getvalue()
+    assert "adapter cache: hit (no training ran" in shown["hit"] and "adapter cache: miss" in shown["miss"]
+    assert "adapter cache" not in shown[None]

@@ -68,7 +68,8 @@ def test_request_bodies_are_the_validating_classes_with_the_engines_bounds():
                                    ("ChatCompletionRequest", "temperature", "temperature"),
                                    ("RelatRequest", "top_p", "top_p")):
         assert field(doc, component, name) == SAMPLING_BOUNDS[bound].json_schema()
-    assert field(doc, "ChatCompletionRequest", "n") == {"type": "integer", "minimum": 1, "maximum": 1}
+    assert field(doc, "ChatCompletionRequest", "n") == {"type": "integer", "minimum": 1, "maximum": 8}  # max_n
+    assert field(doc, "RelatRequest", "n") == {"type": "integer", "minimum": 1, "maximum": 8}
     assert field(doc, "RelatRequest", "question")["pattern"] == r"\S"
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 from relat_server.settings import Settings
 
-from relat_core import Engine
+from relat_core import AdapterCache, Engine
 
 from .conftest import build_tiny
 from .deploy_support import missing
@@ -37,7 +37,7 @@ WAIT = 120  # seconds: only turns a hang into a failure
 def engine(tokenizer):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny model is faster on one thread, and the machine is shared
-    yield Engine(build_tiny("qwen3", tokenizer, seed=1))
+    yield Engine(build_tiny("qwen3", tokenizer, seed=1), adapter_cache=AdapterCache(max_entries=8, max_bytes=1 << 24))
     torch.set_num_threads(threads)
 
 
@@ -221,6 +221,11 @@ def test_an_answer_streams_with_one_loss_point_per_training_step(browser, server
     find(column, ".trace summary").click()
     assert '"recon_loss_after"' in find(column, ".trace pre").text
     screenshot(browser, shots / "relat-desktop.png", DESKTOP[0])
+    caption = find(column, "figcaption").text
+    # The same question again: its adapter comes from the cache, and the page says so.
+    [again] = ask(browser, "What is the capital of France?")
+    assert "adapter cache hit" in find(again, "figcaption").text and "adapter cache miss" in caption
+    assert len(find_all(again, "svg.loss-chart circle.point")) == 3  # the losses recorded when it was trained
 
 
 def test_compare_mode_answers_with_all_three_methods(browser, server, shots):

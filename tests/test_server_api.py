@@ -104,7 +104,7 @@ def test_openai_sdk_sees_errors_as_its_own_exceptions(server, sdk):
     with pytest.raises(openai.NotFoundError):
         sdk.chat.completions.create(model="no-such-model", messages=QUESTION)
     with pytest.raises(openai.BadRequestError) as caught:
-        sdk.chat.completions.create(model=server.model, messages=QUESTION, n=2)
+        sdk.chat.completions.create(model=server.model, messages=QUESTION, n=9)  # over max_n
     assert caught.value.body["param"] == "n"
     wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
@@ -187,7 +187,8 @@ def test_request_id_is_echoed_or_made(server):
     ("", None),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "messages"),
-    ({"messages": QUESTION, "n": 3}, "n"),
+    ({"messages": QUESTION, "n": 9}, "n"),  # over max_n (8)
+    ({"messages": QUESTION, "n": 0}, "n"),
     ({"messages": QUESTION, "temperature": -1}, "temperature"),
     ({"messages": QUESTION, "relat": {"steps": 101}}, "relat.steps"),
     ({"messages": QUESTION, "relat": {"rank": 512}}, "relat.rank"),

@@ -56,14 +56,15 @@ def test_minimal_chat_request_and_openai_shapes():
                                    {"role": "user", "content": [{"type": "text", "text": "a"},
                                                                 {"type": "text", "text": "b"}]}],
         "stream": True, "stream_options": {"include_usage": True}, "stop": "\n"})
-    assert body.include_usage and body.n == 1 and body.relat is None
+    assert body.include_usage and body.n is None and body.relat is None  # n left out: one answer
     assert body.messages[1].content[1].text == "b"
 
 
 @pytest.mark.parametrize("fields, param", [
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
-    ({"n": 2}, "n"),
+    ({"n": 0}, "n"),
+    ({"n": 129}, "n"),
     ({"temperature": 2.5}, "temperature"),
     ({"top_p": 0}, "top_p"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
@@ -195,7 +196,7 @@ def test_types_are_taken_strictly_as_openai_does(fields, param):
 
 
 def test_a_servers_limits_narrow_its_request_classes_with_a_message_that_says_so():
-    models = request_models({"steps": 3, "latent_steps": 5, "rank": 8, "agent_max_tokens": 16})
+    models = request_models({"steps": 3, "latent_steps": 5, "rank": 8, "agent_max_tokens": 16}, 4)
     question = {"messages": USER}
     for fields, param in [({"steps": 4}, "relat.steps"), ({"latent_steps": 6}, "relat.latent_steps"),
                           ({"rank": 9}, "relat.rank"), ({"agent_max_tokens": 17}, "relat.agent_max_tokens")]:

@@ -380,13 +380,15 @@ class Column {
   }
 
   onToken(event) {
+    if (event.index) return;  // with n > 1 the first answer streams; all of them show when done
     this.answer.textContent += event.text;
     this.node.dataset.tokens = String(Number(this.node.dataset.tokens) + 1);
   }
 
   onDone(result) {
     this.finished = true;
-    this.answer.textContent = result.answer;
+    this.answer.textContent = result.choices && result.choices.length > 1
+      ? result.choices.map((choice) => `[${choice.index}] ${choice.answer}`).join("\n\n") : result.answer;
     const trace = result.trace || {};
     const losses = (trace.steps || []).map((step) => step.loss);
     if (losses.length) {
@@ -395,7 +397,9 @@ class Column {
       drawChart(this.chart, this.losses, this.steps);
       this.chartCaption.textContent = `reconstruction loss ${trace.recon_loss_before.toFixed(3)} → `
         + `${trace.recon_loss_after.toFixed(3)} over ${losses.length} step${losses.length > 1 ? "s" : ""}`
-        + (trace.stopped_early ? " (stopped early)" : "") + (trace.aborted ? ` (aborted: ${trace.aborted})` : "");
+        + (trace.stopped_early ? " (stopped early)" : "") + (trace.aborted ? ` (aborted: ${trace.aborted})` : "")
+        + (trace.cache === "hit" ? "; adapter cache hit: no training ran, these losses were recorded when it was"
+          + " trained" : trace.cache === "miss" ? "; adapter cache miss: trained now, and cached" : "");
     } else {
       this.chartCaption.textContent = `no training steps (method ${trace.method || this.method})`;
     }
