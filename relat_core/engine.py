@@ -203,6 +203,7 @@ class _Sequence:
     slot: int | None = None  # the leased adapter slot (relat)
     return_adapter: bool = False  # copy the adapter into the result before the slot is released
     cache_key: str | None = None  # a miss's key: its adapter is cached once training ends
+    cached: CachedAdapter | None = None  # a miss's cache entry, which learns the loss at the final weights
     phase: str = "think"
     step: int = 0  # training steps taken
     adapted: bool = False  # training ended with an adapter the answer may use
@@ -719,9 +720,9 @@ class Engine:
     def _end_training(self, row: _Sequence, adapted: bool) -> None:
         """Training is over: with `adapted`, the slot holds the final weights, which a miss now caches."""
         if adapted and row.cache_key is not None:
-            self.adapter_cache.put(row.cache_key, CachedAdapter(
-                self.bank.snapshot(row.slot, row.ttt.rank, row.ttt.targets), row.trace.steps, row.step,
-                row.trace.recon_loss_before, row.trace.stopped_early, row.loss_now))
+            row.cached = CachedAdapter(self.bank.snapshot(row.slot, row.ttt.rank, row.ttt.targets), row.trace.steps,
+                                       row.step, row.trace.recon_loss_before, row.trace.stopped_early, row.loss_now)
+            self.adapter_cache.put(row.cache_key, row.cached)
         row.cache_key = None
         row.adapted = adapted
         row.trace.adapter_during_answer = row.answers_with_adapter
@@ -795,6 +796,8 @@ class Engine:
         for row in {id(row): row for row in answering if isinstance(row, _Sequence)}.values():
             if id(row) in losses:
                 row.trace.recon_loss_after = losses[id(row)]
+                if row.cached is not None:  # a hit then needs no scoring pass (answering from the question: no thought)
+                    row.cached.loss_now = losses[id(row)]
             elif row.adapted:
                 row.trace.recon_loss_after = row.loss_now
             if row.team and row.pieces and row.piece < len(row.pieces):  # the last latent agent's turn

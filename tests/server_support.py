@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 
 import httpx
+import torch
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 from relat_server.app import create_app
@@ -70,6 +71,28 @@ def serve_in_thread(settings: Settings, load_engine: Callable) -> Iterator[Simpl
         thread.join(30)
         loop.close()
         sock.close()
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread while the block runs: the tiny model is faster on one, and the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def ready_server(engine, **settings) -> Iterator[SimpleNamespace]:
+    """serve_in_thread on `engine` with the test key (and these settings), once /ready answers 200; with the
+    model's name and an httpx client that sends the key."""
+    with serve_in_thread(Settings(**{"api_keys": [KEY], **settings}), lambda: engine) as served:
+        wait_for(lambda: httpx.get(f"{served.url}/ready").status_code == 200, "readiness")
+        served.model = engine.name
+        served.http = httpx.Client(base_url=served.url, headers=AUTH, timeout=120)
+        yield served
 
 
 def metrics(url: str) -> dict[tuple[str, tuple], float]:

@@ -24,7 +24,15 @@ from relat_core import Engine, InvalidParameter, Request, SamplingParams, TTTPar
 from relat_core.export import CONFIG_FILE, WEIGHTS_FILE, adapter_bytes
 
 from .conftest import build_tiny
-from .server_support import AUTH, KEY, QUESTION, assert_error, data_events, serve_in_thread, sse_lines, wait_for
+from .server_support import (
+    KEY,
+    QUESTION,
+    assert_error,
+    data_events,
+    one_torch_thread,
+    ready_server,
+    sse_lines,
+)
 
 SEED = 1  # the tiny model of the engine below; build_tiny(seed=SEED) rebuilds the same base for PEFT
 # A few steps at a high learning rate: an adapter far enough from the base model that matching logits mean something.
@@ -35,10 +43,8 @@ RELAT = {"steps": 2, "latent_steps": 2, "lr": 0.05, "rank": 4, "targets": ["q_pr
 
 @pytest.fixture(scope="module")
 def engine(tokenizer):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model is faster on one thread, and the machine is shared
-    yield Engine(build_tiny("qwen3", tokenizer, seed=SEED), max_rank=8)
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield Engine(build_tiny("qwen3", tokenizer, seed=SEED), max_rank=8)
 
 
 def prompt_ids(engine: Engine, ttt: TTTParams = TRAINED) -> torch.Tensor:
@@ -133,10 +139,7 @@ def test_the_store_evicts_the_oldest_and_drops_expired_ones(engine):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    settings = Settings(api_keys=[KEY], max_adapters=2, adapter_ttl=600, max_rank=8)
-    with serve_in_thread(settings, lambda: engine) as served:
-        wait_for(lambda: httpx.get(f"{served.url}/ready").status_code == 200, "readiness")
-        served.http = httpx.Client(base_url=served.url, headers=AUTH, timeout=120)
+    with ready_server(engine, max_adapters=2, adapter_ttl=600, max_rank=8) as served:
         served.store = served.app.state.service.adapters
         yield served
 

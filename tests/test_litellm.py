@@ -46,18 +46,15 @@ finally:
     NETWORK_GUARD["on"] = False
 IMPORT_ATTEMPTS = list(NETWORK_GUARD["attempts"])
 
-import httpx  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 import yaml  # noqa: E402
 from litellm.types.router import Deployment  # noqa: E402
-from relat_server.settings import Settings  # noqa: E402
 
 from relat_core import Engine  # noqa: E402
 from relat_core.loading import EMBEDDED_MODEL  # noqa: E402
 
 from .conftest import build_tiny  # noqa: E402
-from .server_support import KEY, QUESTION, serve_in_thread, wait_for  # noqa: E402
+from .server_support import KEY, QUESTION, one_torch_thread, ready_server  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "litellm" / "config.yaml"
 # LiteLLM's own TypedDicts, built into pydantic models on first use, warn about pydantic's reading of `ReadOnly`.
@@ -82,17 +79,13 @@ def offline_litellm():
 
 @pytest.fixture(scope="module")
 def engine(tokenizer):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model is faster on one thread, and the machine is shared
-    yield Engine(build_tiny("qwen3", tokenizer, seed=1))
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield Engine(build_tiny("qwen3", tokenizer, seed=1))
 
 
 @pytest.fixture(scope="module")
 def server(engine):
-    with serve_in_thread(Settings(api_keys=[KEY]), lambda: engine) as served:
-        wait_for(lambda: httpx.get(f"{served.url}/ready").status_code == 200, "readiness")
-        served.model = engine.name
+    with ready_server(engine) as served:
         yield served
 
 

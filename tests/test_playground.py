@@ -19,14 +19,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
-from relat_server.settings import Settings
 
 from relat_core import AdapterCache, Engine
 
 from .conftest import build_tiny
 from .deploy_support import missing
-from .server_support import KEY, serve_in_thread, wait_for
+from .server_support import KEY, one_torch_thread, ready_server
 
 DESKTOP = (1280, 1000)
 PHONE = (390, 844)  # CSS pixels of a common phone
@@ -35,16 +33,13 @@ WAIT = 120  # seconds: only turns a hang into a failure
 
 @pytest.fixture(scope="module")
 def engine(tokenizer):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model is faster on one thread, and the machine is shared
-    yield Engine(build_tiny("qwen3", tokenizer, seed=1), adapter_cache=AdapterCache(max_entries=8, max_bytes=1 << 24))
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield Engine(build_tiny("qwen3", tokenizer, seed=1), adapter_cache=AdapterCache(8, max_bytes=1 << 24))
 
 
 @pytest.fixture(scope="module")
 def server(engine):
-    with serve_in_thread(Settings(api_keys=[KEY]), lambda: engine) as served:
-        wait_for(lambda: httpx.get(f"{served.url}/ready").status_code == 200, "readiness")
+    with ready_server(engine) as served:
         yield served
 
 

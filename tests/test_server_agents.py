@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 import re
 
-import httpx
 import pytest
-import torch
 from openai.types.chat import ChatCompletionChunk
 from relat_client import AgentTurn, Done, RelatClient, Token
 from relat_server.app import default_loader
@@ -20,16 +18,15 @@ from relat_core import Engine
 
 from .conftest import build_tiny
 from .server_support import (
-    AUTH,
     KEY,
     QUESTION,
     assert_error,
     data_events,
     metrics,
+    one_torch_thread,
+    ready_server,
     sample,
-    serve_in_thread,
     sse_lines,
-    wait_for,
 )
 
 SEQUENTIAL = ("planner", "critic", "refiner")  # the agents before the judger, who answers
@@ -39,15 +36,8 @@ AGENT_COMMENT = re.compile(r": agent (\w+) done \((latent, \d+ latent positions|
 
 @pytest.fixture(scope="module")
 def server(tokenizer):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model is faster on one thread, and the machine is shared
-    engine = Engine(build_tiny("qwen3", tokenizer, seed=2), num_slots=2)
-    with serve_in_thread(Settings(api_keys=[KEY]), lambda: engine) as served:
-        wait_for(lambda: httpx.get(f"{served.url}/ready").status_code == 200, "readiness")
-        served.model = engine.name
-        served.http = httpx.Client(base_url=served.url, headers=AUTH, timeout=120)
+    with one_torch_thread(), ready_server(Engine(build_tiny("qwen3", tokenizer, seed=2), num_slots=2)) as served:
         yield served
-    torch.set_num_threads(threads)
 
 
 def chat_body(relat: dict, **fields) -> dict:

@@ -21,7 +21,6 @@ from relat_core.loading import weights_digest
 
 from .conftest import build_tiny
 from .server_support import (
-    AUTH,
     KEY,
     QUESTION,
     SLOW,
@@ -29,6 +28,8 @@ from .server_support import (
     chat,
     data_events,
     metrics,
+    one_torch_thread,
+    ready_server,
     sample,
     serve_in_thread,
     sse_lines,
@@ -41,20 +42,14 @@ MAX_BODY_BYTES = 64 * 1024
 
 @pytest.fixture(scope="module")
 def engine(tokenizer):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model is faster on one thread, and the machine is shared
-    yield Engine(build_tiny("qwen3", tokenizer, seed=1))
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield Engine(build_tiny("qwen3", tokenizer, seed=1))
 
 
 @pytest.fixture(scope="module")
 def server(engine):
-    settings = Settings(api_keys=[KEY, "sk-second"], max_prompt_tokens=MAX_PROMPT_TOKENS,
-                        max_body_bytes=MAX_BODY_BYTES)
-    with serve_in_thread(settings, lambda: engine) as served:
-        wait_for(lambda: httpx.get(f"{served.url}/ready").status_code == 200, "readiness")
-        served.model = engine.name
-        served.http = httpx.Client(base_url=served.url, headers=AUTH, timeout=120)
+    with ready_server(engine, api_keys=[KEY, "sk-second"], max_prompt_tokens=MAX_PROMPT_TOKENS,
+                      max_body_bytes=MAX_BODY_BYTES) as served:
         yield served
 
 
@@ -342,11 +337,7 @@ CONTEXT = 64  # max_model_len: QUESTION's prompt is 37 tokens on the embedded to
 @pytest.fixture(scope="module")
 def limited(engine):
     """A server with tight limits, a short context and /metrics behind the key."""
-    settings = Settings(api_keys=[KEY], metrics_need_key=True, max_model_len=CONTEXT, **LIMITS)
-    with serve_in_thread(settings, lambda: engine) as served:
-        wait_for(lambda: httpx.get(f"{served.url}/ready").status_code == 200, "readiness")
-        served.model = engine.name
-        served.http = httpx.Client(base_url=served.url, headers=AUTH, timeout=120)
+    with ready_server(engine, metrics_need_key=True, max_model_len=CONTEXT, **LIMITS) as served:
         yield served
 
 

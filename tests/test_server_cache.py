@@ -3,32 +3,24 @@ first did; `relat.cache: false` bypasses it; the metrics count hits, misses, evi
 
 from __future__ import annotations
 
-import httpx
 import pytest
-import torch
 from relat_server.settings import Settings
 
 from relat_core import AdapterCache, Engine
 
 from .conftest import build_tiny
-from .server_support import AUTH, KEY, QUESTION, data_events, metrics, sample, serve_in_thread, sse_lines, wait_for
+from .server_support import QUESTION, data_events, metrics, one_torch_thread, ready_server, sample, sse_lines
 
 TRAINING = {"method": "relat", "steps": 2, "latent_steps": 2, "rank": 4}
 
 
 @pytest.fixture(scope="module")
 def server(tokenizer):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     # Two entries: a third training evicts the least recently used.
     engine = Engine(build_tiny("qwen3", tokenizer, seed=7), max_rank=8, num_slots=2,
                     adapter_cache=AdapterCache(max_entries=2, max_bytes=64 << 20))
-    with serve_in_thread(Settings(api_keys=[KEY]), lambda: engine) as served:
-        wait_for(lambda: httpx.get(f"{served.url}/ready").status_code == 200, "readiness")
-        served.model = engine.name
-        served.http = httpx.Client(base_url=served.url, headers=AUTH, timeout=120)
+    with one_torch_thread(), ready_server(engine) as served:
         yield served
-    torch.set_num_threads(threads)
 
 
 def chat(server, question: str, stream: bool = False, **relat) -> dict:
