@@ -54,9 +54,7 @@ class CachedAdapter:
     steps_taken: int
     recon_loss_before: float | None
     stopped_early: bool
-    # The loss at the final weights: measured by training at an early stop, else by the miss's scoring pass once
-    # it has run; a hit that has it skips that pass (and, answering from the question, the whole thought).
-    loss_now: float | None
+    loss_now: float | None  # the loss at the final weights, when training measured it (an early stop)
     nbytes: int = 0
 
     def __post_init__(self) -> None:

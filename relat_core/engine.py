@@ -36,7 +36,7 @@ from .chat import ChatFormat, Segments, normalise_messages
 from .decoding import IncrementalDetokenizer, sample
 from .export import AdapterExport, export_adapter
 from .latent import LatentMap, SequenceState, extend, latent_rollout, reconstruction_loss
-from .loading import LoadedModel
+from .loading import LoadedModel, ModelLoadError
 from .lora import Binding, SlotBank
 from .params import ALL_TARGETS, InvalidParameter, SamplingParams, TTTParams
 
@@ -203,7 +203,6 @@ class _Sequence:
     slot: int | None = None  # the leased adapter slot (relat)
     return_adapter: bool = False  # copy the adapter into the result before the slot is released
     cache_key: str | None = None  # a miss's key: its adapter is cached once training ends
-    cached: CachedAdapter | None = None  # a miss's cache entry, which learns the loss at the final weights
     phase: str = "think"
     step: int = 0  # training steps taken
     adapted: bool = False  # training ended with an adapter the answer may use
@@ -344,6 +343,10 @@ class Engine:
         # up and leave the training batch small (bench/RESULTS.md, section 6: 0.5 halved throughput through HTTP).
         self.decode_share = decode_share
         self._decode_credit = 0.0  # seconds of answering owed since the last training step
+        if getattr(getattr(loaded.model, "config", None), "model_type", None) == "huginn_raven":
+            # relat_core.models.huginn loads and runs it; the scheduler's phases do not drive it yet (issue 14).
+            raise ModelLoadError(f"{loaded.name}: Huginn (recurrent-depth) models load, but the engine cannot "
+                                 "serve them yet")
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
@@ -720,9 +723,9 @@ class Engine:
     def _end_training(self, row: _Sequence, adapted: bool) -> None:
         """Training is over: with `adapted`, the slot holds the final weights, which a miss now caches."""
         if adapted and row.cache_key is not None:
-            row.cached = CachedAdapter(self.bank.snapshot(row.slot, row.ttt.rank, row.ttt.targets), row.trace.steps,
-                                       row.step, row.trace.recon_loss_before, row.trace.stopped_early, row.loss_now)
-            self.adapter_cache.put(row.cache_key, row.cached)
+            self.adapter_cache.put(row.cache_key, CachedAdapter(
+                self.bank.snapshot(row.slot, row.ttt.rank, row.ttt.targets), row.trace.steps, row.step,
+                row.trace.recon_loss_before, row.trace.stopped_early, row.loss_now))
         row.cache_key = None
         row.adapted = adapted
         row.trace.adapter_during_answer = row.answers_with_adapter
@@ -796,8 +799,6 @@ class Engine:
         for row in {id(row): row for row in answering if isinstance(row, _Sequence)}.values():
             if id(row) in losses:
                 row.trace.recon_loss_after = losses[id(row)]
-                if row.cached is not None:  # a hit then needs no scoring pass (answering from the question: no thought)
-                    row.cached.loss_now = losses[id(row)]
             elif row.adapted:
                 row.trace.recon_loss_after = row.loss_now
             if row.team and row.pieces and row.piece < len(row.pieces):  # the last latent agent's turn

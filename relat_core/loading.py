@@ -119,6 +119,14 @@ def load_model(source: str | None = None, device: str | None = None, dtype: str 
     where, served_name = resolve_source(source)
     torch_device = choose_device(device)
     torch_dtype = choose_dtype(torch_device, dtype)
+    from .models.huginn import HuginnLoadError, is_huginn_folder, load_huginn  # transformers has no class for it
+
+    if is_huginn_folder(where):
+        try:
+            model, tokenizer = load_huginn(where, torch_device, torch_dtype)
+        except (OSError, HuginnLoadError) as error:
+            raise ModelLoadError(f"cannot load Huginn model {source!r}: {error}") from error
+        return prepare(model, tokenizer, name or served_name, torch_device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, attn_implementation="sdpa")

@@ -152,20 +152,3 @@ def test_least_recently_used_goes_first_by_count_and_by_bytes():
     assert "e" not in cache
     assert not AdapterCache(max_entries=0, max_bytes=1000).enabled
 
-
-def test_a_hit_reuses_the_misses_score_and_answering_from_the_question_runs_no_thought(engine, monkeypatch):
-    question_context = TRAIN.replace(answer_context="question")
-    miss, _ = run(engine, ttt=question_context)
-    passes = []
-    real = engine._read_pieces
-
-    def counting(*args, **kwargs):
-        passes.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "_read_pieces", counting)
-    hit, _ = run(engine, ttt=question_context)
-    assert hit.trace.cache == "hit" and hit.token_ids == miss.token_ids
-    assert hit.trace.recon_loss_after == miss.trace.recon_loss_after
-    # Only the prompt's prefill reads pieces: no thought, no scoring pass through one.
-    assert len(passes) == 1
