@@ -25,8 +25,9 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 QUICK = {"steps": 2, "latent_steps": 2}  # a full relat request in a fraction of a second
 # Enough work per request on the tiny model to outlast any check made while it runs (about a minute on one
-# core): a slow request is made of many training steps with long latent thoughts, never of sleeps.
-SLOW = {"steps": 100, "latent_steps": 64}
+# core): a slow request is made of many training steps with long latent thoughts, never of sleeps, and it trains
+# every time (an adapter cache would answer a repeated one without training).
+SLOW = {"steps": 100, "latent_steps": 64, "cache": False}
 
 
 def wait_for(condition: Callable[[], object], what: str, limit: float = 120.0) -> object:

@@ -24,7 +24,7 @@ from .deploy_support import Service, gateway_service, tool
 from .server_support import free_port
 
 REPLICAS = 3
-BUSY = {"steps": 20, "latent_steps": 8}  # a few seconds on the tiny model: long enough to hold a replica's slot
+BUSY = {"steps": 20, "latent_steps": 8, "cache": False}  # seconds of training on the tiny model, every time
 
 
 @pytest.fixture(scope="module")
