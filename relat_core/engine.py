@@ -26,6 +26,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -36,9 +37,10 @@ from .chat import ChatFormat, Segments, normalise_messages
 from .decoding import IncrementalDetokenizer, sample
 from .export import AdapterExport, export_adapter
 from .latent import LatentMap, SequenceState, extend, latent_rollout, reconstruction_loss
-from .loading import LoadedModel, ModelLoadError
+from .loading import LoadedModel
 from .lora import Binding, SlotBank
-from .params import ALL_TARGETS, InvalidParameter, SamplingParams, TTTParams
+from .models.huginn import DEFAULT_EXIT_THRESHOLDS, HuginnForCausalLM, Recurrence, RowRecurrence
+from .params import ALL_TARGETS, HUGINN_ATTENTION_TARGETS, InvalidParameter, SamplingParams, TTTParams
 
 log = logging.getLogger("relat_core")
 
@@ -121,6 +123,9 @@ class Trace:
     # The adapter cache: "hit" (the adapter came from it; `steps` are those recorded when it was trained) or "miss"
     # (trained here); None when it was not consulted (nothing trained, the cache off, or the request's cache false).
     cache: str | None = None
+    # Recurrent-depth models: the core-block recurrences of the answer's positions read back (every answer token
+    # but the last), {"mean", "min", "max", "positions"}; None on other models or before a token was read back.
+    recurrences: dict | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     # Every TTT parameter the request ran with, defaults filled in: what a report needs to name a run in full.
     options: dict = field(default_factory=dict)
@@ -208,6 +213,8 @@ class _Sequence:
     adapted: bool = False  # training ended with an adapter the answer may use
     loss_now: float | None = None  # the loss at the current weights, when it was measured last (an early stop)
     generator: torch.Generator | None = None
+    depth: RowRecurrence | None = None  # how a recurrent-depth model iterates this request's positions
+    answer_depths: list[int] = field(default_factory=list)  # recurrences of each answer position read back
     detokenizer: IncrementalDetokenizer | None = None
     tokens: list[int] = field(default_factory=list)
     decode_start: float = 0.0
@@ -323,6 +330,14 @@ def default_ttt_params(num_parameters: int) -> TTTParams:
     return TTTParams(latent_steps=16, steps=5, follow_up="bridge")
 
 
+def recurrence_defaults(model: HuginnForCausalLM) -> dict[str, object]:
+    """A recurrent-depth model's own defaults for the options a request leaves None: its config's mean depth and
+    truncation, Huginn's initial-state scale, no adaptive exit; and its attention projections as the targets."""
+    config = model.config
+    return {"num_steps": config.mean_recurrence, "init_scale": 1.0, "exit_criterion": "none",
+            "backprop_depth": config.mean_backprop_depth}
+
+
 class Engine:
     """Runs many requests as one batch: `add_request`, then `step` until they finish (continuous batching).
 
@@ -343,11 +358,11 @@ class Engine:
         # up and leave the training batch small (bench/RESULTS.md, section 6: 0.5 halved throughput through HTTP).
         self.decode_share = decode_share
         self._decode_credit = 0.0  # seconds of answering owed since the last training step
-        if getattr(getattr(loaded.model, "config", None), "model_type", None) == "huginn_raven":
-            # relat_core.models.huginn loads and runs it; the scheduler's phases do not drive it yet (issue 14).
-            raise ModelLoadError(f"{loaded.name}: Huginn (recurrent-depth) models load, but the engine cannot "
-                                 "serve them yet")
         self.model = loaded.model
+        # A recurrent-depth model (Huginn) runs each row at its request's depth: rows carry a RowRecurrence, bound
+        # around every forward as the adapter slots are.
+        self.recurrent = isinstance(self.model, HuginnForCausalLM)
+        self.family = "huginn" if self.recurrent else str(getattr(self.model.config, "model_type", "unknown"))
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
         # What an exported adapter names as its base: the folder or hub id the weights came from, else the name.
@@ -358,7 +373,11 @@ class Engine:
         self.lm_head = self.model.get_output_embeddings()
         self.bank = SlotBank(self.model, num_slots=num_slots, max_rank=max_rank, targets=ALL_TARGETS)
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
-        self.defaults = defaults or default_ttt_params(self.num_parameters)
+        if defaults is None:
+            defaults = default_ttt_params(self.num_parameters)
+            if self.recurrent:
+                defaults = defaults.replace(targets=HUGINN_ATTENTION_TARGETS, **recurrence_defaults(self.model))
+        self.defaults = defaults
         self.stop_ids = self._stop_token_ids()
         self.agent_prompts = agent_prompts or AgentPrompts()
         # Off unless given one (an empty cache is falsy: it has a length).
@@ -368,7 +387,8 @@ class Engine:
 
     def _stop_token_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
-        configured = self.model.generation_config.eos_token_id
+        generation_config = getattr(self.model, "generation_config", None)  # relat_core's own models have none
+        configured = generation_config.eos_token_id if generation_config is not None else None
         ids.update(configured if isinstance(configured, list) else [configured])
         for token in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
             token_id = self.tokenizer.convert_tokens_to_ids(token)
@@ -396,6 +416,15 @@ class Engine:
         Cheap and thread-safe (no tokenizer, no tensors), so a server can call it before queueing a request.
         """
         messages = normalise_messages(request.messages)
+        ttt = request.ttt
+        if not self.recurrent and ttt.recurrence_options:
+            name = next(iter(ttt.recurrence_options))
+            raise InvalidParameter(name, f"{name} applies to recurrent-depth models (Huginn) only; {self.name} is not "
+                                   "one")
+        if ttt.trains and not set(ttt.targets) <= self.bank.kinds:
+            missing = ", ".join(t for t in ttt.targets if t not in self.bank.kinds)
+            raise InvalidParameter("targets", f"{self.name} has no layers named {missing}; its targets are "
+                                   f"{', '.join(sorted(self.bank.kinds))}")
         if request.ttt.trains and request.ttt.rank > self.bank.max_rank:
             raise InvalidParameter("rank", f"rank must be at most {self.bank.max_rank} on this server")
         if request.return_adapter and not request.ttt.trains:
@@ -409,7 +438,7 @@ class Engine:
         if request_id in self._sequences:
             raise ValueError(f"request {request_id!r} is already in the engine")
         messages = self.check(request)
-        ttt, sampling = request.ttt, request.sampling
+        ttt, sampling = self._resolved(request.ttt), request.sampling
         team = TEAMS.get(ttt.agents, ())
         question = messages[-1]["content"]
         answer_format = resolve_answer_format(ttt, question)
@@ -428,6 +457,10 @@ class Engine:
                       options={**asdict(ttt), "targets": list(ttt.targets)})
         sequence = _Sequence(request_id, segments, ttt, sampling, trace, time.perf_counter(),
                              return_adapter=request.return_adapter, messages=messages, team=team)
+        if self.recurrent:
+            sequence.depth = RowRecurrence(ttt.num_steps, ttt.init_scale, ttt.exit_criterion, ttt.exit_threshold,
+                                           ttt.backprop_depth, DEFAULT_ADAPTER_SEED if sampling.seed is None
+                                           else sampling.seed)
         sequence.generator = torch.Generator()  # one per request: its agents and its answer draw from it in turn
         if sampling.seed is not None:
             sequence.generator.manual_seed(sampling.seed)
@@ -460,6 +493,17 @@ class Engine:
             else:
                 self._trained_from_cache(sequence, cached)
         self._sequences[request_id] = sequence
+
+    def _resolved(self, ttt: TTTParams) -> TTTParams:
+        """A recurrent-depth model's options with the model's defaults where the request left them None (and the
+        exit criterion's default threshold), so that the trace and the adapter cache's key name what ran."""
+        if not self.recurrent:
+            return ttt
+        fill = {name: value for name, value in recurrence_defaults(self.model).items() if getattr(ttt, name) is None}
+        ttt = ttt.replace(**fill) if fill else ttt
+        if ttt.exit_criterion != "none" and ttt.exit_threshold is None:
+            ttt = ttt.replace(exit_threshold=float(DEFAULT_EXIT_THRESHOLDS[ttt.exit_criterion]))
+        return ttt
 
     def _training_key(self, sequence: _Sequence, seed: int) -> str:
         """The adapter cache's key: what the training of this request reads, and how it trains."""
@@ -590,9 +634,17 @@ class Engine:
                                      {kind for row in adapted for kind in row.ttt.targets},
                                      max(row.ttt.rank for row in adapted))
 
-    def _bind(self, rows: list[_Sequence], on: list[bool]):
+    def _bind(self, rows: list[_Sequence | _Plain], on: list[bool]):
         """The forwards inside run each row through its adapter where on[i] (one binding, gathered once)."""
-        return self.bank.bound(self._binding(rows, on))
+        return self._bound(rows, self._binding(rows, on))
+
+    @contextmanager
+    def _bound(self, rows: list[_Sequence | _Plain], binding: Binding | None) -> Iterator[Recurrence | None]:
+        """The forwards inside run row i through `binding` and, on a recurrent-depth model, at its request's depth;
+        yields that Recurrence, which receives the recurrences each position ran (None on other models)."""
+        recurrence = Recurrence([_owner(row).depth for row in rows]) if self.recurrent else None
+        with self.bank.bound(binding), self.model.recurring(recurrence) if self.recurrent else nullcontext():
+            yield recurrence
 
     # -- phases ---------------------------------------------------------------------------------------------
 
@@ -944,8 +996,9 @@ class Engine:
                 batch.stale = False
             length = batch.state.length
             try:
-                with torch.no_grad(), self.bank.bound(batch.binding):
+                with torch.no_grad(), self._bound(batch.rows, batch.binding) as recurrence:
                     batch.hidden = extend(self.model, batch.state, input_ids=tokens)[:, -1]
+                self._record_depths(batch.rows, recurrence)
                 return events
             except Exception as error:
                 failure = error
@@ -957,9 +1010,7 @@ class Engine:
         """After feeding the decoding batch its tokens failed: feed it again in halves, down to one row, so that
         only a request whose row fails alone fails (a batch too large for the memory left goes on as smaller
         ones); the rows fed become the decoding batch again, in their order."""
-        for layer in batch.state.cache.layers:  # the layers the failed forward reached hold its keys: drop them
-            if layer.is_initialized:
-                layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+        batch.state.cache.crop_to(length)  # the layers the failed forward reached hold its keys: drop them
         self._release_memory(failure)
         log.warning("a decoding batch of %d failed (%r); feeding it again in halves", len(batch.rows), failure)
         singles = batch.state.split(self.model)
@@ -972,9 +1023,10 @@ class Engine:
                 state = SequenceState.concatenate(self.model, [singles[i] for i in rows])
                 part = [batch.rows[i] for i in rows]
                 try:
-                    with torch.no_grad(), self._bind(part, [row.answers_with_adapter for row in part]):
+                    with torch.no_grad(), self._bind(part, [row.answers_with_adapter for row in part]) as recurrence:
                         fed.append((state, extend(self.model, state, input_ids=tokens[rows.start:rows.stop])[:, -1],
                                     part))
+                    self._record_depths(part, recurrence)
                     return
                 except Exception as raised:
                     error = raised
@@ -998,6 +1050,15 @@ class Engine:
             self._decoding = None
         # A failed request leaves the batch (its own and its plain row) through abort_request.
         return [self._fail(row, error) for row, error in failed.values() if row.request_id in self._sequences]
+
+    @staticmethod
+    def _record_depths(rows: list[_Sequence | _Plain], recurrence: Recurrence | None) -> None:
+        """Each answer position just read back: the recurrences it ran, kept by its request for the trace."""
+        if recurrence is None or recurrence.used is None:
+            return
+        for row, used in zip(rows, recurrence.used[:, -1].tolist(), strict=True):
+            if isinstance(row, _Sequence) and not row.writes_agent_text:
+                (row.leader or row).answer_depths.append(used)
 
     @staticmethod
     def _guided_logits(rows: list[_Sequence | _Plain], logits: torch.Tensor) -> torch.Tensor:
@@ -1048,6 +1109,10 @@ class Engine:
         completion_tokens = sum(len(choice.token_ids) for choice in choices)
         request.trace.timings["decode_s"] = now - request.decode_start
         request.trace.timings["total_s"] = now - request.start
+        depths = request.answer_depths
+        if depths:
+            request.trace.recurrences = {"mean": sum(depths) / len(depths), "min": min(depths), "max": max(depths),
+                                         "positions": len(depths)}
         if request.team:
             role = request.team[-1]
             request.trace.agent_turns.append({

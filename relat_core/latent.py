@@ -16,26 +16,95 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from .models.huginn import HuginnCache, HuginnForCausalLM
 from .params import TTTParams
+
+
+class LayerCache(DynamicCache):
+    """transformers' per-layer KV cache with the row and position operations of a SequenceState (Huginn's cache,
+    relat_core/models/huginn.py, has the same ones over its per-recurrence entries)."""
+
+    def __init__(self, config):
+        super().__init__(config=config)
+        self.config = config  # for the copies `row` makes
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.batch_select_indices(rows)
+
+    def crop_to(self, length: int) -> None:
+        """Hold at most `length` positions in every layer (after a failed forward, the layers it reached hold
+        more than the others)."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+
+    def drop_leading(self, count: int) -> None:
+        for layer in self.layers:
+            layer.keys, layer.values = layer.keys[..., count:, :], layer.values[..., count:, :]
+
+    def row(self, index: int, first: int) -> LayerCache:
+        """A copy of row `index` from position `first` on."""
+        rows = torch.tensor([index], device=self.layers[0].keys.device)
+        return _layer_cache(self.config, [(layer.keys[rows, ..., first:, :], layer.values[rows, ..., first:, :])
+                                          for layer in self.layers])
+
+    @classmethod
+    def joined(cls, config, parts: Sequence[tuple[LayerCache, int]], length: int) -> LayerCache:
+        """The rows of several caches (each with its batch size; empty ones allowed) as one batch, each row
+        left-padded to `length` positions."""
+        filled = [cache for cache, _ in parts if cache.get_seq_length()]
+        if not filled:
+            return _layer_cache(config, None)
+        layers = []
+        for index, template in enumerate(filled[0].layers):
+            keys, values = [], []
+            for cache, rows in parts:
+                if cache.get_seq_length():
+                    part_keys, part_values = cache.layers[index].keys, cache.layers[index].values
+                else:  # no tensors yet: an empty row shaped like the others
+                    shape = (rows, *template.keys.shape[1:-2], 0, template.keys.shape[-1])
+                    part_keys = part_values = template.keys.new_zeros(shape)
+                keys.append(F.pad(part_keys, (0, 0, length - part_keys.shape[-2], 0)))
+                values.append(F.pad(part_values, (0, 0, length - part_values.shape[-2], 0)))
+            layers.append((torch.cat(keys), torch.cat(values)))
+        return _layer_cache(config, layers)
+
+
+def _layer_cache(config, layers: list[tuple[torch.Tensor, torch.Tensor]] | None) -> LayerCache:
+    """A cache holding these (keys, values) per layer; empty for None."""
+    cache = LayerCache(config=config)
+    if layers is not None:
+        for layer, (keys, values) in zip(cache.layers, layers, strict=True):
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+    return cache
+
+
+KVCache = LayerCache | HuginnCache
+
+
+def new_cache(model: nn.Module) -> KVCache:
+    """An empty cache of the model's kind: per layer, or per (block, recurrence step) for Huginn."""
+    return model.new_cache() if isinstance(model, HuginnForCausalLM) else LayerCache(config=model.config)
 
 
 @dataclass
 class SequenceState:
     """A batch of sequences sharing one KV cache: what each row may attend to and its next position."""
 
-    cache: DynamicCache
+    cache: KVCache
     visible: torch.Tensor  # (B, K) bool: cached keys a later query may attend to (False for padding)
     next_position: torch.Tensor  # (B,) long
     # (B, K) bool: the positions that hold or follow the question in a prompt, hidden from the reconstruction
     question: torch.Tensor
 
     @classmethod
-    def empty(cls, model: PreTrainedModel, batch_size: int, device: torch.device) -> SequenceState:
+    def empty(cls, model: nn.Module, batch_size: int, device: torch.device) -> SequenceState:
         none = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
-        return cls(DynamicCache(config=model.config), none, torch.zeros(batch_size, dtype=torch.long, device=device),
-                   none)
+        return cls(new_cache(model), none, torch.zeros(batch_size, dtype=torch.long, device=device), none)
 
     @property
     def length(self) -> int:
@@ -49,18 +118,17 @@ class SequenceState:
         """Keep only these batch rows (a decoding batch whose requests left), and drop the leading positions that
         no remaining row can see, so that a batch does not keep paying for the padding of requests long gone."""
         if self.length:
-            self.cache.batch_select_indices(rows)
+            self.cache.select_rows(rows)
         self.visible = self.visible[rows]
         self.question = self.question[rows]
         self.next_position = self.next_position[rows]
         seen = self.visible.any(0)
         first = int(seen.int().argmax()) if bool(seen.any()) else self.length
         if first:
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+            self.cache.drop_leading(first)
             self.visible, self.question = self.visible[:, first:], self.question[:, first:]
 
-    def split(self, model: PreTrainedModel) -> list[SequenceState]:
+    def split(self, model: nn.Module) -> list[SequenceState]:
         """One state per row (copies), each without the padding only the other rows needed: how a request's
         working memory leaves a batch to wait for its next agent."""
         parts = []
@@ -68,55 +136,31 @@ class SequenceState:
             index = torch.tensor([row], device=self.visible.device)
             seen = self.visible[row]
             first = int(seen.int().argmax()) if bool(seen.any()) else self.length
-            layers = [(layer.keys[index, ..., first:, :], layer.values[index, ..., first:, :])
-                      for layer in self.cache.layers] if self.length else None
-            parts.append(SequenceState(_cache(model, layers), self.visible[index, first:],
-                                       self.next_position[index], self.question[index, first:]))
+            cache = self.cache.row(row, first) if self.length else new_cache(model)
+            parts.append(SequenceState(cache, self.visible[index, first:], self.next_position[index],
+                                       self.question[index, first:]))
         return parts
 
     @classmethod
-    def concatenate(cls, model: PreTrainedModel, states: Sequence[SequenceState]) -> SequenceState:
+    def concatenate(cls, model: nn.Module, states: Sequence[SequenceState]) -> SequenceState:
         """The rows of several states as one batch, each left-padded to the longest with invisible positions:
         how a request joins a decoding batch that is already running (positions are explicit, so padding is
         harmless). States may be empty (a request whose thought has not started)."""
         length = max(state.length for state in states)
-        filled = [state for state in states if state.length]
-        layers = None
-        if filled:
-            layers = []
-            for index, template in enumerate(filled[0].cache.layers):
-                keys, values = [], []
-                for state in states:
-                    if state.length:
-                        part_keys, part_values = state.cache.layers[index].keys, state.cache.layers[index].values
-                    else:  # no tensors yet: an empty row shaped like the others
-                        shape = (state.batch_size, *template.keys.shape[1:-2], 0, template.keys.shape[-1])
-                        part_keys = part_values = template.keys.new_zeros(shape)
-                    keys.append(F.pad(part_keys, (0, 0, length - part_keys.shape[-2], 0)))
-                    values.append(F.pad(part_values, (0, 0, length - part_values.shape[-2], 0)))
-                layers.append((torch.cat(keys), torch.cat(values)))
+        kind = type(new_cache(model))
+        cache = kind.joined(model.config, [(state.cache, state.batch_size) for state in states], length)
 
         def padded(masks: list[torch.Tensor]) -> torch.Tensor:
             return torch.cat([F.pad(mask, (length - mask.shape[1], 0), value=False) for mask in masks])
 
-        return cls(_cache(model, layers), padded([s.visible for s in states]),
-                   torch.cat([state.next_position for state in states]), padded([s.question for s in states]))
+        return cls(cache, padded([s.visible for s in states]), torch.cat([state.next_position for state in states]),
+                   padded([s.question for s in states]))
 
     def truncate(self, length: int, next_position: torch.Tensor) -> None:
         """Drop cached positions past `length` (the reconstruction pass is scored, then forgotten)."""
-        self.cache.crop(length - self.length)  # transformers 5 takes the (negative) number of positions to drop
+        self.cache.crop_to(length)
         self.visible, self.question = self.visible[:, :length], self.question[:, :length]
         self.next_position = next_position
-
-
-def _cache(model: PreTrainedModel, layers: list[tuple[torch.Tensor, torch.Tensor]] | None) -> DynamicCache:
-    """A cache holding these (keys, values) per layer; empty for None."""
-    cache = DynamicCache(config=model.config)
-    if layers is not None:
-        for layer, (keys, values) in zip(cache.layers, layers, strict=True):
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
-    return cache
 
 
 def extend(model: PreTrainedModel, state: SequenceState, *, input_ids: torch.Tensor | None = None,
@@ -142,8 +186,12 @@ def extend(model: PreTrainedModel, state: SequenceState, *, input_ids: torch.Ten
     allowed |= key_index[None, None, :] == query_index[None, :, None]  # a padding query sees itself: no NaN rows
     dtype = model.dtype
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
-    output = model.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask[:, None],
-                              position_ids=positions, past_key_values=state.cache, use_cache=True)
+    if isinstance(state.cache, HuginnCache):  # its own module: the recurrence as bound per row (`recurring`)
+        output = model(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=state.cache,
+                       attention_mask=mask[:, None], position_ids=positions, return_logits=False)
+    else:
+        output = model.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask[:, None],
+                                  position_ids=positions, past_key_values=state.cache, use_cache=True)
     state.visible = torch.cat([state.visible, valid], dim=1)
     state.question = torch.cat([state.question, valid & question if question is not None else
                                 torch.zeros_like(valid)], dim=1)

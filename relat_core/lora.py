@@ -38,7 +38,7 @@ class Binding:
     # Each layer's rows of A and B, gathered on first use and kept for as long as the binding lives: a training
     # step runs 2 + L forwards through the same adapters, and a decoding batch many steps; gathering once (and,
     # in training, scattering the gradient back once) instead of per forward is a sixth of a training step.
-    gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    gathered: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class AdaptedLinear:
@@ -60,13 +60,25 @@ class AdaptedLinear:
         if binding is None or self.kind not in binding.kinds:
             return None
         x = args[0]  # (B, T, in)
-        pair = binding.gathered.get(self.index)
+        # Gathered apart with and without gradient: a copy gathered in a graph-free part of a training forward (the
+        # recurrences before Huginn's truncation) carries no graph, and the gradient would not reach the slot.
+        key = (self.index, torch.is_grad_enabled())
+        pair = binding.gathered.get(key)
         if pair is None:
             a = self.A[binding.slots, :binding.rank].to(x.dtype)  # (B, r, in)
             b = self.B[binding.slots, :, :binding.rank].to(x.dtype)  # (B, out, r)
-            pair = binding.gathered[self.index] = (a.transpose(1, 2), b.transpose(1, 2))
+            pair = binding.gathered[key] = (a.transpose(1, 2), b.transpose(1, 2))
         delta = torch.bmm(torch.bmm(x, pair[0]), pair[1])  # (B, T, out)
         return output + delta * binding.scale.to(x.dtype)[:, None, None]
+
+
+def target_kind(name: str, targets: Sequence[str]) -> str | None:
+    """The target a module path names, matched on whole components at its end: "model.layers.0.self_attn.q_proj"
+    is q_proj, "transformer.core_block.1.attn.proj" is attn.proj (Huginn's attention and MLP both end in "proj")."""
+    for target in targets:
+        if name == target or name.endswith("." + target):
+            return target
+    return None
 
 
 class SlotBank:
@@ -79,8 +91,8 @@ class SlotBank:
         self.binding: Binding | None = None
         self.layers: list[AdaptedLinear] = []
         for name, module in model.named_modules():
-            kind = name.rsplit(".", 1)[-1]
-            if isinstance(module, nn.Linear) and kind in targets:
+            kind = target_kind(name, targets)
+            if isinstance(module, nn.Linear) and kind is not None:
                 self.layers.append(AdaptedLinear(module, kind, self, num_slots, max_rank, name))
         if not self.layers:
             raise ValueError(f"the model has no linear layers named {', '.join(targets)}")

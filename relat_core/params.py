@@ -19,7 +19,10 @@ FollowUp = Literal["bridge", "restate"]
 AnswerContext = Literal["thought", "question"]
 Agents = Literal["single", "sequential", "hierarchical"]
 AnswerFormat = Literal["auto", "text", "boxed", "choice", "code"]
-Target = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # ALL_TARGETS
+# ALL_TARGETS: a Llama/Qwen decoder's linear layers, then Huginn's (relat_core/models/huginn.py)
+Target = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                 "Wqkv", "attn.proj", "mlp.fc", "mlp.proj", "adapter"]
+ExitCriterion = Literal["none", "kl", "latent-diff", "argmax-stability"]
 
 METHODS: tuple[str, ...] = ("direct", "latent", "relat")
 MAPPINGS: tuple[str, ...] = ("norm", "realign", "none", "soft")
@@ -27,12 +30,22 @@ FOLLOW_UPS: tuple[str, ...] = ("bridge", "restate")
 ANSWER_CONTEXTS: tuple[str, ...] = ("thought", "question")
 AGENTS: tuple[str, ...] = ("single", "sequential", "hierarchical")
 ANSWER_FORMATS: tuple[str, ...] = ("auto", "text", "boxed", "choice", "code")
+EXIT_CRITERIA: tuple[str, ...] = ("none", "kl", "latent-diff", "argmax-stability")
 MAX_AGENT_TOKENS = 4096
 MAX_GUIDANCE = 10.0  # past this the extrapolated logits are noise; a bound keeps a typo from being a silent garble
-# Linear layers of a Llama/Qwen decoder block that can carry the adapter.
+# Linear layers that can carry the adapter, named by the end of their module path: a Llama/Qwen decoder block's,
+# then a Huginn sandwich block's (attention: Wqkv and attn.proj; MLP: mlp.fc and mlp.proj) and the recurrence's
+# input adapter. A model offers the targets it has (SlotBank.kinds); the engine refuses the others.
 ATTENTION_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
-ALL_TARGETS: tuple[str, ...] = ATTENTION_TARGETS + MLP_TARGETS
+HUGINN_ATTENTION_TARGETS: tuple[str, ...] = ("Wqkv", "attn.proj")
+HUGINN_TARGETS: tuple[str, ...] = HUGINN_ATTENTION_TARGETS + ("mlp.fc", "mlp.proj", "adapter")
+ALL_TARGETS: tuple[str, ...] = ATTENTION_TARGETS + MLP_TARGETS + HUGINN_TARGETS
+# Options of recurrent-depth models (Huginn) only: None leaves them to the model's config; set on another model,
+# the engine refuses the request naming the option.
+RECURRENCE_OPTIONS: tuple[str, ...] = ("num_steps", "init_scale", "exit_criterion", "exit_threshold",
+                                       "backprop_depth")
+MAX_NUM_STEPS = 1024  # the recurrences a position may run; a server narrows it (max_num_steps)
 
 RECONSTRUCTION_INSTRUCTION = "Repeat the question you were asked, word for word."
 
@@ -113,7 +126,13 @@ TTT_BOUNDS: dict[str, Bound] = {
     "guidance": Bound(0, MAX_GUIDANCE),
     "contrastive_eta": Bound(0, MAX_GUIDANCE),
     "agent_max_tokens": Bound(1, MAX_AGENT_TOKENS, integer=True),
+    "num_steps": Bound(1, MAX_NUM_STEPS, integer=True),
+    "init_scale": Bound(0, 10),
+    "exit_threshold": Bound(0, low_open=True),
+    "backprop_depth": Bound(1, MAX_NUM_STEPS, integer=True),
 }
+# The numeric options that may be None (left to a later default), and so are checked only when set.
+OPTIONAL_TTT = ("stop_loss", "num_steps", "init_scale", "exit_threshold", "backprop_depth")
 SAMPLING_BOUNDS: dict[str, Bound] = {
     "max_tokens": Bound(1, integer=True),
     "n": Bound(1, 128, integer=True),  # answers from the one training and thought; a server narrows it (max_n)
@@ -172,13 +191,28 @@ class TTTParams:
     # relat: take the adapter from the engine's adapter cache when the same training ran before, and cache this
     # one (relat_core/adapter_cache.py); false trains afresh and caches nothing.
     cache: bool = True
+    # -- recurrent-depth models (Huginn) only; None: the model's own default --
+    # Recurrences of the core block per position (default: the config's mean_recurrence), capped by a server's
+    # max_num_steps.
+    num_steps: int | None = None
+    # The initial latent state's scale: a truncated normal of the init's std times init_scale, drawn from the
+    # request's seed and each position's index (so batched equals alone); 0 is a zero state (default 1, as Huginn).
+    init_scale: float | None = None
+    # Adaptive exit: a position stops iterating once its criterion fires (exit_threshold, default Huginn's), never
+    # past num_steps. It applies to the forwards without gradient (the thought answered from, the answer): a
+    # training forward runs every position its full num_steps, as Huginn trained.
+    exit_criterion: ExitCriterion | None = None
+    exit_threshold: float | None = None
+    # relat: the reconstruction's gradient flows through each position's last backprop_depth recurrences only
+    # (default: the config's mean_backprop_depth), the truncated backpropagation Huginn was trained with.
+    backprop_depth: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.method in METHODS, "method",
                  f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         for name, bound in TTT_BOUNDS.items():
             value = getattr(self, name)
-            _require((name == "stop_loss" and value is None) or bound.holds(value), name, bound.message(name, value))
+            _require((name in OPTIONAL_TTT and value is None) or bound.holds(value), name, bound.message(name, value))
         _require(isinstance(self.targets, (tuple, list)) and len(self.targets) > 0
                  and all(t in ALL_TARGETS for t in self.targets), "targets",
                  f"targets must be a non-empty subset of {', '.join(ALL_TARGETS)}, got {self.targets!r}")
@@ -192,9 +226,21 @@ class TTTParams:
         _require(self.agents in AGENTS, "agents", f"agents must be one of {', '.join(AGENTS)}, got {self.agents!r}")
         _require(self.answer_format in ANSWER_FORMATS, "answer_format",
                  f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {self.answer_format!r}")
+        _require(self.exit_criterion is None or self.exit_criterion in EXIT_CRITERIA, "exit_criterion",
+                 f"exit_criterion must be one of {', '.join(EXIT_CRITERIA)}, got {self.exit_criterion!r}")
+        _require(self.exit_threshold is None or self.exit_criterion not in (None, "none"), "exit_threshold",
+                 "exit_threshold needs an exit_criterion")
+        _require(self.exit_threshold is None or self.exit_criterion != "argmax-stability"
+                 or float(self.exit_threshold).is_integer(), "exit_threshold",
+                 "exit_threshold of argmax-stability counts steps: it must be a whole number")
         if self.method == "relat":
             _require(self.latent_steps >= 1, "latent_steps", "relat needs at least one latent step")
         object.__setattr__(self, "targets", tuple(dict.fromkeys(self.targets)))  # hashable, without repeats
+
+    @property
+    def recurrence_options(self) -> dict[str, object]:
+        """The recurrent-depth options this request sets (those left None are not)."""
+        return {name: getattr(self, name) for name in RECURRENCE_OPTIONS if getattr(self, name) is not None}
 
     def replace(self, **changes: object) -> TTTParams:
         return dataclasses.replace(self, **changes)

@@ -129,6 +129,7 @@ class Service:
         self.runner: Runner | None = None
         self.defaults: ServerDefaults | None = None
         self.model_name = settings.served_model_name or ""
+        self.family = ""  # the loaded model's architecture (Engine.family)
         self.tokenizer: Any = None
         self.base_digest: str | None = None  # the base weights' SHA-256 once loaded, for GET /admin/status
         self.adapters = AdapterStore(settings.max_adapters, settings.adapter_ttl, settings.max_adapter_bytes)
@@ -154,6 +155,7 @@ class Service:
         # The engine's thread uses its tokenizer; a fast tokenizer must not be used by two threads at once.
         self.tokenizer = copy.deepcopy(engine.tokenizer)
         self.model_name = self.settings.served_model_name or engine.name
+        self.family = engine.family
         self.context_length = self._context_length(engine)
         self.runner = runner
         self.phase = "ready"
@@ -169,7 +171,11 @@ class Service:
         """The engine's defaults for the model with the operator's settings applied, within the server's limits:
         a request that leaves a field out must not be given more than it may ask for."""
         defaults = engine.defaults.replace(**self.settings.ttt_fields())
-        over = {name: limit for name, limit in self.settings.limits().items() if getattr(defaults, name) > limit}
+        # Options the model cannot take (a Huginn option on another model, targets it lacks) stop the start-up
+        # here, naming the setting, rather than failing every request.
+        engine.check(Request([{"role": "user", "content": "?"}], defaults))
+        over = {name: limit for name, limit in self.settings.limits().items()
+                if getattr(defaults, name) is not None and getattr(defaults, name) > limit}
         if over:
             log.warning("the model's defaults (%s) exceed this server's limits; using the limits",
                         ", ".join(f"{name} {getattr(defaults, name)}" for name in over))
@@ -389,7 +395,10 @@ async def models(request: HTTPRequest) -> ModelList:
     """The served model (one)."""
     service = service_of(request)
     service.check_ready()
-    return ModelList(data=[ModelCard(id=service.model_name, created=service.created)])
+    return ModelList(data=[ModelCard(id=service.model_name, created=service.created, family=service.family,
+                                     max_model_len=service.context_length, num_steps=service.defaults.ttt.num_steps,
+                                     max_num_steps=service.settings.max_num_steps if service.defaults.ttt.num_steps
+                                     else None)])
 
 
 probes = APIRouter()

@@ -100,6 +100,11 @@ def print_trace(trace: dict, usage: dict, stream=None) -> None:
         lines.append("adapter cache: hit (no training ran; the steps above were recorded when it was trained)")
     elif trace.get("cache") == "miss":
         lines.append("adapter cache: miss (trained here, now cached)")
+    depth = trace.get("recurrences")
+    if depth:  # a recurrent-depth model (Huginn)
+        options = trace.get("options", {})
+        lines.append(f"recurrences per answer position: mean {depth['mean']:.1f}  min {depth['min']}  max "
+                     f"{depth['max']}  (num_steps {options.get('num_steps')}, exit {options.get('exit_criterion')})")
     lines.append("timings: " + "  ".join(f"{k}={v:.2f}s" for k, v in trace.get("timings", {}).items()))
     lines.append(f"tokens: prompt {usage['prompt_tokens']}  completion {usage['completion_tokens']}")
     print("\n".join(lines), file=stream or sys.stderr)  # looked up now: tests and callers may replace it

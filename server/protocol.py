@@ -353,6 +353,12 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "relat"
+    # Extensions, as vLLM adds max_model_len: what a client needs to know to ask this model for depth.
+    family: str = Field(description="the architecture: its config's model_type (qwen3, llama, ...), or huginn for "
+                                    "a recurrent-depth model")
+    max_model_len: int | None = Field(None, description="context length in tokens, prompt plus answer")
+    num_steps: int | None = Field(None, description="recurrent-depth models: the default recurrences per position")
+    max_num_steps: int | None = Field(None, description="recurrent-depth models: the most a request may ask for")
 
 
 class ModelList(BaseModel):

@@ -36,6 +36,7 @@ from relat_core.params import (
     Agents,
     AnswerContext,
     AnswerFormat,
+    ExitCriterion,
     FollowUp,
     InvalidParameter,
     Mapping,
@@ -106,7 +107,8 @@ class TTTOptions(BaseModel):
     rank: bounded("rank") | None = Field(None, description="LoRA rank of the adapter, up to the server's max_rank")
     alpha: bounded("alpha") | None = Field(None, description="LoRA alpha (scale alpha/rank)")
     targets: Annotated[Annotated[list[Target], Field(min_length=1)] | None, NoDecode] = Field(
-        None, description=f"layers that carry the adapter, among {','.join(ALL_TARGETS)}")
+        None, description=f"layers that carry the adapter, among {','.join(ALL_TARGETS)}: the model's own (a name "
+                          "it lacks is a 400 listing them)")
     adapter_during_answer: bool | None = Field(None, description="keep the adapter on while decoding the answer")
     stop_loss: bounded("stop_loss") | None = Field(
         None, description="stop training once the reconstruction loss is this low")
@@ -138,6 +140,20 @@ class TTTOptions(BaseModel):
     cache: bool | None = Field(
         None, description="relat: take the adapter from the adapter cache when the same training ran before, and "
                           "cache this one; false trains afresh and caches nothing")
+    num_steps: bounded("num_steps") | None = Field(
+        None, description="recurrent-depth models (Huginn) only, a 400 on others: core-block recurrences per "
+                          "position (default: the model's mean_recurrence)")
+    init_scale: bounded("init_scale") | None = Field(
+        None, description="Huginn: scale of the random initial latent state, drawn from the seed; 0 = a zero state "
+                          "(default 1)")
+    exit_criterion: ExitCriterion | None = Field(
+        None, description="Huginn: adaptive exit per position: none, kl, latent-diff or argmax-stability (never "
+                          "past num_steps)")
+    exit_threshold: bounded("exit_threshold") | None = Field(
+        None, description="Huginn: the exit criterion's threshold (default: Huginn's for the criterion)")
+    backprop_depth: bounded("backprop_depth") | None = Field(
+        None, description="Huginn, relat: train through each position's last this many recurrences (default: the "
+                          "model's mean_backprop_depth)")
 
     def ttt_fields(self) -> dict[str, Any]:
         """The TTT fields that were set, as TTTParams keyword arguments."""
@@ -150,7 +166,7 @@ class TTTOptions(BaseModel):
 TTT_FIELDS: tuple[str, ...] = tuple(TTTOptions.model_fields)
 # The TTT fields whose cost grows with their value, and the setting that is this server's maximum of each.
 LIMITS: dict[str, str] = {"steps": "max_steps", "latent_steps": "max_latent_steps", "rank": "max_rank",
-                          "agent_max_tokens": "max_agent_tokens"}
+                          "agent_max_tokens": "max_agent_tokens", "num_steps": "max_num_steps"}
 
 
 class Settings(BaseSettings, TTTOptions):
@@ -194,6 +210,8 @@ class Settings(BaseSettings, TTTOptions):
         TTT_BOUNDS["latent_steps"].high, description="longest latent thought a request may ask for (else 400)")
     max_agent_tokens: bounded("agent_max_tokens") = Field(
         TTT_BOUNDS["agent_max_tokens"].high, description="most agent_max_tokens a request may ask for (else 400)")
+    max_num_steps: bounded("num_steps") = Field(
+        64, description="recurrent-depth models: most recurrences per position a request may ask for (else 400)")
     max_adapters: int = Field(
         16, ge=0, description="adapters kept for return_adapter, the oldest dropped first; 0 turns exports off")
     adapter_ttl: float = Field(3600.0, gt=0, description="seconds a kept adapter can be fetched")

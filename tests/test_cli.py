@@ -9,6 +9,7 @@ from relat_server.cli import build_parser, main
 from relat_server.settings import TTT_FIELDS, ttt_fields_from_arguments
 
 from .conftest import build_tiny
+from .huginn_support import published_tensors, write_checkpoint
 
 
 def tiny_folder(tokenizer, folder: Path, architecture: str = "qwen3") -> str:
@@ -111,3 +112,14 @@ def test_the_trace_says_whether_the_adapter_came_from_the_cache():
         shown[cache] = stream.getvalue()
     assert "adapter cache: hit (no training ran" in shown["hit"] and "adapter cache: miss" in shown["miss"]
     assert "adapter cache" not in shown[None]
+
+
+def test_ask_runs_a_huginn_folder_at_the_depth_it_is_given(tokenizer, tmp_path, capsys):
+    folder = write_checkpoint(tmp_path / "raven", published_tensors(len(tokenizer)), len(tokenizer))
+    tokenizer.save_pretrained(folder)
+    code = main(["ask", "What is two plus two?", "--model", str(folder), "--method", "latent", "--latent-steps", "2",
+                 "--num-steps", "3", "--max-tokens", "3"])
+    err = capsys.readouterr().err
+    assert code == 0 and "recurrences per answer position: mean 3.0  min 3  max 3  (num_steps 3, exit none)" in err
+    assert main(["ask", "hi", "--model", tiny_folder(tokenizer, tmp_path / "qwen"), "--num-steps", "3"]) == 2
+    assert "num_steps applies to recurrent-depth models" in capsys.readouterr().err

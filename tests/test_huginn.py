@@ -9,84 +9,24 @@ num_steps, and batched rows of different depths get what they would alone.
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from relat_core import ModelLoadError, load_model
-from relat_core.models.huginn import (
-    HuginnConfig,
-    HuginnForCausalLM,
-    HuginnLoadError,
-    is_huginn_folder,
-    load_huginn,
-    load_huginn_weights,
+from relat_core.models.huginn import HuginnConfig, HuginnForCausalLM, HuginnLoadError, is_huginn_folder, load_huginn
+
+from .huginn_support import (
+    FIXED,
+    HEADS,
+    STEPS,
+    VOCAB,
+    WIDTH,
+    model_from_folder,
+    published_config,
+    published_tensors,
+    write_checkpoint,
 )
-
-WIDTH, HEADS, INTERMEDIATE, VOCAB = 32, 4, 48, 256
-STEPS = 4  # the tiny config's mean_recurrence
-FIXED = dict(num_steps=STEPS, init_scale=0.0)  # deterministic: a zero initial state
-
-
-def published_config(vocab_size: int) -> dict:
-    """raven_config_minimal.json's fields, with tiny sizes (the block structure is huginn-0125's: 2, 4, 2)."""
-    return {
-        "name": "tiny-raven", "architectures": ["RavenForCausalLM"],
-        "auto_map": {"AutoConfig": "raven_config_minimal.RavenConfig",
-                     "AutoModelForCausalLM": "raven_modeling_minimal.RavenForCausalLM"},
-        "torch_dtype": "float32", "model_type": "huginn_raven", "block_size": 256, "vocab_size": vocab_size,
-        "padding_multiple": 64, "tie_embeddings": True, "num_attention_heads": HEADS, "num_key_value_heads": HEADS,
-        "n_embd": WIDTH, "intermediate_size": INTERMEDIATE, "bias": False, "architecture_class_name": "RecurrentGPT",
-        "block_class_name": "SandwichBlock", "norm_class_name": "RMSNorm_llama", "norm_eps": 1e-6,
-        "mlp_class_name": "GatedMLP", "nonlin_name": "SiLU", "init_strategy": "takase", "init_orthogonal": False,
-        "state_init": "like-init", "injection_type": "linear", "n_layers_in_recurrent_block": 4,
-        "mean_recurrence": STEPS, "sampling_scheme": "poisson-lognormal-filling", "mean_backprop_depth": 2,
-        "n_layers_in_prelude": 2, "n_layers_in_coda": 2, "qk_bias": True,
-        "activation_checkpoint_impl": "per-iteration",
-    }
-
-
-def published_tensors(vocab_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Every tensor of a huginn-0125 checkpoint, named and shaped as published (written out here, independently of
-    the module, so that a renamed parameter fails the test); random values at the scale of the takase init."""
-    generator = torch.Generator().manual_seed(seed)
-    std = (2 / (5 * WIDTH)) ** 0.5
-
-    def random(*shape: int, scale: float = std) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator) * scale
-
-    tensors = {"transformer.wte.weight": random(vocab_size, WIDTH),
-               "transformer.adapter.weight": random(WIDTH, 2 * WIDTH),
-               "transformer.ln_f.weight": 1 + random(WIDTH, scale=0.1)}
-    for part in ("prelude", "core_block", "coda"):
-        for index in range(4 if part == "core_block" else 2):
-            prefix = f"transformer.{part}.{index}."
-            for norm in range(1, 5):
-                tensors[f"{prefix}norm_{norm}.weight"] = 1 + random(WIDTH, scale=0.1)
-            tensors[prefix + "attn.Wqkv.weight"] = random(3 * WIDTH, WIDTH)
-            tensors[prefix + "attn.qk_bias"] = random(2, 1, HEADS, WIDTH // HEADS, scale=0.1)
-            tensors[prefix + "attn.proj.weight"] = random(WIDTH, WIDTH)
-            tensors[prefix + "mlp.fc.weight"] = random(2 * INTERMEDIATE, WIDTH)
-            tensors[prefix + "mlp.proj.weight"] = random(WIDTH, INTERMEDIATE)
-    return tensors
-
-
-def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], vocab_size: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(published_config(vocab_size)))
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return folder
-
-
-def model_from_folder(folder: Path) -> HuginnForCausalLM:
-    """The loader's weight path without a tokenizer (the model-only tests use a 256-token vocabulary)."""
-    with torch.device("meta"):
-        model = HuginnForCausalLM(HuginnConfig.from_folder(folder))
-    load_huginn_weights(model, folder, torch.device("cpu"), torch.float32)
-    return model.eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -232,12 +172,15 @@ def test_positions_that_stopped_early_are_read_at_their_latest_step(huginn):
 def test_adaptive_exit_stops_where_the_criterion_must_fire(state_independent, criterion, threshold, expected):
     ids = token_ids(2, 6)
     options = dict(init_scale=0.0, exit_criterion=criterion, exit_threshold=threshold)
-    full = state_independent(ids, num_steps=8, **options)
-    assert (full.recurrences <= expected).all() and (full.recurrences >= 1).all()
-    if criterion != "kl":  # KL against the uniform distribution may already be small at step 1
-        assert (full.recurrences == expected).all()
-    _, used, _ = decode_in_pieces(state_independent, ids, [4, 5], 8, **options)
-    assert torch.equal(used, full.recurrences)
+    with torch.no_grad():  # exits apply to forwards without gradient
+        full = state_independent(ids, num_steps=8, **options)
+        assert (full.recurrences <= expected).all() and (full.recurrences >= 1).all()
+        if criterion != "kl":  # KL against the uniform distribution may already be small at step 1
+            assert (full.recurrences == expected).all()
+        _, used, _ = decode_in_pieces(state_independent, ids, [4, 5], 8, **options)
+        assert torch.equal(used, full.recurrences)
+    # A forward that records a gradient (a training forward) runs every position its full depth, as Huginn trained.
+    assert (state_independent(ids, num_steps=8, **options).recurrences == 8).all()
     # Stopping changed nothing here: the state is the one a fixed depth gives.
     torch.testing.assert_close(full.logits, state_independent(ids, num_steps=8, init_scale=0.0).logits)
 
@@ -248,6 +191,7 @@ def test_adaptive_exit_stops_where_the_criterion_must_fire(state_independent, cr
     ("argmax-stability", None),
     ("latent-diff", None),
 ])
+@torch.no_grad()  # exits apply to forwards without gradient
 def test_adaptive_exit_never_exceeds_num_steps(huginn, criterion, threshold):
     ids = token_ids(2, 6)
     rows = torch.tensor([3, 6])
@@ -260,6 +204,7 @@ def test_adaptive_exit_never_exceeds_num_steps(huginn, criterion, threshold):
 
 
 @pytest.mark.parametrize("exit_options", [{}, {"exit_criterion": "argmax-stability", "exit_threshold": 2}])
+@torch.no_grad()
 def test_batched_equals_alone_for_rows_of_different_depths(huginn, exit_options):
     ids = token_ids(2, 8, seed=3)
     rows = [2, 5]
@@ -282,13 +227,3 @@ def test_left_padded_row_with_a_mask_equals_the_row_alone(huginn):
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)
     out = huginn(padded, attention_mask=allowed, position_ids=positions, **FIXED)
     torch.testing.assert_close(out.logits[:, 2:], huginn(ids, **FIXED).logits, rtol=1e-4, atol=1e-5)
-
-
-def test_the_engine_refuses_a_huginn_model_clearly_until_it_can_serve_one(tmp_path, tokenizer):
-    from relat_core import Engine, load_model
-    from relat_core.loading import ModelLoadError
-
-    folder = write_checkpoint(tmp_path / "huginn", published_tensors(len(tokenizer)), len(tokenizer))
-    tokenizer.save_pretrained(folder)
-    with pytest.raises(ModelLoadError, match="cannot serve them yet"):
-        Engine(load_model(str(folder), device="cpu"))

@@ -15,14 +15,15 @@ from relat_server.settings import LIMITS, Settings
 from schemathesis.core.failures import FailureGroup
 
 from relat_core import Engine
-from relat_core.params import ALL_TARGETS, METHODS, SAMPLING_BOUNDS, TTT_BOUNDS
+from relat_core.params import ALL_TARGETS, METHODS, RECURRENCE_OPTIONS, SAMPLING_BOUNDS, TTT_BOUNDS
 
 from .conftest import build_tiny
 from .server_support import AUTH, KEY, serve_in_thread, wait_for
 
 # Small enough that every generated request takes milliseconds on the tiny model: the training, the thought, the
 # agents' text and the answer (the context leaves up to 18 tokens after the shortest prompt, of 30).
-LIMITED = {"max_steps": 2, "max_latent_steps": 2, "max_rank": 4, "max_agent_tokens": 4, "max_model_len": 48}
+LIMITED = {"max_steps": 2, "max_latent_steps": 2, "max_rank": 4, "max_agent_tokens": 4, "max_num_steps": 3,
+           "max_model_len": 48}
 
 
 def document(**settings) -> dict:
@@ -57,7 +58,8 @@ def test_request_bodies_are_the_validating_classes_with_the_engines_bounds():
     # Every numeric TTT bound of relat_core.params, in the chat extension and at the native top level alike.
     for component in ("RelatOptions", "RelatRequest"):
         for name, bound in TTT_BOUNDS.items():
-            narrowed = {"maximum": 16} if name == "rank" else {}  # the server's max_rank, below the engine's 256
+            # The server's max_rank and max_num_steps, below the engine's 256 and 1024.
+            narrowed = {"rank": {"maximum": 16}, "num_steps": {"maximum": 64}}.get(name, {})
             assert field(doc, component, name) == bound.json_schema() | narrowed, name
         assert field(doc, component, "method")["enum"] == list(METHODS)
         assert field(doc, component, "targets") == {"type": "array", "minItems": 1,
@@ -145,6 +147,9 @@ BEYOND_THE_SCHEMA = {
     (400, "invalid_value", "relat.return_adapter"), (400, "invalid_value", "return_adapter"),
     (400, "context_length_exceeded", "max_completion_tokens"), (400, "context_length_exceeded", "max_tokens"),
     (413, "context_length_exceeded", "messages"),  # the prompt alone fills the context
+    # What the loaded model has: the options of recurrent-depth models (this one is not), and the layers it names.
+    *((400, "invalid_value", prefix + name) for prefix in ("relat.", "")
+      for name in (*RECURRENCE_OPTIONS, "targets")),
 }
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 HUGINN_MODEL_TYPE = "huginn_raven"
+MAX_RECURRENCE = 1 << 20  # "no truncation": more recurrences than any call runs
 EXIT_CRITERIA = ("kl", "latent-diff", "argmax-stability")
 # The reference's "auto" thresholds: KL between successive next-token distributions, relative change of the
 # latent state, and the number of successive steps with the same argmax.
@@ -122,6 +124,10 @@ class HuginnConfig:
     @property
     def hidden_size(self) -> int:  # what code written for transformers' configs asks for
         return self.n_embd
+
+    @property
+    def max_position_embeddings(self) -> int:  # the context it was trained for, by transformers' name
+        return self.block_size
 
     @property
     def embedding_rows(self) -> int:
@@ -267,6 +273,7 @@ class HuginnCache:
     """
 
     def __init__(self, config: HuginnConfig):
+        self.config = config
         self.prelude: list[KeysValues | None] = [None] * config.n_layers_in_prelude
         self.coda: list[KeysValues | None] = [None] * config.n_layers_in_coda
         self.core_steps: list[list[KeysValues]] = [[] for _ in range(config.n_layers_in_recurrent_block)]
@@ -302,6 +309,8 @@ class HuginnCache:
         reached = (self.depth > step)[:, None, :, None]
         return torch.where(reached, step_keys, latest[0]), torch.where(reached, step_values, latest[1])
 
+    # -- row and position operations (relat_core.latent.SequenceState's, as on its transformers cache) --------
+
     def select_rows(self, rows: Tensor) -> None:
         """Keep only these batch rows (requests that left a batch)."""
         self._map(lambda t: t[rows], lambda depth: depth[rows])
@@ -309,6 +318,62 @@ class HuginnCache:
     def crop(self, length: int) -> None:
         """Forget positions from `length` on."""
         self._map(lambda t: t[:, :, :length], lambda depth: depth[:, :length])
+
+    def crop_to(self, length: int) -> None:
+        """Hold at most `length` positions (a failed call appended nothing: entries are committed at its end)."""
+        if self.length > length:
+            self.crop(length)
+
+    def drop_leading(self, count: int) -> None:
+        """Forget the first `count` positions (padding that no row can see any more)."""
+        self._map(lambda t: t[:, :, count:], lambda depth: depth[:, count:])
+
+    def row(self, index: int, first: int) -> HuginnCache:
+        """A copy of row `index` from position `first` on."""
+        copy = HuginnCache(self.config)
+        if self.depth is not None:
+            rows = torch.tensor([index], device=self.depth.device)
+            copy.__dict__.update(self.__dict__)
+            copy._map(lambda t: t[rows, :, first:], lambda depth: depth[rows, first:])  # new lists: no sharing
+        return copy
+
+    @classmethod
+    def joined(cls, config: HuginnConfig, parts: Sequence[tuple[HuginnCache, int]], length: int) -> HuginnCache:
+        """The rows of several caches (each with its batch size) as one batch, every row left-padded to `length`
+        positions. Padding has the deepest depth, so that lookups never select around it (queries never see it);
+        a cache that stored fewer recurrence steps than another is filled with its latest entries, which its
+        positions' depths make the lookup read anyway."""
+        joined = cls(config)
+        filled = [cache for cache, _ in parts if cache.length]
+        if not filled:
+            return joined
+        template = filled[0].prelude[0][0]  # (B, H, K, D)
+        heads, head_dim = template.shape[1], template.shape[-1]
+
+        def padded(pair: KeysValues | None, rows: int) -> KeysValues:
+            if pair is None:
+                empty = template.new_zeros(rows, heads, 0, head_dim)
+                pair = (empty, empty)
+            return tuple(F.pad(t, (0, 0, length - t.shape[2], 0)) for t in pair)  # type: ignore[return-value]
+
+        def cat(pairs: list[KeysValues]) -> KeysValues:
+            return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+        joined.prelude = [cat([padded(c.prelude[i], n) for c, n in parts]) for i in range(len(joined.prelude))]
+        joined.coda = [cat([padded(c.coda[i], n) for c, n in parts]) for i in range(len(joined.coda))]
+        for layer in range(len(joined.core_steps)):
+            steps = max(len(c.core_steps[layer]) for c, _ in parts)
+            joined.core_latest[layer] = cat([padded(c.core_latest[layer], n) for c, n in parts])
+            joined.core_steps[layer] = [
+                cat([padded(c.core_steps[layer][step] if step < len(c.core_steps[layer]) else c.core_latest[layer], n)
+                     for c, n in parts]) for step in range(steps)]
+        deepest = max(int(c.depth.max()) for c in filled)
+        depths = []
+        for cache, rows in parts:
+            depth = cache.depth if cache.depth is not None else template.new_zeros(rows, 0, dtype=torch.long)
+            depths.append(F.pad(depth, (length - depth.shape[1], 0), value=deepest))
+        joined._set_depth(torch.cat(depths))
+        return joined
 
     def _map(self, entry: Callable[[Tensor], Tensor], depth: Callable[[Tensor], Tensor]) -> None:
         if self.depth is None:
@@ -487,6 +552,65 @@ def make_exit_criterion(name: str | None, threshold: float | str | None = None) 
 # -- the model ----------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RowRecurrence:
+    """How one batch row iterates: a request's depth options, resolved (relat_core.params.TTTParams)."""
+
+    num_steps: int
+    init_scale: float = 1.0
+    exit_criterion: str | None = None  # None or "none": a fixed depth
+    exit_threshold: float | None = None  # None: the criterion's default
+    backprop_depth: int | None = None  # gradient through the last this many recurrences; None: all of them
+    # The random initial state of the position at index p is drawn from a generator seeded by (noise_seed, p): the
+    # same state whatever the batch, its padding or the chunk the position arrives in (batched equals alone, and a
+    # thought re-run after training starts from the states it was trained on).
+    noise_seed: int = 0
+
+
+@dataclass
+class Recurrence:
+    """Per-row recurrence for the forwards run while it is bound (`HuginnForCausalLM.recurring`), the way the
+    engine's adapter slots are bound; `used` receives the recurrences each position of the last forward ran."""
+
+    rows: list[RowRecurrence]
+    used: Tensor | None = None  # (B, T) long
+
+
+def _position_seed(noise_seed: int, position: int) -> int:
+    """A generator seed for one position of one request: distinct positions and seeds give distinct streams."""
+    return (noise_seed * 1_000_003 + position) % (2**63)
+
+
+class _RowExits:
+    """Each row's exit criterion (rows may differ): the criteria in use, each fired only on its own rows; the
+    coda's prediction, when a criterion reads it, is computed once per step for all."""
+
+    def __init__(self, rows: Sequence[tuple[str | None, float | str | None]], device: torch.device):
+        self.groups: list[tuple[_ExitCriterion, Tensor]] = []
+        for key in dict.fromkeys(rows):
+            criterion = make_exit_criterion(*key)
+            if criterion is not None:
+                mask = torch.tensor([row == key for row in rows], device=device)
+                self.groups.append((criterion, mask))
+
+    def start(self, state: Tensor) -> None:
+        for criterion, _ in self.groups:
+            criterion.start(state)
+
+    def update(self, state: Tensor, active: Tensor, logits: Callable[[], Tensor]) -> Tensor:
+        computed: list[Tensor] = []
+
+        def once() -> Tensor:
+            if not computed:
+                computed.append(logits())
+            return computed[0]
+
+        fired = torch.zeros_like(active)
+        for criterion, mask in self.groups:
+            fired |= mask[:, None] & criterion.update(state, active, once)
+        return fired
+
+
 @dataclass
 class HuginnOutput:
     logits: Tensor | None  # (B, T, V) fp32, None when not asked for
@@ -513,6 +637,7 @@ class HuginnForCausalLM(nn.Module):
             ln_f=RMSNorm(width, config.norm_eps),  # used twice: after the recurrence and after the coda
         ))
         self.lm_head = nn.Linear(width, config.embedding_rows, bias=False)
+        self.recurrence: Recurrence | None = None  # bound per batch by `recurring`
         if self.lm_head.weight.device.type != "meta":  # built on meta to be loaded: nothing to initialise
             self.reset_parameters()
         self.tie_weights()
@@ -567,6 +692,28 @@ class HuginnForCausalLM(nn.Module):
     def new_cache(self) -> HuginnCache:
         return HuginnCache(self.config)
 
+    @contextmanager
+    def recurring(self, recurrence: Recurrence | None) -> Iterator[None]:
+        """The forwards inside iterate each row as `recurrence` says (None: as their arguments say)."""
+        self.recurrence = recurrence
+        try:
+            yield
+        finally:
+            self.recurrence = None
+
+    def seeded_initial_state(self, like: Tensor, rows: Sequence[RowRecurrence], position_ids: Tensor) -> Tensor:
+        """Each row's initial state, every position drawn from its own seeded generator (`RowRecurrence`)."""
+        state = torch.zeros(like.shape, dtype=torch.float32)
+        positions = position_ids.tolist()
+        for index, row in enumerate(rows):
+            std = self.config.init_std * row.init_scale
+            if std <= 0:
+                continue
+            for column, position in enumerate(positions[index]):
+                generator = torch.Generator().manual_seed(_position_seed(row.noise_seed, position))
+                nn.init.trunc_normal_(state[index, column], std=std, a=-3 * std, b=3 * std, generator=generator)
+        return (state * self.config.embed_scale).to(device=like.device, dtype=like.dtype)
+
     def initial_state(self, like: Tensor, init_scale: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
         """The state before the first recurrence: a truncated normal of std init_std * init_scale (times
         embed_scale, as the embeddings), or zeros for init_scale 0, which makes the forward deterministic."""
@@ -590,6 +737,7 @@ class HuginnForCausalLM(nn.Module):
         initial_state: Tensor | None = None,
         exit_criterion: str | None = None,
         exit_threshold: float | str | None = None,
+        backprop_depth: int | None = None,
         return_logits: bool = True,
         generator: torch.Generator | None = None,
     ) -> HuginnOutput:
@@ -604,7 +752,11 @@ class HuginnForCausalLM(nn.Module):
         init_scale: the random initial state's scale; 0 gives zeros. initial_state (B, T, d) replaces it (a warm
             start, the reference's continuous compute).
         exit_criterion: None, "kl", "latent-diff" or "argmax-stability": a position stops iterating once it fires
-            (`exit_threshold`, default the reference's), and never runs more than its num_steps.
+            (`exit_threshold`, default the reference's), and never runs more than its num_steps. Only without
+            gradient: a forward that records one runs every position its full num_steps, as Huginn trained.
+        backprop_depth: with gradient, it flows through each position's last backprop_depth recurrences only
+            (truncated backpropagation, as Huginn trained); the steps before run without a graph where they can.
+        A bound `Recurrence` (`recurring`) replaces num_steps, init_scale, the exit and backprop_depth per row.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
@@ -618,16 +770,36 @@ class HuginnForCausalLM(nn.Module):
             position_ids = (past + torch.arange(length, device=device)).expand(batch, length)
         rope = rope_angles(position_ids, self.config.head_dim, self.config.rope_base)
         mask = self._attention_mask(attention_mask, length, past, device)
+        bound = self.recurrence
+        if bound is not None and len(bound.rows) != batch:
+            raise ValueError(f"the bound recurrence has {len(bound.rows)} rows, the call has {batch}")
+        if bound is not None:
+            rows = bound.rows
+            num_steps = [row.num_steps for row in rows]
+            exits = [(row.exit_criterion, row.exit_threshold) for row in rows]
+            truncation = [row.backprop_depth or MAX_RECURRENCE for row in rows]
+        else:
+            exits = [(exit_criterion, exit_threshold)] * batch
+            truncation = [backprop_depth or MAX_RECURRENCE] * batch
         targets = self._step_targets(num_steps, batch, length, device)
-        criterion = make_exit_criterion(exit_criterion, exit_threshold)
+        training = torch.is_grad_enabled()
+        criterion = None if training else _RowExits(exits, device)
+        # A position's state enters step s without its graph while s <= num_steps - backprop_depth, so that the
+        # gradient crosses its last backprop_depth steps only; steps before every position's cut run graph-free.
+        cut = (targets - torch.tensor(truncation, device=device)[:, None]).clamp(min=0)  # (B, T)
+        graph_free_steps = int(cut.min()) if training else 0
         chunk = _ChunkEntries(self.config, cache)
 
         x = embeds * self.config.embed_scale
         for index, block in enumerate(self.transformer["prelude"]):
             x = block(x, rope, mask, chunk.prelude_source(index))
         injected = x
-        state = self.initial_state(injected, init_scale, generator) if initial_state is None else \
-            initial_state.to(injected.dtype)
+        if initial_state is not None:
+            state = initial_state.to(injected.dtype)
+        elif bound is not None:
+            state = self.seeded_initial_state(injected, bound.rows, position_ids)
+        else:
+            state = self.initial_state(injected, init_scale, generator)
 
         recurrences = torch.zeros(batch, length, dtype=torch.long, device=device)
         exited = torch.zeros(batch, length, dtype=torch.bool, device=device)
@@ -637,19 +809,24 @@ class HuginnForCausalLM(nn.Module):
             active = (targets > step) & ~exited
             if not bool(active.any()):
                 break
-            new_state = self.transformer["adapter"](torch.cat([state, injected], dim=-1))
-            for layer, block in enumerate(self.transformer["core_block"]):
-                new_state = block(new_state, rope, mask, chunk.core_source(layer, step, active))
+            if training and step >= graph_free_steps:
+                state = torch.where((step <= cut)[..., None], state.detach(), state)
+            with torch.set_grad_enabled(training and step >= graph_free_steps):
+                new_state = self.transformer["adapter"](torch.cat([state, injected], dim=-1))
+                for layer, block in enumerate(self.transformer["core_block"]):
+                    new_state = block(new_state, rope, mask, chunk.core_source(layer, step, active))
             state = torch.where(active[..., None], new_state, state)  # stopped positions keep their last state
             recurrences = recurrences + active.long()
             # Test for exits only where a position could still go on; the KL and argmax tests read the coda's
             # prediction from the current state (without keeping its entries: they are not the final ones).
-            if criterion is not None and bool((active & (targets > step + 1)).any()):
+            if criterion is not None and criterion.groups and bool((active & (targets > step + 1)).any()):
 
                 def peek_logits(current: Tensor = state) -> Tensor:
                     return self.lm_head(self._coda(current, rope, mask, chunk, store=False))
 
                 exited |= active & criterion.update(state, active, peek_logits)
+        if bound is not None:
+            bound.used = recurrences
 
         hidden = self._coda(state, rope, mask, chunk, store=True)
         logits = self.lm_head(hidden).float() if return_logits else None
