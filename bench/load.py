@@ -113,8 +113,10 @@ def questions(count: int) -> list[str]:
 
 
 def method_params(args: argparse.Namespace) -> dict:
-    """The paper setting, with the smoke-run overrides."""
-    return {**METHOD, "latent_steps": args.latent_steps, "steps": args.steps}
+    """The paper setting, with the smoke-run overrides and the speed levers asked for (engine and http only: the
+    naive loop is the baseline, and backpropagates through the whole thought)."""
+    levers = {"backprop_latent_steps": args.backprop_latent_steps} if args.backprop_latent_steps else {}
+    return {**METHOD, "latent_steps": args.latent_steps, "steps": args.steps, **levers}
 
 
 # -- engine target ----------------------------------------------------------------------------------------------
@@ -435,6 +437,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-floor", action="store_true", help="skip bench/floor.py's analysis")
     parser.add_argument("--results", type=Path, default=None,
                         help="where to append the raw records (default bench/results/load-<date>.jsonl)")
+    parser.add_argument("--backprop-latent-steps", type=int, default=0,
+                        help="a lever (issue 15): relat trains through the thought's last K latent steps only "
+                             "(0: all); a run that sets it names it in its setting line")
     smoke = parser.add_argument_group("smoke runs only (the benchmark is L=16, N=5, 64 tokens)")
     smoke.add_argument("--latent-steps", type=int, default=METHOD["latent_steps"])
     smoke.add_argument("--steps", type=int, default=METHOD["steps"])

@@ -36,7 +36,7 @@ from .agents import TEAMS, AgentPrompts, Role, labelled, resolve_answer_format, 
 from .chat import ChatFormat, Segments, normalise_messages
 from .decoding import IncrementalDetokenizer, sample
 from .export import AdapterExport, export_adapter
-from .latent import LatentMap, SequenceState, extend, latent_rollout, reconstruction_loss
+from .latent import LatentMap, SequenceState, Truncation, extend, latent_rollout, reconstruction_loss
 from .loading import LoadedModel
 from .lora import Binding, SlotBank
 from .models.huginn import DEFAULT_EXIT_THRESHOLDS, HuginnForCausalLM, Recurrence, RowRecurrence
@@ -642,7 +642,10 @@ class Engine:
     def _bound(self, rows: list[_Sequence | _Plain], binding: Binding | None) -> Iterator[Recurrence | None]:
         """The forwards inside run row i through `binding` and, on a recurrent-depth model, at its request's depth;
         yields that Recurrence, which receives the recurrences each position ran (None on other models)."""
-        recurrence = Recurrence([_owner(row).depth for row in rows]) if self.recurrent else None
+        # Exits apply where the forwards are bound without gradient: not in a training step, whose forwards all run
+        # at full depth, those of its thought's graph-free first latent steps too.
+        recurrence = Recurrence([_owner(row).depth for row in rows], exits=not torch.is_grad_enabled()) \
+            if self.recurrent else None
         with self.bank.bound(binding), self.model.recurring(recurrence) if self.recurrent else nullcontext():
             yield recurrence
 
@@ -663,7 +666,9 @@ class Engine:
         """Append each row's pieces to `state`: its tokens (left-padded to a common width, the question's marked),
         then its latent steps; returns each row's last hidden state, (B, d). Rows with fewer pieces, shorter
         prompts or shorter thoughts get padding positions, invisible to all, so each row gets what it would alone.
-        contrast: (row, reference) pairs of contrastive feedback (latent_rollout); a reference is a row too."""
+        contrast: (row, reference) pairs of contrastive feedback (latent_rollout); a reference is a row too.
+        In training, rows with backprop_latent_steps are truncated over their whole thought (latent.Truncation)."""
+        truncation = Truncation.of(params, [sum(piece.latent_steps for piece in row) for row in pieces])
         for k in range(max((len(row) for row in pieces), default=0)):
             now = [row[k] if k < len(row) else None for row in pieces]
             width = max(len(piece.token_ids) if piece else 0 for piece in now)
@@ -677,10 +682,14 @@ class Engine:
                         token_ids[index, first:] = torch.tensor(piece.token_ids, device=self.device)
                         valid[index, first:] = True
                         question[index, first + piece.question_start:] = True
-                read = extend(self.model, state, input_ids=token_ids, valid=valid, question=question)[:, -1]
+                reading = [index for index, piece in enumerate(now) if piece and piece.token_ids]
+                if truncation is not None:
+                    hidden = truncation.sever(state, hidden)
+                with truncation.forward(reading) if truncation is not None else nullcontext():
+                    read = extend(self.model, state, input_ids=token_ids, valid=valid, question=question)[:, -1]
                 hidden = torch.where(valid[:, -1:], read, hidden)
             hidden = latent_rollout(self.model, state, hidden, [piece.latent_steps if piece else 0 for piece in now],
-                                    self.latent_map, params, contrast)
+                                    self.latent_map, params, contrast, truncation)
         return hidden
 
     def _think(self, rows: list[_Sequence]) -> tuple[SequenceState, torch.Tensor]:

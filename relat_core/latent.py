@@ -11,6 +11,7 @@ serves left-padded batches, latent steps and the reconstruction pass, which must
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,6 +41,14 @@ class LayerCache(DynamicCache):
         for layer in self.layers:
             if layer.is_initialized:
                 layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+
+    def detach_rows(self, rows: torch.Tensor) -> None:
+        """Make the cached keys and values of these rows ((B,) bool) constants to the gradient."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                keep = rows[:, None, None, None]
+                layer.keys = torch.where(keep, layer.keys.detach(), layer.keys)
+                layer.values = torch.where(keep, layer.values.detach(), layer.values)
 
     def drop_leading(self, count: int) -> None:
         for layer in self.layers:
@@ -243,9 +252,60 @@ class LatentMap:
         return (torch.softmax(logits, dim=-1).to(table.dtype) @ table).to(hidden.dtype)
 
 
+class Truncation:
+    """Truncated backpropagation through a training thought (`backprop_latent_steps` k): to the gradient, each
+    row's positions before its last k latent steps are constants.
+
+    Per row, `before_cut` counts the latent steps still before its cut. A forward in which every row taking part is
+    before its cut runs without a graph (the saving: no activations kept, no backward through it); in a batch
+    whose rows are not all there, the rows before their cut run with the others, and their cache and hidden state
+    are detached (`sever`) once they reach it, so that each row gets the gradient it would get alone."""
+
+    def __init__(self, before_cut: list[int]):
+        self.before_cut = before_cut
+        self.graph = [False] * len(before_cut)  # the row holds positions computed with a graph that its cut severs
+
+    @classmethod
+    def of(cls, params: Sequence[TTTParams], latent_steps: Sequence[int]) -> Truncation | None:
+        """For rows with these options and thoughts of these lengths; None when no row truncates."""
+        before = [max(0, steps - ttt.backprop_latent_steps) if ttt.backprop_latent_steps else 0
+                  for ttt, steps in zip(params, latent_steps, strict=True)]
+        return cls(before) if any(before) and torch.is_grad_enabled() else None
+
+    def graph_free(self) -> bool:
+        """Every row is before its cut. Rows that only pad a forward count too: a forward without a graph appends
+        to every row's cache, and the cache it leaves would hold no graph for the rows past their cut."""
+        return all(before > 0 for before in self.before_cut)
+
+    def forward(self, rows: Sequence[int]):
+        """The context of a forward in which `rows` take part: without a graph where every row is before its cut."""
+        graph_free = self.graph_free()
+        if not graph_free:
+            for row in rows:
+                self.graph[row] |= self.before_cut[row] > 0
+        return torch.no_grad() if graph_free else contextlib.nullcontext()
+
+    def sever(self, state: SequenceState, hidden: torch.Tensor) -> torch.Tensor:
+        """Detach the rows that have reached their cut with a graph behind them; returns the hidden state."""
+        rows = [row for row, before in enumerate(self.before_cut) if before == 0 and self.graph[row]]
+        if not rows:
+            return hidden
+        mask = torch.zeros(len(self.before_cut), dtype=torch.bool, device=hidden.device)
+        mask[rows] = True
+        if state.length:
+            state.cache.detach_rows(mask)
+        for row in rows:
+            self.graph[row] = False
+        return torch.where(mask[:, None], hidden.detach(), hidden)
+
+    def stepped(self, rows: Sequence[int]) -> None:
+        for row in rows:
+            self.before_cut[row] = max(0, self.before_cut[row] - 1)
+
+
 def latent_rollout(model: PreTrainedModel, state: SequenceState, last_hidden: torch.Tensor, steps: Sequence[int],
                    latent_map: LatentMap, params: Sequence[TTTParams],
-                   contrast: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
+                   contrast: Sequence[tuple[int, int]] = (), truncation: Truncation | None = None) -> torch.Tensor:
     """Run each row's latent thought from `last_hidden` (B, d); returns each row's last latent hidden state.
 
     Rows may differ in length, mapping and mixing: a row past its own length gets padding positions (invisible,
@@ -255,6 +315,7 @@ def latent_rollout(model: PreTrainedModel, state: SequenceState, last_hidden: to
     the row's next input f(h_row) moves by eta = params[row].contrastive_eta along f(h_row) - f(h_reference), and
     the reference row (the same prompt through another model: the base model, adapter off) is fed the same
     input, so that each step compares the two models on one input.
+    truncation: a training thought's truncated backpropagation (`Truncation`), advanced one latent step per step.
     """
     batch = last_hidden.shape[0]
     reference_of = dict(contrast)
@@ -262,6 +323,9 @@ def latent_rollout(model: PreTrainedModel, state: SequenceState, last_hidden: to
     previous: list[torch.Tensor | None] = [None] * batch
     for t in range(max(steps, default=0)):
         active = torch.tensor([t < length for length in steps], device=last_hidden.device)
+        taking_part = [row for row, length in enumerate(steps) if t < length]
+        if truncation is not None:
+            last_hidden = truncation.sever(state, last_hidden)
         embeds: list[torch.Tensor | None] = [None] * batch
         for row in range(batch):  # (d,) operations: cheap next to the forward pass
             if row in references:
@@ -279,8 +343,11 @@ def latent_rollout(model: PreTrainedModel, state: SequenceState, last_hidden: to
             embeds[row] = embed
             if reference is not None:
                 embeds[reference] = embed
-        latest = extend(model, state, inputs_embeds=torch.stack(embeds)[:, None], valid=active[:, None])[:, -1]
+        with truncation.forward(taking_part) if truncation is not None else contextlib.nullcontext():
+            latest = extend(model, state, inputs_embeds=torch.stack(embeds)[:, None], valid=active[:, None])[:, -1]
         last_hidden = torch.where(active[:, None], latest, last_hidden)
+        if truncation is not None:
+            truncation.stepped(taking_part)
     return last_hidden
 
 

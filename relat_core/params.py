@@ -130,6 +130,7 @@ TTT_BOUNDS: dict[str, Bound] = {
     "init_scale": Bound(0, 10),
     "exit_threshold": Bound(0, low_open=True),
     "backprop_depth": Bound(1, MAX_NUM_STEPS, integer=True),
+    "backprop_latent_steps": Bound(0, 256, integer=True),
 }
 # The numeric options that may be None (left to a later default), and so are checked only when set.
 OPTIONAL_TTT = ("stop_loss", "num_steps", "init_scale", "exit_threshold", "backprop_depth")
@@ -191,6 +192,10 @@ class TTTParams:
     # relat: take the adapter from the engine's adapter cache when the same training ran before, and cache this
     # one (relat_core/adapter_cache.py); false trains afresh and caches nothing.
     cache: bool = True
+    # relat: truncated backpropagation through the latent thought, as recurrent-depth models train: the
+    # reconstruction's gradient crosses only the thought's last k latent steps (and what follows them); every
+    # position before them is a constant, computed without a graph where the whole batch allows. 0: all of it.
+    backprop_latent_steps: int = 0
     # -- recurrent-depth models (Huginn) only; None: the model's own default --
     # Recurrences of the core block per position (default: the config's mean_recurrence), capped by a server's
     # max_num_steps.

@@ -140,6 +140,9 @@ class TTTOptions(BaseModel):
     cache: bool | None = Field(
         None, description="relat: take the adapter from the adapter cache when the same training ran before, and "
                           "cache this one; false trains afresh and caches nothing")
+    backprop_latent_steps: bounded("backprop_latent_steps") | None = Field(
+        None, description="relat: train through the thought's last this many latent steps only (truncated "
+                          "backpropagation; 0 = all of it)")
     num_steps: bounded("num_steps") | None = Field(
         None, description="recurrent-depth models (Huginn) only, a 400 on others: core-block recurrences per "
                           "position (default: the model's mean_recurrence)")

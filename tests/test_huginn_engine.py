@@ -142,6 +142,9 @@ def test_batched_equals_alone_for_rows_of_different_depths(engine):
         "deep": engine.defaults.replace(method="relat", num_steps=5, backprop_depth=3, **QUICK),
         "exit": engine.defaults.replace(method="latent", num_steps=6, exit_criterion="argmax-stability",
                                         exit_threshold=2, **QUICK),
+        # Its first latent step trains without a graph alone, and with the others' here: at full depth either way.
+        "truncated-exit": engine.defaults.replace(method="relat", num_steps=4, exit_criterion="kl",
+                                                  exit_threshold=1e9, backprop_latent_steps=1, **QUICK),
         "direct": engine.defaults.replace(method="direct", num_steps=3),
     }
     sampling = SamplingParams(max_tokens=5, ignore_eos=True, seed=7)

@@ -324,6 +324,11 @@ class HuginnCache:
         if self.length > length:
             self.crop(length)
 
+    def detach_rows(self, rows: Tensor) -> None:
+        """Make the cached entries of these rows ((B,) bool) constants to the gradient."""
+        keep = rows[:, None, None, None]
+        self._map(lambda t: torch.where(keep, t.detach(), t), lambda depth: depth)
+
     def drop_leading(self, count: int) -> None:
         """Forget the first `count` positions (padding that no row can see any more)."""
         self._map(lambda t: t[:, :, count:], lambda depth: depth[:, count:])
@@ -573,6 +578,9 @@ class Recurrence:
     engine's adapter slots are bound; `used` receives the recurrences each position of the last forward ran."""
 
     rows: list[RowRecurrence]
+    # Whether the rows' exit criteria apply. The engine binds them off around a training step, whose forwards run
+    # every position its full num_steps even where they need no graph (a truncated thought's first latent steps).
+    exits: bool = True
     used: Tensor | None = None  # (B, T) long
 
 
@@ -783,7 +791,8 @@ class HuginnForCausalLM(nn.Module):
             truncation = [backprop_depth or MAX_RECURRENCE] * batch
         targets = self._step_targets(num_steps, batch, length, device)
         training = torch.is_grad_enabled()
-        criterion = None if training else _RowExits(exits, device)
+        with_exits = bound.exits if bound is not None else not training
+        criterion = _RowExits(exits, device) if with_exits and not training else None
         # A position's state enters step s without its graph while s <= num_steps - backprop_depth, so that the
         # gradient crosses its last backprop_depth steps only; steps before every position's cut run graph-free.
         cut = (targets - torch.tensor(truncation, device=device)[:, None]).clamp(min=0)  # (B, T)
