@@ -174,3 +174,16 @@ def test_options_a_model_lacks_are_refused_naming_them(engine, tiny_qwen3):
     assert raised.value.param == "targets"
     with pytest.raises(InvalidParameter, match="has no layers named Wqkv"):
         llama_like.check(Request(QUESTION, llama_like.defaults.replace(targets=("Wqkv",))))
+
+
+def test_bf16_weights_train_an_fp32_adapter_and_answer(huginn_folder):
+    """The GPU's dtype, on the CPU: the weights load in bf16, the slots and AdamW state stay fp32, and relat runs."""
+    loaded = load_model(str(huginn_folder), device="cpu", dtype="bfloat16")
+    engine = Engine(loaded, num_slots=1, max_rank=8)
+    assert engine.model.dtype == torch.bfloat16 and engine.model.transformer["wte"].weight.dtype == torch.bfloat16
+    before = weights_digest(engine.model)
+    result = ask(engine, method="relat", num_steps=3, **QUICK)
+    assert len(result.token_ids) == 4 and all(torch.isfinite(torch.tensor(step["loss"]))
+                                              for step in result.trace.steps)
+    assert all(t.dtype == torch.float32 for t in engine.bank.parameters())
+    assert weights_digest(engine.model) == before
