@@ -27,14 +27,13 @@ from .huginn_support import (
     published_tensors,
     write_checkpoint,
 )
+from .server_support import one_torch_thread
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():  # the tiny models are faster on one thread, and the machine is shared
+        yield
 
 
 @pytest.fixture(scope="module")

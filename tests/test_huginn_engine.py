@@ -17,6 +17,7 @@ from relat_core.models.huginn import HuginnForCausalLM, Recurrence, RowRecurrenc
 from relat_core.params import HUGINN_TARGETS
 
 from .huginn_support import published_tensors, write_checkpoint
+from .server_support import one_torch_thread
 
 QUESTION = [{"role": "user", "content": "Name a primary colour."}]
 QUICK = dict(latent_steps=2, steps=2, cache=False)
@@ -25,10 +26,8 @@ ANSWER = SamplingParams(max_tokens=4, ignore_eos=True)
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():  # the tiny models are faster on one thread, and the machine is shared
+        yield
 
 
 @pytest.fixture(scope="module")
