@@ -5,12 +5,24 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from relat_server.settings import Settings
 
 from relat_core import Engine, load_model
 
 from .conftest import build_tiny
 from .huginn_support import published_tensors, write_checkpoint
-from .server_support import KEY, QUESTION, assert_error, chat, data_events, one_torch_thread, ready_server, sse_lines
+from .server_support import (
+    KEY,
+    QUESTION,
+    assert_error,
+    chat,
+    data_events,
+    one_torch_thread,
+    ready_server,
+    serve_in_thread,
+    sse_lines,
+    wait_for,
+)
 
 DEPTH = {"num_steps": 3, "exit_criterion": "kl", "exit_threshold": 1e9, "init_scale": 0.0}  # one recurrence each
 
@@ -72,3 +84,11 @@ def test_huginn_options_on_another_model_are_refused_naming_them(qwen_server, op
     native = {"model": qwen_server.model, "question": QUESTION[0]["content"], option: value}
     assert_error(httpx.post(f"{qwen_server.url}/v1/relat", json=native, headers={"Authorization": f"Bearer {KEY}"}),
                  400, param=option)
+
+
+def test_a_default_the_model_cannot_take_stops_the_start_up(tokenizer):
+    """--num-steps on a model that is not recurrent would fail every request: the server fails at load instead."""
+    engine = Engine(build_tiny("qwen3", tokenizer, seed=2))
+    with serve_in_thread(Settings(api_keys=[KEY], num_steps=4), lambda: engine) as served:
+        wait_for(lambda: httpx.get(f"{served.url}/health").status_code == 503, "the failed load")
+        assert httpx.get(f"{served.url}/ready").status_code == 503
