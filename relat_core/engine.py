@@ -332,7 +332,7 @@ def default_ttt_params(num_parameters: int) -> TTTParams:
 
 def recurrence_defaults(model: HuginnForCausalLM) -> dict[str, object]:
     """A recurrent-depth model's own defaults for the options a request leaves None: its config's mean depth and
-    truncation, Huginn's initial-state scale, no adaptive exit; and its attention projections as the targets."""
+    truncation, Huginn's initial-state scale, no adaptive exit."""
     config = model.config
     return {"num_steps": config.mean_recurrence, "init_scale": 1.0, "exit_criterion": "none",
             "backprop_depth": config.mean_backprop_depth}
@@ -425,11 +425,11 @@ class Engine:
             missing = ", ".join(t for t in ttt.targets if t not in self.bank.kinds)
             raise InvalidParameter("targets", f"{self.name} has no layers named {missing}; its targets are "
                                    f"{', '.join(sorted(self.bank.kinds))}")
-        if request.ttt.trains and request.ttt.rank > self.bank.max_rank:
+        if ttt.trains and ttt.rank > self.bank.max_rank:
             raise InvalidParameter("rank", f"rank must be at most {self.bank.max_rank} on this server")
-        if request.return_adapter and not request.ttt.trains:
+        if request.return_adapter and not ttt.trains:
             raise InvalidParameter("return_adapter", "return_adapter needs an adapter to return: method relat with "
-                                   f"steps >= 1, got method {request.ttt.method} with steps {request.ttt.steps}")
+                                   f"steps >= 1, got method {ttt.method} with steps {ttt.steps}")
         return messages
 
     def add_request(self, request_id: str, request: Request) -> None:

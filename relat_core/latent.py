@@ -156,8 +156,8 @@ class SequenceState:
         how a request joins a decoding batch that is already running (positions are explicit, so padding is
         harmless). States may be empty (a request whose thought has not started)."""
         length = max(state.length for state in states)
-        kind = type(new_cache(model))
-        cache = kind.joined(model.config, [(state.cache, state.batch_size) for state in states], length)
+        cache = type(states[0].cache).joined(model.config, [(state.cache, state.batch_size) for state in states],
+                                             length)
 
         def padded(masks: list[torch.Tensor]) -> torch.Tensor:
             return torch.cat([F.pad(mask, (length - mask.shape[1], 0), value=False) for mask in masks])
@@ -256,14 +256,16 @@ class Truncation:
     """Truncated backpropagation through a training thought (`backprop_latent_steps` k): to the gradient, each
     row's positions before its last k latent steps are constants.
 
-    Per row, `before_cut` counts the latent steps still before its cut. A forward in which every row taking part is
-    before its cut runs without a graph (the saving: no activations kept, no backward through it); in a batch
-    whose rows are not all there, the rows before their cut run with the others, and their cache and hidden state
-    are detached (`sever`) once they reach it, so that each row gets the gradient it would get alone."""
+    Per row, `before_cut` counts the latent steps still before its cut. A forward in a batch whose rows are all
+    before their cut runs without a graph (the saving: no activations kept, no backward through it); in a batch
+    where some are not, the rows before their cut run with a graph like the others, and what they carry across
+    the cut (cache, hidden state, a residual latent) is detached (`sever`) once they reach it, so that each row
+    gets the gradient it would get alone."""
 
     def __init__(self, before_cut: list[int]):
         self.before_cut = before_cut
         self.graph = [False] * len(before_cut)  # the row holds positions computed with a graph that its cut severs
+        self.severed: list[int] = []  # the rows the last `sever` detached
 
     @classmethod
     def of(cls, params: Sequence[TTTParams], latent_steps: Sequence[int]) -> Truncation | None:
@@ -287,7 +289,7 @@ class Truncation:
 
     def sever(self, state: SequenceState, hidden: torch.Tensor) -> torch.Tensor:
         """Detach the rows that have reached their cut with a graph behind them; returns the hidden state."""
-        rows = [row for row, before in enumerate(self.before_cut) if before == 0 and self.graph[row]]
+        rows = self.severed = [row for row, before in enumerate(self.before_cut) if before == 0 and self.graph[row]]
         if not rows:
             return hidden
         mask = torch.zeros(len(self.before_cut), dtype=torch.bool, device=hidden.device)
@@ -326,6 +328,9 @@ def latent_rollout(model: PreTrainedModel, state: SequenceState, last_hidden: to
         taking_part = [row for row, length in enumerate(steps) if t < length]
         if truncation is not None:
             last_hidden = truncation.sever(state, last_hidden)
+            for row in truncation.severed:
+                if previous[row] is not None:
+                    previous[row] = previous[row].detach()
         embeds: list[torch.Tensor | None] = [None] * batch
         for row in range(batch):  # (d,) operations: cheap next to the forward pass
             if row in references:

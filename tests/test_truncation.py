@@ -84,8 +84,10 @@ TRUNCATED = {
     "cut-2-of-4": Request(QUESTION, TTTParams(latent_steps=4, steps=2, lr=5e-2, backprop_latent_steps=2, cache=False),
                           SAMPLING),
     "full": Request(METAL, TTTParams(latent_steps=4, steps=3, lr=5e-2, cache=False), SAMPLING),
+    # Residual mixing carries the previous latent input across the cut: it must be cut there too.
     "cut-1-of-3": Request(METAL, TTTParams(latent_steps=3, steps=2, lr=2e-2, backprop_latent_steps=1, rank=4,
-                                           cache=False), SamplingParams(max_tokens=5, seed=3, temperature=0.7)),
+                                           residual_alpha=0.5, cache=False),
+                          SamplingParams(max_tokens=5, seed=3, temperature=0.7)),
     # Three latent agents of 2 steps each: the cut falls inside the second agent's steps, before the third's turn.
     "agents-cut-3-of-6": Request(QUESTION, TTTParams(latent_steps=2, steps=2, lr=5e-2, agents="sequential",
                                                      backprop_latent_steps=3, agent_max_tokens=4, cache=False),
