@@ -292,7 +292,11 @@ class Column {
     this.tick(true);
   }
 
+  // The 200 ms timer may fire between the done event and the stream's end: once the final time is written,
+  // later ticks leave it alone.
   tick(final = false) {
+    if (this.stopped) return;
+    this.stopped = final;
     const seconds = (performance.now() - this.started) / 1000;
     this.elapsed.textContent = final ? `${seconds.toFixed(2)} s` : `${seconds.toFixed(1)} s…`;
   }
@@ -301,6 +305,7 @@ class Column {
     this.node.dataset.state = "running";
     this.node.dataset.tokens = "0";
     this.started = performance.now();
+    this.stopped = false;
     this.arrivals = {};
     const timer = setInterval(() => this.tick(), 200);
     try {
