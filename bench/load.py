@@ -202,7 +202,7 @@ def run_naive(count: int, args: argparse.Namespace) -> Run:
 
     from relat_core import load_model
 
-    loaded = load_model()
+    loaded = load_model(pack_weights=False)  # the plain transformers model: torch's linear, as users run it
     touch_weights(loaded.model)
     texts = questions(count)
     options = {"latent_steps": args.latent_steps, "steps": args.steps, "max_tokens": args.max_tokens}

@@ -185,7 +185,7 @@ def main() -> None:
     from phases import machine_info  # bench/phases.py, beside this file
 
     questions = [json.loads(line)["question"] for line in DATA.open()][:args.requests]
-    loaded = load_model()
+    loaded = load_model(pack_weights=False)  # the plain transformers model: torch's linear, as users run it
     before = weights_checksum(loaded.model) if args.check else None
     print(" · ".join(f"{key}: {value}" for key, value in machine_info(args.threads).items()) + "\n")
     print(f"naive transformers + peft loop: L={args.latent_steps}, N={args.steps}, {args.max_tokens} answer tokens "

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .packing import pack_linears
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
@@ -114,8 +116,9 @@ def resolve_source(source: str | None) -> tuple[str, str]:
 
 
 def load_model(source: str | None = None, device: str | None = None, dtype: str | torch.dtype | None = None,
-               name: str | None = None) -> LoadedModel:
-    """Load weights frozen, in eval mode, on the chosen device. Downloads from the hub only for a hub id."""
+               name: str | None = None, pack_weights: bool = True) -> LoadedModel:
+    """Load weights frozen, in eval mode, on the chosen device. Downloads from the hub only for a hub id.
+    pack_weights: on CPU in fp32, run the linear layers on oneDNN-packed copies of their weights (packing.py)."""
     where, served_name = resolve_source(source)
     torch_device = choose_device(device)
     torch_dtype = choose_dtype(torch_device, dtype)
@@ -126,24 +129,27 @@ def load_model(source: str | None = None, device: str | None = None, dtype: str 
             model, tokenizer = load_huginn(where, torch_device, torch_dtype)
         except (OSError, HuginnLoadError) as error:
             raise ModelLoadError(f"cannot load Huginn model {source!r}: {error}") from error
-        return prepare(model, tokenizer, name or served_name, torch_device)
+        return prepare(model, tokenizer, name or served_name, torch_device, pack_weights)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, attn_implementation="sdpa")
     except OSError as error:
         raise ModelLoadError(f"cannot load model {source!r}: {error}") from error
-    return prepare(model, tokenizer, name or served_name, torch_device)
+    return prepare(model, tokenizer, name or served_name, torch_device, pack_weights)
 
 
 def prepare(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str,
-            device: torch.device | str | None = None) -> LoadedModel:
-    """Freeze and place an already-built model (tests build tiny ones from a config)."""
+            device: torch.device | str | None = None, pack_weights: bool = True) -> LoadedModel:
+    """Freeze and place an already-built model (tests build tiny ones from a config), and pack its linear layers'
+    weights where that applies (packing.py: fp32 on the CPU)."""
     if tokenizer.chat_template is None:
         raise ModelLoadError(f"model {name!r} has no chat template; relat needs an instruction-tuned model")
     if device is not None:
         model.to(device)
     model.eval()
     model.requires_grad_(False)
+    if pack_weights:
+        pack_linears(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)

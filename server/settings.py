@@ -180,6 +180,9 @@ class Settings(BaseSettings, TTTOptions):
     served_model_name: str | None = Field(None, description="the `model` name clients use (default: derived)")
     device: str | None = Field(None, description="cpu, cuda, cuda:1, ... (default: cuda if present)")
     dtype: str | None = Field(None, description="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
+    pack_weights: bool = Field(
+        True, description="fp32 on CPU: run the linear layers on oneDNN-packed copies of their weights (faster; one "
+                          "more copy of them in memory)")
     max_rank: bounded("rank") = Field(16, description="largest LoRA rank a request may ask for (sizes every slot)")
     max_model_len: int | None = Field(
         None, ge=1, description="context length in tokens, prompt plus answer (default and at most: the model's)")

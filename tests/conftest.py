@@ -27,15 +27,15 @@ def tokenizer(embedded_folder):
     return AutoTokenizer.from_pretrained(embedded_folder)
 
 
-def build_tiny(architecture: str, tokenizer, seed: int = 0) -> LoadedModel:
-    """A randomly initialised model of the given family, fp32 on CPU."""
+def build_tiny(architecture: str, tokenizer, seed: int = 0, pack_weights: bool = True) -> LoadedModel:
+    """A randomly initialised model of the given family, fp32 on CPU (its linear layers packed, as served)."""
     config = AutoConfig.for_model(architecture, vocab_size=len(tokenizer), **TINY,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if architecture == "qwen3":
         config.head_dim = 8
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
-    return prepare(model, tokenizer, f"tiny-{architecture}", "cpu")
+    return prepare(model, tokenizer, f"tiny-{architecture}", "cpu", pack_weights)
 
 
 def save_tiny(folder, tokenizer, seed: int):
