@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -98,6 +99,7 @@ def answers(questions: list[str], setting: str, max_tokens: int, batch: int) -> 
     results, seconds = {}, {}
     for label in ("plain", "packed", "plain-again"):  # the plain engine twice: its own run-to-run spread
         results[label], seconds[label] = run_all(engines[label.split("-")[0]], requests, batch)
+        print(f"{label}: {len(requests)} answers in {seconds[label]:.1f} s", file=sys.stderr)
     same = [results["packed"][i].get("tokens") == results["plain"][i].get("tokens") for i in results["plain"]]
     loss_gap = max((abs(a - b) for i in results["plain"]
                     for a, b in zip(results["packed"][i]["losses"], results["plain"][i]["losses"], strict=True)),
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "batch": args.batch}
     if not args.skip_products:
         report["products"] = products(load_model().model)
+        print(f"products: {len(report['products'])} timed", file=sys.stderr)
     questions = [json.loads(line)["question"] for line in DATA.open()][:args.questions]
     report["answers"] = answers(questions, args.setting, args.max_tokens, args.batch)
     if args.out:

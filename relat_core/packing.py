@@ -2,8 +2,9 @@
 
 Why: on this project's CPUs (AMD EPYC, AVX2), torch's fp32 `linear` goes to MKL's sgemm, which is slow for the
 few-row products that dominate relat: a latent step or a decoding step of a batch of B requests multiplies B rows
-by every weight matrix. oneDNN with the weight reordered once into its blocked layout runs those products 1.6-2x
-faster at 8 rows and the LM head 3x faster (bench/RESULTS.md, section 14), and its rows do not depend on how many
+by every weight matrix. oneDNN with the weight reordered once into its blocked layout runs the MLP's 8-row
+products 1.8x faster and the LM head 1.7-3.6x faster (the small attention weights at 1-8 rows are slower; a batch
+of 8 requests runs 1.2-1.3x faster in all: bench/RESULTS.md, section 14), and its rows do not depend on how many
 other rows share the product, so a request batched computes exactly what it computes alone (MKL's rows differ in
 the last bits between 1-7 rows and 8 or more).
 
