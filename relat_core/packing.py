@@ -4,9 +4,9 @@ Why: on this project's CPUs (AMD EPYC, AVX2), torch's fp32 `linear` goes to MKL'
 few-row products that dominate relat: a latent step or a decoding step of a batch of B requests multiplies B rows
 by every weight matrix. oneDNN with the weight reordered once into its blocked layout runs the MLP's 8-row
 products 1.8x faster and the LM head 1.7-3.6x faster (the small attention weights at 1-8 rows are slower; a batch
-of 8 requests runs 1.2-1.3x faster in all: bench/RESULTS.md, section 14), and its rows do not depend on how many
-other rows share the product, so a request batched computes exactly what it computes alone (MKL's rows differ in
-the last bits between 1-7 rows and 8 or more).
+of 8 requests runs 1.2-1.3x faster in all: bench/RESULTS.md, section 14). Its rows also came out the same whatever
+the number of rows sharing the product, in every shape tried here (tests/test_packing.py holds them to 1e-6), where
+MKL's rows differ in the last bits between 1-7 rows and 8 or more.
 
 What it costs: one more copy of every linear weight in memory (the layout is oneDNN's, not torch's), made once in
 `prepare`; the model's modules, names, parameters and state dict stay as loaded (the checksum of the base weights
@@ -14,8 +14,8 @@ is unchanged), and the adapter hooks (lora.py) still see every call. The gradien
 relat's training backpropagates through the frozen layers, is `grad @ W` through torch as before.
 
 Where it applies: fp32 weights on the CPU with oneDNN available; anything else (a GPU, bf16, a weight that trains)
-keeps torch's `linear`. A weight changed in place, moved or cast after packing is packed again before its next use, so a
-stale copy is never read.
+keeps torch's `linear`. A weight changed in place, moved or cast after packing is packed again before its next
+use, so a stale copy is never read.
 """
 
 from __future__ import annotations
