@@ -42,6 +42,8 @@ class Job:
     key: str = field(default_factory=lambda: str(next(_job_keys)))  # unique in the engine, unlike X-Request-Id
     started: float | None = None  # when the engine took it
     last_text: float | None = None
+    # Set by the runner while the job waits in its queue: takes the job out of the queue when it is cancelled.
+    withdraw: Callable[[Job], None] | None = None
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -50,8 +52,13 @@ class Job:
         return self.request.ttt.method
 
     def cancel(self) -> None:
-        """Stop the work at the next step or token; harmless once the job has ended."""
+        """Stop the work at the next step or token, or leave the queue now; harmless once the job has ended.
+
+        The streaming and non-streaming paths call this whenever their side of a request ends: when it finished,
+        when the client left, and when the deadline passed (Job.events raised)."""
         self._cancelled.set()
+        if self.withdraw is not None:
+            self.withdraw(self)
 
     def stop_reason(self) -> str | None:
         """Why the worker must stop now, if it must: the deadline wins over a cancellation it caused."""
@@ -144,10 +151,26 @@ class Runner:
                 self.metrics.requests.labels(job.method, "rejected").inc()
                 raise QueueFull(f"the server is at capacity ({self.capacity} requests admitted); retry later",
                                 retry_after=self._retry_after())
+            job.withdraw = self._withdraw
             self._waiting.append(job)
             self.metrics.waiting.set(len(self._waiting))
             self._wake.notify()
         return job
+
+    def _withdraw(self, job: Job) -> None:
+        """A job cancelled while it waits leaves the queue at once: its client has gone or its deadline passed,
+        and the scheduling thread, which would drop it at its next admission, may be a long training step away.
+        Until then it would hold a place that a live request is refused for (429)."""
+        with self._lock:
+            if job not in self._waiting:  # admitted already: the scheduling thread stops it between steps
+                return
+            self._waiting.remove(job)
+            self.metrics.waiting.set(len(self._waiting))
+        reason = job.stop_reason() or "cancelled"
+        job.post(_stop_error(reason))
+        self.metrics.requests.labels(job.method, reason).inc()
+        log.info("request %s: %s %s after %.2f s queued, never started", job.request_id, job.method, reason,
+                 time.monotonic() - job.submitted)
 
     def _retry_after(self) -> int:
         """Seconds until a place is likely free: a request's time in the engine over the places that free
@@ -175,9 +198,10 @@ class Runner:
         """Refuse new work, cancel what is left, and let the thread finish its current step."""
         with self._lock:
             self._stopping = True
-            for job in [*self._waiting, *self._running.values()]:
-                job.cancel()
+            jobs = [*self._waiting, *self._running.values()]
             self._wake.notify()
+        for job in jobs:  # outside the lock: a waiting job's cancel takes it, to leave the queue
+            job.cancel()
         if self._thread is not None:
             self._thread.join(timeout)
 

@@ -96,6 +96,21 @@ def test_a_full_queue_answers_429_with_retry_after(server):
     assert grew(before, after, "relat_errors_total", code="429") == 2
 
 
+def test_a_queued_request_whose_deadline_passed_gives_up_its_place(server):
+    """A request that expired in the queue no longer counts against it, though the engine has not looked at the
+    queue since (it is inside a long step): the next request is queued, not refused with a 429."""
+    before = idle(server.url)
+    with server.http.stream("POST", "/v1/chat/completions", json=chat(server, relat=SLOW, stream=True)) as running:
+        until_training(sse_lines(running))  # the first request holds the engine; the queue has one place
+        for _ in range(2):  # the second is admitted only if the first left the queue when its deadline passed
+            expired = server.http.post("/v1/chat/completions", json=chat(server, relat={**SLOW, "timeout": 0.3}))
+            assert_error(expired, 504, "deadline_exceeded")
+        assert sample(metrics(server.url), "relat_requests_waiting") == 0
+    after = idle(server.url)
+    assert grew(before, after, "relat_requests_total", method="relat", outcome="timeout") == 2
+    assert grew(before, after, "relat_requests_total", method="relat", outcome="rejected") == 0
+
+
 def test_a_disconnect_mid_training_cancels_the_work_and_frees_the_slot(server):
     before = idle(server.url)
     with server.http.stream("POST", "/v1/chat/completions", json=chat(server, relat=SLOW, stream=True)) as response:
