@@ -154,6 +154,7 @@ def test_a_passed_deadline_is_a_504(server):
     assert events[-2]["error"]["code"] == "deadline_exceeded" and events[-1] == "[DONE]"
     with server.http.stream("POST", "/v1/relat", json={"question": "q", **SLOW, "timeout": 0.5,
                                                         "stream": True}) as response:
+        assert response.status_code == 200, response.read()
         lines = list(sse_lines(response))
     assert lines[-2] == "event: error" and json.loads(lines[-1][6:])["status"] == 504
     after = idle(server.url)
