@@ -3,13 +3,17 @@ at the row counts relat uses, and whether the answers stay as they were.
 
 1. products: every distinct linear shape of the model (q, k, v, o, gate, up, down, LM head) at 1, 8, 64 and 512
    rows, torch's linear (MKL) against the oneDNN-packed weight; the best of three timings of a loop each.
+   decode steps: whole-model one-token steps over a 100-token cache at 1 and 8 rows, where the weights stream from
+   memory as they do in the engine: every layer plain, every layer packed, and as shipped (a single row packed only
+   for a weight as wide as the LM head).
 2. answers: the same questions through two engines in this process, one on the packed model and one on the plain
    model (the same weights), at the engine's defaults for the model or at the paper setting; greedy, batch 8. It
    reports how many answers are identical token for token, the largest difference of a training loss, and each
    engine's wall time.
 
     python bench/packing.py [--questions 76] [--setting defaults|paper] [--threads 2] [--out FILE]
-    python bench/packing.py --questions 2 --max-tokens 4 --skip-products   # a smoke run (tests/test_bench_packing.py)
+    # a smoke run (tests/test_bench_packing.py):
+    python bench/packing.py --questions 2 --max-tokens 4 --skip-products --decode-steps 2
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from relat_core import Engine, Finished, Request, SamplingParams, TrainStep, load_model
+from relat_core import Engine, Finished, Request, SamplingParams, TrainStep, load_model, packing
 from relat_core.engine import Failed
 from relat_core.packing import PackedForward
 
@@ -60,9 +64,42 @@ def products(model: nn.Module) -> list[dict]:
                 x = torch.randn(count, in_features)
                 loops = max(2, min(50, int(2e9 / (count * out_features * in_features))))
                 plain = best_of(lambda x=x, m=module: nn.functional.linear(x, m.weight, m.bias), loops=loops)
-                packed = best_of(lambda x=x, m=module: m(x), loops=loops)
+                # The packed product itself, which the layer's forward skips for a single row of a narrow weight.
+                packed = best_of(lambda x=x, m=module: packing._packed_linear(x, m.forward.packed, m.bias),
+                                 loops=loops)
                 rows.append({"layer": name, "out": out_features, "in": in_features, "rows": count,
                              "plain_us": plain * 1e6, "packed_us": packed * 1e6, "speedup": plain / packed})
+    return rows
+
+
+def decode_steps(plain_model: nn.Module, packed_model: nn.Module, context: int = 100, steps: int = 12
+                 ) -> list[dict]:
+    """Milliseconds per one-token step of the whole model, at 1 and 8 rows: the mean of the fastest two thirds of
+    `steps` steps, each over the same `context`-token cache (cropped back after it)."""
+    variants = {"plain": (plain_model, None), "packed": (packed_model, 0),
+                "shipped": (packed_model, packing._ONE_ROW_PACKED_FROM_OUT_FEATURES)}
+    shipped_threshold = packing._ONE_ROW_PACKED_FROM_OUT_FEATURES
+    rows = []
+    try:
+        with torch.no_grad():
+            for count in (1, 8):
+                generator = torch.Generator().manual_seed(count)
+                prompt = torch.randint(0, 1000, (count, context), generator=generator)
+                token = torch.randint(0, 1000, (count, 1), generator=generator)
+                for variant, (model, threshold) in variants.items():
+                    if threshold is not None:
+                        packing._ONE_ROW_PACKED_FROM_OUT_FEATURES = threshold
+                    cache = model(input_ids=prompt, use_cache=True).past_key_values
+                    times = []
+                    for _ in range(steps):
+                        start = time.perf_counter()
+                        model(input_ids=token, past_key_values=cache, use_cache=True)
+                        times.append(time.perf_counter() - start)
+                        cache.crop(-1)
+                    fastest = sorted(times)[:max(1, 2 * steps // 3)]
+                    rows.append({"rows": count, "variant": variant, "ms": 1e3 * sum(fastest) / len(fastest)})
+    finally:
+        packing._ONE_ROW_PACKED_FROM_OUT_FEATURES = shipped_threshold
     return rows
 
 
@@ -119,6 +156,10 @@ def markdown(report: dict) -> str:
         lines += [f"| {r['layer']} | {r['out']} × {r['in']} | {r['rows']} | {r['plain_us']:,.0f} | "
                   f"{r['packed_us']:,.0f} | {r['speedup']:.2f}× |" for r in report["products"]]
         lines.append("")
+    if report.get("decode_steps"):
+        lines += ["| rows | variant | ms per step |", "|---|---|---|"]
+        lines += [f"| {r['rows']} | {r['variant']} | {r['ms']:.1f} |" for r in report["decode_steps"]]
+        lines.append("")
     a = report["answers"]
     lines.append(f"Answers ({a['setting']}, {a['questions']} questions, greedy, batch {report['batch']}): "
                  f"{a['identical_answers']}/{a['questions']} identical token for token; largest training-loss "
@@ -134,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip-products", action="store_true")
+    parser.add_argument("--skip-products", action="store_true", help="skip the per-product table")
+    parser.add_argument("--decode-steps", type=int, default=12, help="steps timed per variant (0: skip them)")
     parser.add_argument("--out", type=Path, help="write the report as JSON here too")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -143,6 +185,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_products:
         report["products"] = products(load_model().model)
         print(f"products: {len(report['products'])} timed", file=sys.stderr)
+    if args.decode_steps:
+        report["decode_steps"] = decode_steps(load_model(pack_weights=False).model, load_model().model,
+                                              steps=args.decode_steps)
+        print("decode steps timed", file=sys.stderr)
     questions = [json.loads(line)["question"] for line in DATA.open()][:args.questions]
     report["answers"] = answers(questions, args.setting, args.max_tokens, args.batch)
     if args.out:

@@ -4,9 +4,10 @@ Why: on this project's CPUs (AMD EPYC, AVX2), torch's fp32 `linear` goes to MKL'
 few-row products that dominate relat: a latent step or a decoding step of a batch of B requests multiplies B rows
 by every weight matrix. oneDNN with the weight reordered once into its blocked layout runs the MLP's 8-row
 products 1.8x faster and the LM head 1.7-3.6x faster (the small attention weights at 1-8 rows are slower; a batch
-of 8 requests runs 1.2-1.3x faster in all: bench/RESULTS.md, section 14). Its rows also came out the same whatever
-the number of rows sharing the product, in every shape tried here (tests/test_packing.py holds them to 1e-6), where
-MKL's rows differ in the last bits between 1-7 rows and 8 or more.
+of 8 requests runs 1.2-1.3x faster in all: bench/RESULTS.md, section 14). A product of a single row, where packing
+loses on all but the LM head, stays on torch's linear (section 15). Its rows of two or more also came out the same
+whatever the number of rows sharing the product, in every shape tried here (tests/test_packing.py holds them to
+1e-6), where MKL's rows differ in the last bits between 1-7 rows and 8 or more.
 
 What it costs: one more copy of every linear weight in memory (the layout is oneDNN's, not torch's), made once in
 `prepare`; the model's modules, names, parameters and state dict stay as loaded (the checksum of the base weights
@@ -39,6 +40,10 @@ for _variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
 
 # The row count oneDNN tunes its blocked layout for; any row count runs on it (8: the server's default batch).
 _PACKED_FOR_ROWS = 8
+# A one-row product (a request alone: its latent and decoding steps) is faster on torch's own linear, except for
+# a weight this wide, the LM head's: on the embedded model a whole one-row decoding step took 69-83 ms so against
+# 80-95 ms all packed and 91-92 ms all plain (bench/RESULTS.md, section 15). At 8 rows packing every layer wins.
+_ONE_ROW_PACKED_FROM_OUT_FEATURES = 16_384
 
 
 def packing_available(model: nn.Module) -> bool:
@@ -98,7 +103,8 @@ class PackedForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.module.weight, self.module.bias
         if (x.dtype != torch.float32 or x.device.type != "cpu" or weight.dtype != torch.float32
-                or weight.device.type != "cpu" or weight.requires_grad or (bias is not None and bias.requires_grad)):
+                or weight.device.type != "cpu" or weight.requires_grad or (bias is not None and bias.requires_grad)
+                or (x.numel() == x.shape[-1] and self.module.out_features < _ONE_ROW_PACKED_FROM_OUT_FEATURES)):
             return nn.functional.linear(x, weight, bias)
         if self.source is None or weight.data_ptr() != self.source.data_ptr() or weight._version != self.version:
             self._pack()

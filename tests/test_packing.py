@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from relat_core import Engine, Request, SamplingParams, TTTParams
+from relat_core import Engine, Request, SamplingParams, TTTParams, packing
 from relat_core.loading import weights_digest
 from relat_core.packing import PackedForward, pack_linears, packing_available
+from relat_core.packing import _packed_linear as packed_product
 
 from .conftest import build_tiny
 
@@ -38,10 +39,32 @@ def test_the_packed_product_is_torchs_linear(rows, bias):
     plain, packed = packed_linear(96, 160, bias)
     x = torch.randn(2, rows, 96)
     torch.testing.assert_close(packed(x), plain(x), **CLOSE)
-    # A row computes what it computes among others (oneDNN's rows do not depend on the row count here).
-    together = packed(x.reshape(-1, 96))
-    alone = torch.cat([packed(row[None]) for row in x.reshape(-1, 96)])
-    torch.testing.assert_close(alone, together, rtol=1e-6, atol=1e-6)
+    # Rows compute what they compute among others (oneDNN's rows do not depend on the row count here); a single
+    # row is torch's product.
+    flat = x.reshape(-1, 96)
+    together = packed(flat)
+    in_pairs = torch.cat([packed(flat[i:i + 2]) for i in range(0, len(flat), 2)])
+    torch.testing.assert_close(in_pairs, together, rtol=1e-6, atol=1e-6)
+    alone = torch.cat([packed(row[None]) for row in flat])
+    assert torch.equal(alone, torch.cat([plain(row[None]) for row in flat]))
+
+
+def test_a_single_row_is_packed_only_for_a_weight_as_wide_as_an_lm_head(monkeypatch):
+    narrow, wide = nn.Linear(64, 96).requires_grad_(False), nn.Linear(64, 16_384).requires_grad_(False)
+    pack_linears(narrow)
+    pack_linears(wide)
+    calls = []
+
+    def counting(x, packed, bias):
+        calls.append(x.shape[0])
+        return packed_product(x, packed, bias)
+
+    monkeypatch.setattr(packing, "_packed_linear", counting)
+    row, rows = torch.randn(1, 64), torch.randn(2, 64)
+    torch.testing.assert_close(narrow(row), nn.functional.linear(row, narrow.weight, narrow.bias), **CLOSE)
+    narrow(rows)
+    wide(row)
+    assert calls == [2, 1]  # the narrow layer's single row went to torch's linear
 
 
 def test_the_gradient_reaches_the_input_and_not_the_frozen_weight():
