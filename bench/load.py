@@ -16,9 +16,9 @@ while answering), greedy, at most 64 answer tokens; questions are the first K of
     object; the time to first token is the first non-empty content delta, the tokens come from the usage chunk.
     --serve starts `relat serve --max-concurrency C --max-queue 64` for each C and stops it afterwards.
   - naive: bench/naive.py's `naive_request`, one after another, on its own freshly loaded model.
-Each run starts with --warmup requests alone (not counted: first-call costs). Every request decodes exactly
-64 tokens: the naive loop ignores EOS, and the engine gets `ignore_eos` (over HTTP, vLLM's top-level field), so the
-work per request is the same everywhere.
+Each run starts with --warmup requests alone (not counted: first-call costs). Every request trains (the adapter
+cache is off) and decodes exactly 64 tokens: the naive loop ignores EOS, and the engine gets `ignore_eos` (over
+HTTP, vLLM's top-level field), so the work per request is the same everywhere.
 Memory is the peak resident set (VmHWM, as bench/phases.py reads it), reset (writing 5 to clear_refs) when a run's
 timed part starts: of this process for engine and naive runs, of the server's process for HTTP (needs --serve or
 --server-pid). The "+" is the excess over the resident set at that moment; the allocator keeps what earlier runs
@@ -116,7 +116,10 @@ def method_params(args: argparse.Namespace) -> dict:
     """The paper setting, with the smoke-run overrides and the speed levers asked for (engine and http only: the
     naive loop is the baseline, and backpropagates through the whole thought)."""
     levers = {"backprop_latent_steps": args.backprop_latent_steps} if args.backprop_latent_steps else {}
-    return {**METHOD, "latent_steps": args.latent_steps, "steps": args.steps, **levers}
+    # No adapter cache: every request trains, as the naive loop's does. With it, the server answered the first
+    # timed question, which the warm-up had asked, from the cache (bench/RESULTS.md, section 15); reuse has its own
+    # benchmark, bench/reuse.py.
+    return {**METHOD, "latent_steps": args.latent_steps, "steps": args.steps, "cache": False, **levers}
 
 
 # -- engine target ----------------------------------------------------------------------------------------------
