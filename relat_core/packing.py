@@ -41,8 +41,8 @@ for _variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
 # The row count oneDNN tunes its blocked layout for; any row count runs on it (8: the server's default batch).
 _PACKED_FOR_ROWS = 8
 # A one-row product (a request alone: its latent and decoding steps) is faster on torch's own linear, except for
-# a weight this wide, the LM head's: on the embedded model a whole one-row decoding step took 69-83 ms so against
-# 80-95 ms all packed and 91-92 ms all plain (bench/RESULTS.md, section 15). At 8 rows packing every layer wins.
+# a weight this wide, the LM head's: on the embedded model a whole one-row decoding step took 69-84 ms against
+# 80-95 ms all packed and 91-105 ms all plain (bench/RESULTS.md, section 15). At 8 rows packing every layer wins.
 _ONE_ROW_PACKED_FROM_OUT_FEATURES = 16_384
 
 
