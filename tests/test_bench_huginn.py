@@ -3,23 +3,15 @@ own subprocess (a few seconds each, most of it importing torch, hence two exits 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "huginn.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_huginn", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .bench_support import load_script
 
 
 def test_quick_run_reports_every_setting(tmp_path: Path) -> None:
     out = tmp_path / "huginn.json"
-    bench = load_bench()
+    bench = load_script("huginn")
     # One thread: the settings run one after another, and two threads on a busy 2-core machine crawl.
     assert bench.main(["--quick", "--exits", "none,kl", "--threads", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())

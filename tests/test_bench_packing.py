@@ -3,20 +3,17 @@ embedded model, whose answers it compares."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "packing.py"
+from .bench_support import load_script
 
 
 @pytest.mark.slow
 def test_smoke_run_compares_the_answers_of_both_engines(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("bench_packing", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("packing")
     out = tmp_path / "packing.json"
     report = bench.main(["--questions", "2", "--max-tokens", "4", "--batch", "2", "--threads", "1",
                          "--skip-products", "--decode-steps", "2", "--out", str(out)])

@@ -5,30 +5,21 @@ its base weights' checksum unchanged and its resident memory within 5% of the wa
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from .bench_support import BENCH, load_script
 from .conftest import save_tiny
 
-SOAK = Path(__file__).resolve().parents[1] / "bench" / "soak.py"
-
-
-def load_soak():
-    spec = importlib.util.spec_from_file_location("soak", SOAK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["soak"] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
+SOAK = BENCH / "soak.py"
 
 
 @pytest.fixture(scope="module")
 def soak():
-    return load_soak()
+    return load_script("soak")
 
 
 def test_a_short_soak_on_a_tiny_model_passes_every_check(tmp_path, tokenizer):
