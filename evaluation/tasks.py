@@ -3,7 +3,7 @@
 Four formats, detected from an item's fields (`detect_task`) or named with --task:
 - knowledge (`question`, `answers`): a reply counts when it contains one of the accepted answers, ignoring case;
   an answer of three characters or fewer ("Au", "8", "366") must appear as a whole word, so that "8" does not
-  match "18" and "Na" does not match "name" (the rule of ../shared/data/README.md).
+  match "18" and "Na" does not match "name" (the rule of bench/data/README.md).
 - maths: GSM8K (`question`, `answer` ending in `#### <number>`) or AIME (`problem` or `question`, an integer
   `answer`). The model's answer is the content of its last `\\boxed{...}` if it wrote one, else the last number in
   the reply. Numbers are read with thousands separators, a currency sign, a sign and decimals ("$1,234.50", "-3",

@@ -1,6 +1,6 @@
 """Multi-agent collaboration: the teams, their role prompts and the answer formats (no tensors here).
 
-One model plays every role (LatentMAS, arXiv 2511.20639; ../shared/notes/relat-notes.md section 8). Each agent is
+One model plays every role (LatentMAS, arXiv 2511.20639; repository Gen-Verse/LatentMAS). Each agent is
 a user turn built from the request's own messages: the request's history stays, and its last user message (the
 question) becomes the agent's instruction around the question. How the agents talk is the method's business
 (relat_core/engine.py):

@@ -214,7 +214,7 @@ class LatentMap:
     - "norm": the hidden state rescaled to the mean input-embedding norm;
     - "realign": LatentMAS's least-squares map W_a (W_out W_a ≈ W_in, solved once per model here), then "norm";
     - "soft": a soft token, the input embeddings' expectation under the LM head's distribution at a temperature,
-      optionally over the top-k tokens only (ReLAT summaries, ../shared/notes/relat-notes.md section 7): it stays
+      optionally over the top-k tokens only (summaries of ReLAT, arXiv 2606.06252): it stays
       on the span of real token embeddings, which a small model reads better than a realigned hidden state, and
       it is differentiable, so the reconstruction gradient still flows through it;
     - "none": the hidden state as it is.

@@ -158,7 +158,7 @@ class TTTParams:
     targets: tuple[str, ...] = ATTENTION_TARGETS
     adapter_during_answer: bool = False
     # Stop training once the reconstruction loss is at or below this: driving it to ~0 over-fits the adapter to
-    # the copy task and breaks answers (../shared/notes/relat-notes.md, section 3).
+    # the copy task and breaks answers (bench/RESULTS.md, section 3).
     stop_loss: float | None = None
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
