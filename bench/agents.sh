@@ -37,9 +37,9 @@ variants() {  # $1: the TextMAS agents' token budget; one --variants value
   echo "${v[*]}"
 }
 LIMIT=(${MINUTES:+--max-minutes "$MINUTES"})
-KNOWLEDGE=("$RELAT" eval --data ../shared/data/knowledge_dev.jsonl --data bench/data/knowledge_extra.jsonl
+KNOWLEDGE=("$RELAT" eval --data bench/data/knowledge_dev.jsonl --data bench/data/knowledge_extra.jsonl
            --half confirm --max-tokens 48 --batch 8 --threads 1)
-GSM8K=("$RELAT" eval --data ../shared/data/gsm8k_test_dev.jsonl --max-tokens 256 --threads 1)
+GSM8K=("$RELAT" eval --data bench/data/gsm8k_test_dev.jsonl --max-tokens 256 --threads 1)
 
 case "${1:-}" in
   knowledge) "${KNOWLEDGE[@]}" --out "$OUT/knowledge" "${LIMIT[@]}" --variants "$(variants 64)" ;;

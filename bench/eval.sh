@@ -11,10 +11,10 @@ OUT=bench/results/eval
 VARIANTS=direct,latent,relat
 export MALLOC_ARENA_MAX=2
 common=(--variants "$VARIANTS" --batch 8 --threads 1)
-knowledge=(--data ../shared/data/knowledge_dev.jsonl --data bench/data/knowledge_extra.jsonl
+knowledge=(--data bench/data/knowledge_dev.jsonl --data bench/data/knowledge_extra.jsonl
            --data bench/data/knowledge_kinds.jsonl --half confirm --out "$OUT/knowledge")
 choice=(--data bench/data/choice.jsonl --out "$OUT/choice")
-gsm8k=(--data ../shared/data/gsm8k_test_dev.jsonl --limit 50 --out "$OUT/gsm8k")
+gsm8k=(--data bench/data/gsm8k_test_dev.jsonl --limit 50 --out "$OUT/gsm8k")
 code=(--data bench/data/code_tasks.jsonl --data bench/data/code_mbpp_examples.jsonl --out "$OUT/code")
 case "${1:-}" in
   a) "$RELAT" eval "${knowledge[@]}" "${common[@]}"; "$RELAT" eval "${choice[@]}" "${common[@]}" ;;

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "knowledge_dev.jsonl"
+DATA = Path(__file__).resolve().parent / "data" / "knowledge_dev.jsonl"
 LINEAR_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

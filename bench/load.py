@@ -7,7 +7,7 @@ reports requests/s, p50/p95 latency, p50 time to first token, tokens/s and peak 
 loop runs in the same process and the same run, one request after another.
 
 How: every request is the paper setting (relat, L=16 latent steps, N=5 steps, rank 8, bridge follow-up, adapter on
-while answering), greedy, at most 64 answer tokens; questions are the first K of ../shared/data/knowledge_dev.jsonl
+while answering), greedy, at most 64 answer tokens; questions are the first K of bench/data/knowledge_dev.jsonl
 (repeated past its end). The load is a closed loop: C requests in flight, the next sent when one finishes.
   - engine: in-process, `Engine(loaded, max_rank=16, num_slots=C)`; requests go in with `add_request` and advance
     with `step()`; submit, first TextDelta (time to first token), Finished and completion tokens are recorded.
@@ -54,7 +54,7 @@ from phases import reset_peak, status_mib  # bench/phases.py, beside this file
 from relat_core.params import SamplingParams
 
 BENCH = Path(__file__).resolve().parent
-DATA = BENCH.parents[1] / "shared" / "data" / "knowledge_dev.jsonl"
+DATA = BENCH / "data" / "knowledge_dev.jsonl"
 RESULTS = BENCH / "results"
 # The paper's setting, every choice spelled out so that a change of the engine's defaults does not change it.
 METHOD = {"method": "relat", "latent_steps": 16, "steps": 5, "rank": 8, "follow_up": "bridge",

@@ -48,7 +48,7 @@ from relat_core.chat import ChatFormat
 from relat_core.loading import LoadedModel
 from relat_core.params import RECONSTRUCTION_INSTRUCTION
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "knowledge_dev.jsonl"
+DATA = Path(__file__).resolve().parent / "data" / "knowledge_dev.jsonl"
 LATENT_STEPS, STEPS, ANSWER_TOKENS = 16, 5, 64  # the paper's L and N; the benchmark's answer length
 LR, MAX_GRAD_NORM = 5e-3, 1.0
 # peft asks transformers a deprecated question on every get_peft_model; the warning would split the table.

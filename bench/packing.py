@@ -33,7 +33,7 @@ from relat_core import Engine, Finished, Request, SamplingParams, TrainStep, loa
 from relat_core.engine import Failed
 from relat_core.packing import PackedForward
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "knowledge_dev.jsonl"
+DATA = Path(__file__).resolve().parent / "data" / "knowledge_dev.jsonl"
 PAPER = dict(method="relat", latent_steps=16, steps=5, rank=8, follow_up="bridge", adapter_during_answer=True,
              answer_context="thought", cache=False)
 ROWS = (1, 8, 64, 512)

@@ -5,7 +5,7 @@ the model (relat; on SmolLM2-135M: L=4, N=2, lr 5e-3, rank 8, the answer from th
 --max-tokens answer tokens, --threads torch threads, after one warm-up request.
 
   - repetition: --requests requests drawn (seeded) from the first --distinct questions of
-    ../shared/data/knowledge_dev.jsonl, greedy, --concurrency at a time in a closed loop; once with the cache off
+    bench/data/knowledge_dev.jsonl, greedy, --concurrency at a time in a closed loop; once with the cache off
     and once with it on (a fresh, empty cache). Reported: p50 and p95 latency (submit to the last token),
     requests/s, and the hit rate.
   - sampling: --questions questions, --n answers each at temperature 0.7: one request with n answers at a time,
@@ -33,7 +33,7 @@ from relat_core import AdapterCache, Engine, Finished, Request, SamplingParams, 
 from relat_core.engine import Failed
 
 BENCH = Path(__file__).resolve().parent
-DATA = BENCH.parents[1] / "shared" / "data" / "knowledge_dev.jsonl"
+DATA = BENCH / "data" / "knowledge_dev.jsonl"
 
 
 def questions(count: int) -> list[str]:

@@ -27,7 +27,7 @@ RELAT=${RELAT:-.venv/bin/relat}
 OUT=${OUT:-bench/results/search}
 SEARCH=$OUT/search-half
 CONFIRM=$OUT/confirm-half
-DATA=(--data ../shared/data/knowledge_dev.jsonl --data bench/data/knowledge_extra.jsonl
+DATA=(--data bench/data/knowledge_dev.jsonl --data bench/data/knowledge_extra.jsonl
       --data bench/data/knowledge_kinds.jsonl)
 RUN=("$RELAT" eval --max-tokens 48 --batch 8 --threads 1)
 BASE=relat:latent_steps=4:steps=2:follow_up=restate:mapping=norm  # the defaults before issue 9

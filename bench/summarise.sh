@@ -26,7 +26,7 @@ ON=r4-n2-restate-on=relat:latent_steps=4:steps=2:follow_up=restate:adapter_durin
 L8=l8-restate=latent:latent_steps=8:follow_up=restate
 R8=r8-n2-restate-off=relat:latent_steps=8:steps=2:follow_up=restate:adapter_during_answer=false
 R16=r16-n5-stop1-bridge-off=relat:latent_steps=16:steps=5:stop_loss=1.0:follow_up=bridge:adapter_during_answer=false
-KDEV=(--data ../shared/data/knowledge_dev.jsonl)
+KDEV=(--data bench/data/knowledge_dev.jsonl)
 Q=("$RELAT" eval --report-only)
 
 echo "## knowledge_dev, all 76 (relat and latent at the defaults)"
@@ -47,7 +47,7 @@ echo "## the search: knowledge_dev 0-39"
 echo "## at the paper's latent length L=16: open loop, closed loop with early stop, naive closed loop"
 "${Q[@]}" "${KDEV[@]}" --limit 40 --out $R/search-0-39/vs-latent16 --baseline latent16 --variants $L16,$R16,$NAIVE
 echo "## GSM8K, first 50"
-"${Q[@]}" --data ../shared/data/gsm8k_test_dev.jsonl --limit 50 --out $R/gsm8k-50 \
+"${Q[@]}" --data bench/data/gsm8k_test_dev.jsonl --limit 50 --out $R/gsm8k-50 \
    --variants $DIRECT,latent4=latent:latent_steps=4:follow_up=restate,$RELAT4
-"${Q[@]}" --data ../shared/data/gsm8k_test_dev.jsonl --limit 50 --out $R/gsm8k-50/vs-latent4 --baseline latent4 \
+"${Q[@]}" --data bench/data/gsm8k_test_dev.jsonl --limit 50 --out $R/gsm8k-50/vs-latent4 --baseline latent4 \
    --variants latent4=latent:latent_steps=4:follow_up=restate,$RELAT4
