@@ -1,4 +1,4 @@
-"""Prometheus metrics, prefix `relat_`, named after vLLM's where one exists (../shared/notes/relat-notes.md, §5).
+"""Prometheus metrics, prefix `relat_`, named after vLLM's `vllm:` metrics where one exists.
 
 Each app owns its registry (tests run several apps in one process). Labels never carry a request, adapter or
 user name: only the TTT method, the outcome, the HTTP status and the kind of an agent's turn, all from small

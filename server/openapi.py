@@ -2,7 +2,7 @@
 
 The routes read their bodies themselves (to answer 413 while reading, and every error in OpenAI's shape), so
 FastAPI sees no request model; this module adds what it cannot know. Request bodies are the JSON schemas of the
-very classes the server validates with (`Service.models`, its limits in their bounds), responses those of the
+very classes the server validates with (its `RequestModels`, its limits in their bounds), responses those of the
 classes it builds them from, streams one schema per Server-Sent Event (`itemSchema`, as FastAPI writes its own
 event streams), and each operation lists every status it sends, errors in OpenAI's shape (`ErrorResponse`).
 What a schema cannot say is in the descriptions: the last message must be the user's question, `relat` needs a
@@ -11,6 +11,7 @@ latent step, and the prompt and the answer must fit in the model's context.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,14 +29,13 @@ from .protocol import (
     ModelList,
     Readiness,
     RelatResponse,
+    RequestModels,
     TokenEvent,
     TrainStepEvent,
 )
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
-
-    from .app import Service
 
 REF_TEMPLATE = "#/components/schemas/{model}"
 SSE = "text/event-stream"
@@ -145,12 +145,12 @@ def _responses(operation: Operation, refs: dict[type[BaseModel], dict], needs_ke
     return responses
 
 
-def openapi_document(app: FastAPI, service: Service) -> dict[str, Any]:
-    """The document, built once per app (FastAPI serves it from `app.openapi_schema`)."""
+def openapi_document(app: FastAPI, models: RequestModels, requires_key: Callable[[str], bool]) -> dict[str, Any]:
+    """The document, built once per app (FastAPI serves it from `app.openapi_schema`): `models` are the classes the
+    app validates request bodies with, `requires_key(path)` says whether a path needs an API key."""
     if app.openapi_schema is not None:
         return app.openapi_schema
     document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-    models = service.models
     requests = {"chat": models.chat, "native": models.native}
     responses = [ChatCompletionResponse, ChatCompletionChunk, RelatResponse, ModelList, Health, Readiness,
                  AdminStatus, ErrorResponse, *NATIVE_EVENTS.values()]
@@ -159,7 +159,7 @@ def openapi_document(app: FastAPI, service: Service) -> dict[str, Any]:
         + [(model, "serialization") for model in dict.fromkeys(responses)], ref_template=REF_TEMPLATE)
     refs = {model: schema for (model, _mode), schema in keys.items()}
     components: dict[str, Any] = {"schemas": schemas.get("$defs", {})}
-    if service.requires_key("/v1/models"):
+    if requires_key("/v1/models"):
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     document["components"] = components
     routes = [(method, path, entry) for path, item in document["paths"].items() for method, entry in item.items()]
@@ -168,7 +168,7 @@ def openapi_document(app: FastAPI, service: Service) -> dict[str, Any]:
         raise RuntimeError(f"OPERATIONS and the routes differ: {sorted(missing)}")
     for method, path, entry in routes:
         operation = OPERATIONS[method, path]
-        needs_key = service.requires_key(path)
+        needs_key = requires_key(path)
         if needs_key:
             entry["security"] = [{"bearer": []}]
         if operation.request is not None:

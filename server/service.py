@@ -1,0 +1,249 @@
+"""The per-app service and its life cycle: settings, metrics, the engine's runner, and the phase.
+
+Life of the app: it listens at once and loads the model in a thread (`Service.load`: `/health` 200, `/ready` 503
+until it is loaded); SIGTERM (through `Service.drain`, called by `relat serve`) turns `/ready` to 503 and refuses
+new work while in-flight requests finish. Everything per app lives on `app.state.service` (server/app.py), so tests
+can run several apps. The checks a request meets before it is queued are here too (`Service.submit`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import hashlib
+import hmac
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from relat_core import (
+    AdapterCache,
+    AgentPrompts,
+    Engine,
+    InvalidParameter,
+    Request,
+    Result,
+    TTTParams,
+    load_model,
+    weights_digest,
+)
+from relat_core.export import adapter_bytes
+
+from .adapters import AdapterStore
+from .errors import (
+    BadRequest,
+    ContextLengthExceeded,
+    ErrorInfo,
+    ModelNotFound,
+    PromptTooLong,
+    Unauthorized,
+    Unavailable,
+)
+from .metrics import Metrics
+from .protocol import ServerDefaults, engine_request, now, request_models
+from .runner import Job, Runner
+from .settings import Settings
+
+log = logging.getLogger("relat_server")
+
+
+def default_loader(settings: Settings) -> Callable[[], Engine]:
+    def load() -> Engine:
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
+        # Before the model: a prompts file that went bad since the settings checked it fails in a moment.
+        prompts = AgentPrompts.load(settings.agent_prompts) if settings.agent_prompts else None
+        loaded = load_model(settings.model, settings.device, settings.dtype, name=settings.served_model_name,
+                            pack_weights=settings.pack_weights)
+        cache = AdapterCache(settings.adapter_cache_entries, settings.adapter_cache_bytes)
+        return Engine(loaded, max_rank=settings.max_rank, num_slots=settings.max_concurrency, agent_prompts=prompts,
+                      adapter_cache=cache)
+
+    return load
+
+
+class Service:
+    """The per-app state: settings, metrics, the engine's runner, and the phase (loading/ready/draining/failed)."""
+
+    def __init__(self, settings: Settings, load_engine: Callable[[], Engine]):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.phase = "loading"
+        self.created = now()
+        self._load_engine = load_engine
+        # Digests of equal length: comparing them takes the same time whatever the key sent, even its length.
+        self._key_digests = [_digest(key.get_secret_value().encode()) for key in settings.api_keys]
+        self.models = request_models(settings.limits(), settings.answers_limit)
+        self.context_length: int | None = None  # prompt + answer, in tokens; known once the model is loaded
+        self.runner: Runner | None = None
+        self.defaults: ServerDefaults | None = None
+        self.model_name = settings.served_model_name or ""
+        self.family = ""  # the loaded model's architecture (Engine.family)
+        self.tokenizer: Any = None
+        self.base_digest: str | None = None  # the base weights' SHA-256 once loaded, for GET /admin/status
+        self.adapters = AdapterStore(settings.max_adapters, settings.adapter_ttl, settings.max_adapter_bytes)
+        # `relat serve` sets this to stop the process when the model cannot be loaded or the engine dies.
+        self.on_fatal: Callable[[], None] | None = None
+
+    async def load(self) -> None:
+        loop = asyncio.get_running_loop()
+        runner = Runner(self._load_engine, self.metrics, self.settings.max_queue, self.settings.max_concurrency,
+                        self.settings.batch_window, on_death=lambda _: loop.call_soon_threadsafe(self._fail),
+                        on_result=self.keep_adapter)
+        try:
+            engine = await runner.start()  # loaded on the thread that will run it
+            defaults = self._defaults(engine)
+            # Off the engine's thread and the event loop (hashlib releases the GIL): about 1 s per GB of weights.
+            self.base_digest = await asyncio.to_thread(weights_digest, engine.model)
+        except Exception:
+            log.exception("cannot load the model")
+            await asyncio.to_thread(runner.stop)
+            self._fail()
+            return
+        self.defaults = ServerDefaults(defaults, self.settings.sampling_defaults())
+        # The engine's thread uses its tokenizer; a fast tokenizer must not be used by two threads at once.
+        self.tokenizer = copy.deepcopy(engine.tokenizer)
+        self.model_name = self.settings.served_model_name or engine.name
+        self.family = engine.family
+        self.context_length = self._context_length(engine)
+        self.runner = runner
+        self.phase = "ready"
+        log.info("serving %s; default TTT parameters: %s", self.model_name, defaults)
+
+    def _fail(self) -> None:
+        """The model could not be loaded or the engine's thread died: /health turns 503 and the process stops."""
+        self.phase = "failed"
+        if self.on_fatal is not None:
+            self.on_fatal()
+
+    def _defaults(self, engine: Engine) -> TTTParams:
+        """The engine's defaults for the model with the operator's settings applied, within the server's limits:
+        a request that leaves a field out must not be given more than it may ask for."""
+        defaults = engine.defaults.replace(**self.settings.ttt_fields())
+        # Options the model cannot take (a Huginn option on another model, targets it lacks) stop the start-up
+        # here, naming the setting, rather than failing every request.
+        engine.check(Request([{"role": "user", "content": "?"}], defaults))
+        over = {name: limit for name, limit in self.settings.limits().items()
+                if getattr(defaults, name) is not None and getattr(defaults, name) > limit}
+        if over:
+            log.warning("the model's defaults (%s) exceed this server's limits; using the limits",
+                        ", ".join(f"{name} {getattr(defaults, name)}" for name in over))
+            defaults = defaults.replace(**over)
+        return defaults
+
+    def _context_length(self, engine: Engine) -> int | None:
+        """The model's context (max_position_embeddings), or the max_model_len setting below it."""
+        model = getattr(engine.model.config, "max_position_embeddings", None)
+        setting = self.settings.max_model_len
+        if setting is not None and model is not None and setting > model:
+            log.warning("max_model_len %d is over the model's context of %d tokens; using %d", setting, model, model)
+        return min((n for n in (model, setting) if n is not None), default=None)
+
+    async def drain(self) -> None:
+        """Refuse new requests and wait for in-flight ones, up to the drain timeout; then cancel what is left,
+        so that its clients get an error event (503) instead of a stream cut off by the shutdown."""
+        if self.phase == "ready":
+            self.phase = "draining"
+        if self.runner is not None:
+            log.info("draining: waiting up to %.0f s for in-flight requests", self.settings.drain_timeout)
+            if not await self.runner.drain(self.settings.drain_timeout):
+                log.warning("drain timeout: cancelling the requests still in flight")
+                await self.stop()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await asyncio.to_thread(self.runner.stop)
+
+    # -- request checks, in the order a request meets them -------------------------------------------------
+
+    @property
+    def has_keys(self) -> bool:
+        return bool(self._key_digests)
+
+    def authorize(self, header: bytes) -> None:
+        """Raises Unauthorized unless `header` is `Bearer <one of the keys>`; the key is never logged or echoed."""
+        scheme, _, token = header.partition(b" ")
+        given = _digest(token.strip())
+        # compare_digest with every key, no early exit: the time taken says nothing about which key came close.
+        matched = False
+        for digest in self._key_digests:
+            matched |= hmac.compare_digest(given, digest)
+        if scheme.lower() != b"bearer" or not matched:
+            raise Unauthorized("missing or invalid API key; send Authorization: Bearer <key>")
+
+    def check_ready(self) -> None:
+        reasons = {"loading": "the model is still loading", "draining": "the server is shutting down",
+                   "failed": "the engine failed"}
+        if self.phase != "ready":
+            raise Unavailable(reasons[self.phase])
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise ModelNotFound(f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                                param="model")
+
+    def check_prompt(self, messages: list[dict[str, str]]) -> int:
+        """The prompt's length in tokens; 413 past max_prompt_tokens or with no room left for an answer."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        count = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        limit = self.settings.max_prompt_tokens
+        if count > limit:
+            raise PromptTooLong(f"the prompt has {count} tokens; this server accepts at most {limit}",
+                                param="messages")
+        if self.context_length is not None and count >= self.context_length:
+            raise PromptTooLong(f"the prompt has {count} tokens; the model's context is {self.context_length}",
+                                param="messages")
+        return count
+
+    def fit_context(self, request: Request, prompt_tokens: int, sent: bool, param: str) -> Request:
+        """The answer within the context the prompt leaves, as vLLM has it: a request that asks for more is a 400;
+        the server's default length is cut to fit."""
+        room = None if self.context_length is None else self.context_length - prompt_tokens
+        if room is None or request.sampling.max_tokens <= room:
+            return request
+        if sent:
+            raise ContextLengthExceeded(
+                f"the model's context is {self.context_length} tokens: the prompt's {prompt_tokens} leave {room} "
+                f"for the answer, and {param} asks for {request.sampling.max_tokens}", param=param)
+        return dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, max_tokens=room))
+
+    def submit(self, request_id: str, messages: list[dict], ttt_fields: dict, sampling_fields: dict,
+               timeout: float | None, ttt_prefix: str, max_tokens_param: str, return_adapter: bool = False) -> Job:
+        """Validate a request's parameters, prompt and length, then queue it (the deadline: at most the server's)."""
+        assert self.runner is not None and self.defaults is not None
+        request = engine_request(messages, ttt_fields, sampling_fields, self.defaults, ttt_prefix, return_adapter)
+        if return_adapter and not self.adapters.enabled:
+            raise BadRequest("this server keeps no adapters (max_adapters is 0)", param=ttt_prefix + "return_adapter")
+        try:
+            messages = self.runner.engine.check(request)
+        except InvalidParameter as error:
+            if error.param.startswith("messages"):
+                raise
+            raise InvalidParameter(ttt_prefix + error.param, str(error)) from None
+        if return_adapter:
+            size = adapter_bytes(self.runner.engine.bank, request.ttt.rank, request.ttt.targets)
+            if size > self.adapters.max_bytes:
+                raise BadRequest(f"this adapter would take {size} bytes; this server keeps at most "
+                                 f"{self.adapters.max_bytes} (max_adapter_bytes)", param=ttt_prefix + "return_adapter")
+        prompt_tokens = self.check_prompt(messages)
+        request = self.fit_context(request, prompt_tokens, sampling_fields["max_tokens"] is not None,
+                                   max_tokens_param)
+        deadline = min(timeout or self.settings.request_timeout, self.settings.request_timeout)
+        return self.runner.submit(request_id, request, deadline)
+
+    def keep_adapter(self, result: Result) -> None:
+        """On the engine's thread, as a request finishes: keep its exported adapter, and say in the trace where."""
+        if result.adapter is not None:
+            kept = self.adapters.put(result.adapter)
+            result.adapter = None  # the store holds it now
+            result.trace.adapter = {**(result.trace.adapter or {}), **kept.reference()}
+
+    def count_error(self, info: ErrorInfo) -> None:
+        self.metrics.errors.labels(str(info.status)).inc()
+
+
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
