@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import relat_eval.plots as plots_module
 import relat_eval.report as report_module
 from relat_eval.report import PLOTS, find_sweeps, write_report
 from relat_eval.stats import Paired, by_item, mean, pair, sign_test, wilson_interval
@@ -112,7 +113,7 @@ def undrawn(monkeypatch: pytest.MonkeyPatch) -> None:
         path.write_bytes(PNG_SIGNATURE)
         return path.name
 
-    monkeypatch.setattr(report_module, "_save", save)
+    monkeypatch.setattr(plots_module, "_save", save)
 
 
 @pytest.fixture(scope="module")
