@@ -1,6 +1,6 @@
 """Huginn's depth knob: time per answer token and memory against num_steps, at a fixed depth and with adaptive exit.
 
-The model is relat_core's own Huginn (relat_core/models/huginn.py) with random weights: built from a HuginnConfig
+The model is relat_core's own Huginn (relat_core/models/huginn/) with random weights: built from a HuginnConfig
 of the chosen shape, then `reset_parameters` with a torch generator seeded --seed (the "takase" init). The default
 shape, "small", is Huginn's layout at toy width (n_embd 512, 8 heads, MLP 1376, vocab 32000, 2 prelude + 4 core +
 2 coda blocks, mean_recurrence 32), fp32 on CPU; `--shape huginn-0125` is the published 3.5B shape (HuginnConfig's

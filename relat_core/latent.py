@@ -26,7 +26,7 @@ from .params import TTTParams
 
 class LayerCache(DynamicCache):
     """transformers' per-layer KV cache with the row and position operations of a SequenceState (Huginn's cache,
-    relat_core/models/huginn.py, has the same ones over its per-recurrence entries)."""
+    relat_core/models/huginn/cache.py, has the same ones over its per-recurrence entries)."""
 
     def __init__(self, config):
         super().__init__(config=config)

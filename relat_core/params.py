@@ -19,7 +19,7 @@ FollowUp = Literal["bridge", "restate"]
 AnswerContext = Literal["thought", "question"]
 Agents = Literal["single", "sequential", "hierarchical"]
 AnswerFormat = Literal["auto", "text", "boxed", "choice", "code"]
-# ALL_TARGETS: a Llama/Qwen decoder's linear layers, then Huginn's (relat_core/models/huginn.py)
+# ALL_TARGETS: a Llama/Qwen decoder's linear layers, then Huginn's (relat_core/models/huginn/)
 Target = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                  "Wqkv", "attn.proj", "mlp.fc", "mlp.proj", "adapter"]
 ExitCriterion = Literal["none", "kl", "latent-diff", "argmax-stability"]
