@@ -3,7 +3,7 @@
 One model plays every role (LatentMAS, arXiv 2511.20639; repository Gen-Verse/LatentMAS). Each agent is
 a user turn built from the request's own messages: the request's history stays, and its last user message (the
 question) becomes the agent's instruction around the question. How the agents talk is the method's business
-(relat_core/engine.py):
+(relat_core/engine/thinking.py and answering.py):
 
 - direct (TextMAS): each agent writes text from a fresh prompt; every later agent that reads context finds the
   earlier agents' text in its turn, labelled ("[Planner]: ..."); the last agent answers from all of it;

@@ -2,8 +2,8 @@
 
 Every field that the ReLAT paper (arXiv 2606.06252) leaves open is a parameter here. A field's default is the plain
 method (the answer after the thought, no guidance, no contrast); the engine's defaults per model size, chosen by
-measurement (bench/RESULTS.md, sections 3 and 7), are `relat_core.engine.default_ttt_params`. `InvalidParameter`
-names the offending field so that the server can answer with OpenAI's `param`.
+measurement (bench/RESULTS.md, sections 3 and 7), are `relat_core.engine.defaults.default_ttt_params`.
+`InvalidParameter` names the offending field so that the server can answer with OpenAI's `param`.
 """
 
 from __future__ import annotations

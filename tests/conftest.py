@@ -74,5 +74,5 @@ def train_alone(engine: Engine, segments, ttt, slot: int):
     sequence = _Sequence("test", segments, ttt, SamplingParams(), Trace("relat", ttt.latent_steps, False), 0.0,
                          slot=slot, phase="train")
     while sequence.phase == "train":
-        engine._train_step([sequence])
+        engine.trainer.run([sequence])
     return sequence

@@ -130,7 +130,7 @@ def test_a_request_cancelled_or_failed_while_training_is_never_cached(engine, mo
     def failing(rows):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(engine, "_train_step", failing)
+    monkeypatch.setattr(engine.trainer, "run", failing)
     with pytest.raises(RuntimeError):
         run(engine)
     assert len(engine.adapter_cache) == 0

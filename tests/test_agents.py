@@ -80,13 +80,13 @@ def test_text_agents_read_the_earlier_agents_text(engine, monkeypatch):
     """TextMAS: each agent's prompt holds every earlier agent's labelled text (sequential); the hierarchical
     domain agents work alone and only the summariser reads them. Usage counts every generated token."""
     prompts: list[str] = []
-    real_prefill = engine._prefill
+    real_prefill = engine.thinker._prefill
 
     def recording_prefill(token_lists):
         prompts.extend(engine.tokenizer.decode(ids) for ids in token_lists)
         return real_prefill(token_lists)
 
-    monkeypatch.setattr(engine, "_prefill", recording_prefill)
+    monkeypatch.setattr(engine.thinker, "_prefill", recording_prefill)
     for team in ("sequential", "hierarchical"):
         prompts.clear()
         ttt = TTTParams(method="direct", agents=team, agent_max_tokens=5)
@@ -122,7 +122,7 @@ def test_relat_over_agents_gets_gradients_at_every_agents_latent_positions(engin
     handle = engine.model.model.layers[0].register_forward_pre_hook(capture, with_kwargs=True)
     try:
         with engine._bind([row], [True]):
-            state, _ = engine._think([row])
+            state, _ = engine.trainer._think([row])
             assert int(state.question.sum()) > 0
             engine._reconstruction([row], state).sum().backward()
     finally:
@@ -174,10 +174,11 @@ def test_cancelling_mid_agent_frees_its_slot_and_rows(engine, method):
         pass
     if method == "direct":  # the critic's text is being written: the request has rows in the decoding batch
         engine.step()
-        assert any(row.request_id == "cancelled" for row in engine._decoding.rows)
+        assert any(row.request_id == "cancelled" for row in engine.answerer.decoding.rows)
     engine.abort_request("cancelled")
     assert "cancelled" not in engine._sequences
-    assert engine._decoding is None or all(row.request_id != "cancelled" for row in engine._decoding.rows)
+    assert engine.answerer.decoding is None or all(row.request_id != "cancelled"
+                                                   for row in engine.answerer.decoding.rows)
     assert sorted(engine.bank.free) == [0, 1, 2, 3]
     while engine.has_unfinished_requests:
         engine.step()
@@ -204,8 +205,8 @@ def test_answer_formats():
 
 def test_a_single_model_gets_an_explicit_answer_format(engine, monkeypatch):
     prompts: list[str] = []
-    real_prefill = engine._prefill
-    monkeypatch.setattr(engine, "_prefill", lambda ids: prompts.extend(map(engine.tokenizer.decode, ids))
+    real_prefill = engine.thinker._prefill
+    monkeypatch.setattr(engine.thinker, "_prefill", lambda ids: prompts.extend(map(engine.tokenizer.decode, ids))
                         or real_prefill(ids))
     result = engine.run(Request(RED, TTTParams(method="direct", answer_format="boxed"), SamplingParams(max_tokens=2)))
     assert result.trace.answer_format == "boxed"

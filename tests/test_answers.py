@@ -77,7 +77,7 @@ def test_n_answers_in_a_batch_with_others_are_those_it_gets_alone(engine):
     for request_id, request in requests.items():
         alone = engine.run(request)
         assert [c.token_ids for c in results[request_id].choices] == [c.token_ids for c in alone.choices], request_id
-    assert sorted(engine.bank.free) == [0, 1, 2] and engine._decoding is None
+    assert sorted(engine.bank.free) == [0, 1, 2] and engine.answerer.decoding is None
 
 
 def test_a_cancelled_request_takes_all_its_answers_with_it(engine):
@@ -86,4 +86,5 @@ def test_a_cancelled_request_takes_all_its_answers_with_it(engine):
         if isinstance(event, TextDelta):
             break
     stream.close()
-    assert engine._decoding is None and sorted(engine.bank.free) == [0, 1, 2] and not engine.has_unfinished_requests
+    assert engine.answerer.decoding is None and sorted(engine.bank.free) == [0, 1, 2]
+    assert not engine.has_unfinished_requests

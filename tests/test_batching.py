@@ -131,9 +131,9 @@ def test_a_request_that_fails_fails_alone(engine, monkeypatch):
     """A failure in one request's own work (its sampling) or in a batched phase it is part of (here its
     training forward) ends that request with Failed; the batch is re-run without it and the others are
     unchanged."""
-    import relat_core.engine as engine_module
+    import relat_core.engine.answering as engine_module
 
-    real_sample, real_think = engine_module.sample, engine._think
+    real_sample, real_think = engine_module.sample, engine.trainer._think
 
     def failing_sample(logits, params, generator):
         if params.seed == 3:
@@ -146,7 +146,7 @@ def test_a_request_that_fails_fails_alone(engine, monkeypatch):
         return real_think(rows, *contrast)
 
     monkeypatch.setattr(engine_module, "sample", failing_sample)
-    monkeypatch.setattr(engine, "_think", failing_think)
+    monkeypatch.setattr(engine.trainer, "_think", failing_think)
     outcomes = drive(engine, MIXED)
     monkeypatch.undo()
     assert "sampling broke" in str(outcomes["relat-sampled"].failed.error)

@@ -115,7 +115,7 @@ def logits_by_request(engine: Engine) -> Iterator[dict[str, list[torch.Tensor]]]
     """Within: the logits each request's (first) answer's tokens were chosen from, by request id (fp32, (V,) each;
     engine.run's id is "generate")."""
     recorded: dict[str, list[torch.Tensor]] = {}
-    chosen_from = engine._guided_logits
+    chosen_from = engine.answerer._guided_logits
 
     def recording(rows: list, logits: torch.Tensor) -> torch.Tensor:
         logits = chosen_from(rows, logits)
@@ -124,11 +124,11 @@ def logits_by_request(engine: Engine) -> Iterator[dict[str, list[torch.Tensor]]]
                 recorded.setdefault(row.request_id, []).append(logits[index].clone())
         return logits
 
-    engine._guided_logits = recording  # an instance attribute over the static method, removed below
+    engine.answerer._guided_logits = recording  # an instance attribute over the static method, removed below
     try:
         yield recorded
     finally:
-        del engine._guided_logits
+        del engine.answerer._guided_logits
 
 
 def answer_with_logits(engine: Engine, request: Request) -> tuple[Result, list[torch.Tensor]]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from relat_server.settings import Settings
 
-import relat_core.engine as engine_module
+import relat_core.engine.answering as engine_module
 from relat_core import Engine
 from relat_core.engine import _owner
 
@@ -37,8 +37,8 @@ def out_of_memory_above(rows: int, real):
 def test_out_of_memory_batches_go_on_as_smaller_ones(engine, monkeypatch):
     """Every batched phase, and every forward of the decoding batch, runs out of memory above one row: each
     request still gets exactly its answer alone, and every slot comes back."""
-    monkeypatch.setattr(engine, "_train_step", out_of_memory_above(1, engine._train_step))
-    monkeypatch.setattr(engine, "_start_decoding", out_of_memory_above(1, engine._start_decoding))
+    monkeypatch.setattr(engine.trainer, "run", out_of_memory_above(1, engine.trainer.run))
+    monkeypatch.setattr(engine.thinker, "run", out_of_memory_above(1, engine.thinker.run))
     monkeypatch.setattr(engine_module, "extend", out_of_memory_above(2, engine_module.extend))
     outcomes = drive(engine, MIXED)
     monkeypatch.undo()
@@ -60,7 +60,7 @@ def test_only_the_row_that_fails_alone_fails(engine, monkeypatch):
     def extend(model, state, **kwargs):
         ids = kwargs.get("input_ids")
         if ids is not None and ids.shape[1] == 1:  # a decoding forward, of the whole batch or of a part
-            rows = engine._decoding.rows if engine._decoding.state is state else bound
+            rows = engine.answerer.decoding.rows if engine.answerer.decoding.state is state else bound
             if any(_owner(row).request_id == "latent" for row in rows):
                 raise RuntimeError("DefaultCPUAllocator: can't allocate memory: out of memory")
         return real_extend(model, state, **kwargs)

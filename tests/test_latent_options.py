@@ -9,6 +9,7 @@ import torch
 
 from relat_core import Engine, Request, SamplingParams, TTTParams
 from relat_core.engine import DEFAULT_ADAPTER_SEED, _Plain
+from relat_core.engine.answering import Answerer
 from relat_core.latent import SequenceState, extend, latent_rollout
 from relat_core.loading import weights_digest
 
@@ -107,7 +108,7 @@ def test_guided_logits_interpolate_and_extrapolate():
     first, second = Owner(0.25), Owner(3.0)
     rows = [first, _Plain(second), second, _Plain(first)]
     logits = torch.tensor([[1.0, 2.0], [0.0, 4.0], [2.0, 0.0], [5.0, 6.0]])
-    guided = Engine._guided_logits(rows, logits.clone())
+    guided = Answerer._guided_logits(rows, logits.clone())
     assert torch.equal(guided[0], logits[3] + 0.25 * (logits[0] - logits[3]))
     assert torch.equal(guided[2], logits[1] + 3.0 * (logits[2] - logits[1]))
     assert torch.equal(guided[[1, 3]], logits[[1, 3]])
@@ -189,4 +190,4 @@ def test_an_aborted_guided_request_takes_its_plain_row_along(engine):
                      aborting={2: ["guided-latent"]})
     assert outcomes["guided-latent"].finished is None
     assert_as_alone(engine, OPTIONS["direct"], outcomes["direct"])
-    assert engine._decoding is None
+    assert engine.answerer.decoding is None

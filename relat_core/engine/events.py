@@ -1,0 +1,129 @@
+"""What goes into the engine and what comes out of it: a request, the events a step emits, and a request's result.
+
+The result follows OpenAI's chat completion (choices, finish_reason, usage), which the server returns as it is
+(server/protocol.py); the trace is the engine's own record of how the answer was made (ReLAT, arXiv 2606.06252).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..export import AdapterExport
+from ..params import SamplingParams, TTTParams
+
+
+class EngineBusy(RuntimeError):
+    """Every adapter slot is leased."""
+
+
+@dataclass
+class Request:
+    messages: list[dict]
+    ttt: TTTParams = field(default_factory=TTTParams)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    # Keep the trained adapter: the result carries a copy in PEFT's format (relat_core/export.py). Not a TTT
+    # parameter: it changes what the request returns, not how it runs.
+    return_adapter: bool = False
+
+
+@dataclass
+class TrainStep:
+    step: int  # 1-based
+    steps: int
+    loss: float
+    grad_norm: float | None  # None when the step stopped training before a backward pass
+    seconds: float
+
+
+@dataclass
+class TextDelta:
+    text: str
+    index: int = 0  # which answer, when a request asks for n > 1
+
+
+@dataclass
+class AgentDone:
+    """An agent before the last has finished its turn (multi-agent requests); `turn` is its trace entry."""
+
+    turn: dict
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Trace:
+    method: str
+    latent_steps: int
+    adapter_during_answer: bool
+    answer_context: str = "thought"  # what the answer was decoded after: "thought", or "question" (prompt alone)
+    guidance: float = 1.0  # w of the answer's logits l_plain + w (l_own - l_plain); 1: no plain row
+    contrastive_eta: float = 0.0  # eta of the final thought's contrastive feedback; 0: off
+    agents: str = "single"  # the team (relat_core/agents.py)
+    answer_format: str = "text"  # the format the answer was asked for ("text": none)
+    # Each agent of the final run, in order: role, label, kind ("text", "latent" or "answer"), prompt_tokens,
+    # latent_positions, completion_tokens, seconds, and the text a TextMAS agent wrote (the answer is the result's).
+    agent_turns: list[dict] = field(default_factory=list)
+    steps: list[dict] = field(default_factory=list)  # {step, loss, grad_norm, seconds}
+    recon_loss_before: float | None = None
+    recon_loss_after: float | None = None
+    stopped_early: bool = False
+    aborted: str | None = None  # why the update was abandoned and the base model answered
+    # return_adapter: the exported adapter (rank, alpha, targets, bytes; a server adds where to fetch it); None when
+    # not asked for, or when the update was abandoned (`aborted`: no adapter answered, and its weights were bad).
+    adapter: dict | None = None
+    # The adapter cache: "hit" (the adapter came from it; `steps` are those recorded when it was trained) or "miss"
+    # (trained here); None when it was not consulted (nothing trained, the cache off, or the request's cache false).
+    cache: str | None = None
+    # Recurrent-depth models: the core-block recurrences of the answer's positions read back (every answer token
+    # but the last), {"mean", "min", "max", "positions"}; None on other models or before a token was read back.
+    recurrences: dict | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    # Every TTT parameter the request ran with, defaults filled in: what a report needs to name a run in full.
+    options: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Choice:
+    """One of a request's n answers."""
+
+    index: int
+    text: str
+    finish_reason: str  # "stop" or "length"
+    token_ids: list[int]
+
+
+@dataclass
+class Result:
+    text: str  # the first answer's (choices[0]), for the many callers that ask for one
+    finish_reason: str  # "stop" or "length"
+    usage: Usage  # completion_tokens: of every answer (and of the agents before the last)
+    trace: Trace
+    token_ids: list[int]
+    adapter: AdapterExport | None = None  # return_adapter: the trained adapter, copied off its slot
+    choices: list[Choice] = field(default_factory=list)  # every answer, n of them
+
+
+@dataclass
+class Finished:
+    result: Result
+
+
+@dataclass
+class Failed:
+    """This request failed on its own (its sampling, its text, its batch row run alone); the others go on."""
+
+    error: Exception
+
+
+Event = TrainStep | AgentDone | TextDelta | Finished | Failed

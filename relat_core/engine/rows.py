@@ -1,0 +1,170 @@
+"""The engine's rows: plain dataclasses that the scheduler and the phases pass between them (vLLM v1's request
+state), and the questions a row answers about its next work (`thinks`, `needs_score`, `answers_with_adapter`, ...).
+
+A request is one `_Sequence` from admission to its result: it trains, thinks, then decodes as a row of the decoding
+batch (`_Decoding`); a guided request brings a `_Plain` row along (arXiv 2511.16886), and a request asking for n
+answers n - 1 copies of its row. A latent thought is a list of `Piece`s (LatentMAS, arXiv 2511.20639: one per
+agent before the last), and a multi-agent request keeps its working memory between engine steps as a `_Memory`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..agents import Role
+from ..chat import Segments
+from ..decoding import IncrementalDetokenizer
+from ..latent import SequenceState
+from ..lora import Binding
+from ..models.huginn import RowRecurrence
+from ..params import SamplingParams, TTTParams
+from .events import AgentDone, Choice, Trace
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A part of a latent thought: prompt tokens (the question's from `question_start` on), then latent steps."""
+
+    token_ids: list[int]
+    question_start: int
+    latent_steps: int
+
+
+@dataclass
+class _Memory:
+    """A request's latent working memory between its agents' engine steps: its KV cache (one row) and the last
+    hidden state (1, d)."""
+
+    state: SequenceState
+    hidden: torch.Tensor
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """One request's life in the engine: training ("train"), the latent thought with the final weights ("think"),
+    then decoding ("decode") as a row of the decoding batch.
+
+    A multi-agent request (`team`) goes through "think" once per agent: latent agents add their turn and latent
+    steps to the request's working memory (`memory`) one engine step each; a TextMAS agent is prefilled afresh
+    and decodes its text as a row of the decoding batch, then the request thinks again for the next agent."""
+
+    request_id: str
+    segments: Segments
+    ttt: TTTParams
+    sampling: SamplingParams
+    trace: Trace
+    start: float
+    slot: int | None = None  # the leased adapter slot (relat)
+    return_adapter: bool = False  # copy the adapter into the result before the slot is released
+    cache_key: str | None = None  # a miss's key: its adapter is cached once training ends
+    phase: str = "think"
+    step: int = 0  # training steps taken
+    adapted: bool = False  # training ended with an adapter the answer may use
+    loss_now: float | None = None  # the loss at the current weights, when it was measured last (an early stop)
+    generator: torch.Generator | None = None
+    depth: RowRecurrence | None = None  # how a recurrent-depth model iterates this request's positions
+    answer_depths: list[int] = field(default_factory=list)  # recurrences of each answer position read back
+    detokenizer: IncrementalDetokenizer | None = None
+    tokens: list[int] = field(default_factory=list)
+    decode_start: float = 0.0
+    # -- multi-agent --
+    messages: list[dict[str, str]] = field(default_factory=list)  # the request's, normalised
+    team: tuple[Role, ...] = ()
+    agent: int = 0  # the agent working now
+    agent_pieces: list[Piece] = field(default_factory=list)  # latent agents: each turn before the last
+    answer_prompt: Piece | None = None  # the last agent's turn (TextMAS: the current agent's, rebuilt each turn)
+    piece: int = 0  # the thought's next piece in the think phase
+    memory: _Memory | None = None
+    reference: _Memory | None = None  # the memory's base-model twin (contrastive feedback)
+    context: list[str] = field(default_factory=list)  # TextMAS: the earlier agents' labelled text
+    prompt_tokens: int = 0  # every prompt token the answer's run read, for usage
+    agent_tokens: int = 0  # tokens the agents before the last wrote
+    # -- n > 1: the request's answers past the first are rows of their own (copies of this one, `choice` 1..n-1,
+    # `leader` this one), decoded beside it from the same thought and adapter; the request ends with the last. --
+    choice: int = 0
+    leader: _Sequence | None = None  # of an answer past the first: the request's own row
+    siblings: list[_Sequence] = field(default_factory=list)
+    ended: dict[int, Choice] = field(default_factory=dict)  # the answers that have ended, by index
+
+    @property
+    def pieces(self) -> list[Piece]:
+        """The latent thought: every agent's turn before the last, or the prompt and its L latent steps."""
+        if self.team:
+            return self.agent_pieces
+        if not self.trace.latent_steps:
+            return []
+        return [Piece(self.segments.prompt_ids, self.segments.question_start, self.trace.latent_steps)]
+
+    @property
+    def follow_ids(self) -> list[int]:
+        """What is read after the thought, before the answer: the last agent's turn, or the follow-up segment."""
+        return self.answer_prompt.token_ids if self.team else self.segments.follow_ids
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The prompt an answer from the prompt alone (and a guided request's plain row) is decoded after."""
+        return self.answer_prompt.token_ids if self.team else self.segments.prompt_ids
+
+    @property
+    def writes_agent_text(self) -> bool:
+        """A TextMAS agent before the last is decoding: its text is for the agents after it, not the client."""
+        return bool(self.team) and self.agent < len(self.team) - 1
+
+    @property
+    def thinks(self) -> bool:
+        """A piece of the thought is still to run before the answer: every agent runs again after training; a
+        single model thinks when the answer follows the thought or its loss is still to be measured."""
+        if self.piece >= len(self.pieces):
+            return False
+        return bool(self.team) or self.answers_after_thought or self.needs_score
+
+    @property
+    def needs_score(self) -> bool:
+        """The reconstruction loss after training is still to be measured (it was not, at an early stop)."""
+        return self.adapted and self.loss_now is None
+
+    @property
+    def answers_after_thought(self) -> bool:
+        """The answer follows the latent thought; else it follows the prompt alone (relat, answer_context
+        "question", and direct, whose thought is empty)."""
+        return self.trace.answer_context == "thought"
+
+    @property
+    def answers_with_adapter(self) -> bool:
+        # Answering from the question alone with the adapter off would be `direct`: that context implies it on.
+        return self.adapted and (self.ttt.adapter_during_answer or not self.answers_after_thought)
+
+
+@dataclass(eq=False)
+class _Plain:
+    """The plain row of a guided request in the decoding batch: the base model on the prompt alone, fed the
+    tokens its owner chooses, so that each of the owner's tokens can be chosen from l_plain + w (l_own - l_plain).
+    It holds no slot and emits nothing; it leaves with its owner."""
+
+    owner: _Sequence
+    answers_with_adapter: bool = False
+
+
+def _owner(row: _Sequence | _Plain) -> _Sequence:
+    return row.owner if isinstance(row, _Plain) else row
+
+
+@dataclass
+class _Decoding:
+    """The decoding batch: every decoding request is a row of one KV cache; `hidden` (B, d) gives each row's next
+    token."""
+
+    rows: list[_Sequence | _Plain]
+    state: SequenceState
+    hidden: torch.Tensor
+    # The rows' answering adapters, gathered once and reused while the rows stay (their slots no longer train).
+    binding: Binding | None = None
+    stale: bool = True
+
+
+def agent_done(row: _Sequence, turn: dict) -> tuple[str, AgentDone]:
+    """Record an agent's finished turn in its request's trace; returns the event that says so."""
+    row.trace.agent_turns.append(turn)
+    return row.request_id, AgentDone(turn)
