@@ -189,7 +189,7 @@ class Answerer:
     @staticmethod
     def _guided_logits(rows: list[_Sequence | _Plain], logits: torch.Tensor) -> torch.Tensor:
         """Each guided request's logits become l_plain + w (l_own - l_plain) (latent reasoning read as guidance,
-        arXiv 2511.16886; notes section 10), with l_plain from its plain row; other rows are left as they are."""
+        arXiv 2511.16886), with l_plain from its plain row; other rows are left as they are."""
         plain = [i for i, row in enumerate(rows) if isinstance(row, _Plain)]
         if not plain:
             return logits
