@@ -7,9 +7,10 @@ a request with the same key gets the adapter copied into its slot instead of tra
 thought with the final weights and answers as it would have after training (the weights are the same bytes).
 
 What the key holds: the model, the token ids the training reads (the prompt with its question marked, every latent
-agent's turn, the reconstruction target), every TTT option that shapes the training or its latent rollout, and the
-adapter's seed. What it leaves out: what only shapes the answer (sampling, max_tokens, stop; guidance, the answer's
-context, the adapter while answering, the final thought's contrastive feedback) and the per-request switch itself.
+agent's turn, the reconstruction target), every TTT option that shapes the training or its latent rollout (the
+training objective among them, and entropy_tokens where the objective is "entropy"), and the adapter's seed.
+What it leaves out: what only shapes the answer (sampling, max_tokens, stop; guidance, the answer's context, the
+adapter while answering, the final thought's contrastive feedback) and the per-request switch itself.
 
 Entries are bounded by count and by bytes, evicted least recently used first; a size of 0 turns the cache off.
 Only an adapter whose training finished is stored: one abandoned by the non-finite guard, or from a request that
@@ -38,6 +39,8 @@ def training_key(model: str, pieces: list[tuple[list[int], int, int]], recon_ids
     """SHA-256 of everything that determines a request's trained adapter. pieces: (token ids, question start,
     latent steps) of each part of the latent thought the training runs through."""
     options = {name: value for name, value in asdict(ttt).items() if name not in NOT_IN_KEY}
+    if ttt.objective != "entropy":
+        del options["entropy_tokens"]  # the entropy objective's draft length shapes no other training
     options["targets"] = sorted(ttt.targets)  # the same layers in another order are the same adapter
     text = json.dumps({"model": model, "pieces": pieces, "recon_ids": recon_ids, "recon_labels": recon_labels,
                        "options": options, "seed": seed}, sort_keys=True, separators=(",", ":"))

@@ -27,6 +27,7 @@ class Segments:
     recon_labels: list[int]  # next-token targets on the question's tokens, -100 elsewhere
     follow_ids: list[int]  # between the latent thought (or the prompt, for `direct`) and the answer
     question: str
+    question_end: int = 0  # the prompt's question tokens are [question_start, question_end) (objective prompt_lm)
 
 
 def normalise_messages(messages: list[dict]) -> list[dict[str, str]]:
@@ -75,19 +76,28 @@ class ChatFormat:
     def prompt(self, messages: list[dict[str, str]], question: str) -> tuple[list[int], int]:
         """The prompt's tokens (ending with the assistant turn's opening) and the index of the first token of the
         question's last occurrence in it, where what the reconstruction must not see begins."""
+        prompt_ids, question_start, _ = self._question_in_prompt(messages, question)
+        return prompt_ids, question_start
+
+    def _question_in_prompt(self, messages: list[dict[str, str]], question: str) -> tuple[list[int], int, int]:
+        """The prompt's tokens and the span [start, end) of the tokens that hold the question's last occurrence
+        (those overlapping its characters, as the chat template places them)."""
         prompt_text = self._render(messages, generation_prompt=True)
         encoded = self.tokenizer(prompt_text, add_special_tokens=False, return_offsets_mapping=True)
-        prompt_ids = encoded["input_ids"]
+        prompt_ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
         question_char = prompt_text.rfind(question)
+        if question_char < 0:
+            return prompt_ids, 1, len(prompt_ids)
         # Everything from the question's first token on is hidden: later prompt tokens have attended to it.
-        question_start = next((i for i, (_, end) in enumerate(encoded["offset_mapping"]) if end > question_char),
-                              len(prompt_ids)) if question_char >= 0 else 1
-        return prompt_ids, question_start
+        question_start = next((i for i, (_, end) in enumerate(offsets) if end > question_char), len(prompt_ids))
+        question_end = next((i for i, (start, _) in enumerate(offsets)
+                             if i >= question_start and start >= question_char + len(question)), len(prompt_ids))
+        return prompt_ids, question_start, question_end
 
     def segments(self, messages: list[dict[str, str]], reconstruction_instruction: str, follow_up: str,
                  latent: bool) -> Segments:
         question = messages[-1]["content"]
-        prompt_ids, question_start = self.prompt(messages, question)
+        prompt_ids, question_start, question_end = self._question_in_prompt(messages, question)
 
         with_latent = messages + [{"role": "assistant", "content": _LATENT}]
         instruction = self._between(with_latent + [{"role": "user", "content": reconstruction_instruction},
@@ -103,4 +113,5 @@ class ChatFormat:
             follow = self._between(with_latent, generation_prompt=True)
         else:
             follow = self._between(with_latent + [{"role": "user", "content": question}], generation_prompt=True)
-        return Segments(prompt_ids, question_start, recon_ids, recon_labels, self._encode(follow), question)
+        return Segments(prompt_ids, question_start, recon_ids, recon_labels, self._encode(follow), question,
+                        question_end)

@@ -23,6 +23,7 @@ AnswerFormat = Literal["auto", "text", "boxed", "choice", "code"]
 Target = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                  "Wqkv", "attn.proj", "mlp.fc", "mlp.proj", "adapter"]
 ExitCriterion = Literal["none", "kl", "latent-diff", "argmax-stability"]
+Objective = Literal["reconstruction", "prompt_lm", "entropy"]
 
 METHODS: tuple[str, ...] = ("direct", "latent", "relat")
 MAPPINGS: tuple[str, ...] = ("norm", "realign", "none", "soft")
@@ -31,6 +32,7 @@ ANSWER_CONTEXTS: tuple[str, ...] = ("thought", "question")
 AGENTS: tuple[str, ...] = ("single", "sequential", "hierarchical")
 ANSWER_FORMATS: tuple[str, ...] = ("auto", "text", "boxed", "choice", "code")
 EXIT_CRITERIA: tuple[str, ...] = ("none", "kl", "latent-diff", "argmax-stability")
+OBJECTIVES: tuple[str, ...] = ("reconstruction", "prompt_lm", "entropy")
 MAX_AGENT_TOKENS = 4096
 MAX_GUIDANCE = 10.0  # past this the extrapolated logits are noise; a bound keeps a typo from being a silent garble
 # Linear layers that can carry the adapter, named by the end of their module path: a Llama/Qwen decoder block's,
@@ -131,6 +133,8 @@ TTT_BOUNDS: dict[str, Bound] = {
     "exit_threshold": Bound(0, low_open=True),
     "backprop_depth": Bound(1, MAX_NUM_STEPS, integer=True),
     "backprop_latent_steps": Bound(0, 256, integer=True),
+    # The entropy objective's draft: a few answer tokens, decoded once per request (64 keeps it a prefix).
+    "entropy_tokens": Bound(1, 64, integer=True),
 }
 # The numeric options that may be None (left to a later default), and so are checked only when set.
 OPTIONAL_TTT = ("stop_loss", "num_steps", "init_scale", "exit_threshold", "backprop_depth")
@@ -196,6 +200,13 @@ class TTTParams:
     # reconstruction's gradient crosses only the thought's last k latent steps (and what follows them); every
     # position before them is a constant, computed without a graph where the whole batch allows. 0: all of it.
     backprop_latent_steps: int = 0
+    # relat: what test-time training minimises (relat_core/engine/objectives.py). "reconstruction": ReLAT's loss,
+    # rebuilding the question from the latent thought. The controls the paper compares it with, both without a
+    # thought in training: "prompt_lm", the next-token loss of the question's tokens in the prompt (test-time
+    # training on the input); "entropy", the mean entropy of the distributions that predict the first
+    # entropy_tokens tokens of the base model's greedy draft answer (TENT, arXiv 2006.10726).
+    objective: Objective = "reconstruction"
+    entropy_tokens: int = 8
     # -- recurrent-depth models (Huginn) only; None: the model's own default --
     # Recurrences of the core block per position (default: the config's mean_recurrence), capped by a server's
     # max_num_steps.
@@ -231,6 +242,8 @@ class TTTParams:
         _require(self.agents in AGENTS, "agents", f"agents must be one of {', '.join(AGENTS)}, got {self.agents!r}")
         _require(self.answer_format in ANSWER_FORMATS, "answer_format",
                  f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {self.answer_format!r}")
+        _require(self.objective in OBJECTIVES, "objective",
+                 f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         _require(self.exit_criterion is None or self.exit_criterion in EXIT_CRITERIA, "exit_criterion",
                  f"exit_criterion must be one of {', '.join(EXIT_CRITERIA)}, got {self.exit_criterion!r}")
         _require(self.exit_threshold is None or self.exit_criterion not in (None, "none"), "exit_threshold",
@@ -253,6 +266,19 @@ class TTTParams:
     @property
     def trains(self) -> bool:
         return self.method == "relat" and self.steps > 0
+
+    @property
+    def adapter_answers(self) -> bool:
+        """Whether the answer runs through the trained adapter: relat that trains, with adapter_during_answer, or
+        answering from the question (the adapter is on whatever adapter_during_answer says: off, that would be
+        direct). A request whose update is abandoned at run time (the trace's `aborted`) answers without it."""
+        return self.trains and (self.adapter_during_answer or self.answer_context == "question")
+
+    def as_applied(self) -> dict[str, object]:
+        """Every option as it applies to a request (the trace's `options`, relat eval's options table): the fields,
+        `targets` as a list, and adapter_during_answer as applied (`adapter_answers`), not as asked."""
+        return {**dataclasses.asdict(self), "targets": list(self.targets),
+                "adapter_during_answer": self.adapter_answers}
 
     @property
     def guided(self) -> bool:

@@ -72,6 +72,9 @@ class Trace:
     # latent_positions, completion_tokens, seconds, and the text a TextMAS agent wrote (the answer is the result's).
     agent_turns: list[dict] = field(default_factory=list)
     steps: list[dict] = field(default_factory=list)  # {step, loss, grad_norm, seconds}
+    # The training objective whose loss `steps`, recon_loss_before and recon_loss_after hold ("reconstruction",
+    # "prompt_lm" or "entropy": relat_core/engine/objectives.py); None when nothing trained.
+    objective: str | None = None
     recon_loss_before: float | None = None
     recon_loss_after: float | None = None
     stopped_early: bool = False

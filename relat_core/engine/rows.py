@@ -63,6 +63,7 @@ class _Sequence:
     step: int = 0  # training steps taken
     adapted: bool = False  # training ended with an adapter the answer may use
     loss_now: float | None = None  # the loss at the current weights, when it was measured last (an early stop)
+    draft: list[int] | None = None  # objective "entropy": the base model's greedy draft, decoded at the first step
     generator: torch.Generator | None = None
     depth: RowRecurrence | None = None  # how a recurrent-depth model iterates this request's positions
     answer_depths: list[int] = field(default_factory=list)  # recurrences of each answer position read back

@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 
 import torch
 
@@ -140,7 +139,7 @@ class Engine(EngineContext):
                       guidance=ttt.guidance if ttt.guided else 1.0,
                       contrastive_eta=ttt.contrastive_eta if ttt.trains else 0.0,
                       agents=ttt.agents, answer_format=answer_format,
-                      options={**asdict(ttt), "targets": list(ttt.targets)})
+                      options=ttt.as_applied())
         sequence = _Sequence(request_id, segments, ttt, sampling, trace, time.perf_counter(),
                              return_adapter=request.return_adapter, messages=messages, team=team)
         if self.recurrent:

@@ -3,8 +3,11 @@ step, all of them as one batched forward and backward pass, each row through its
 
 A step rebuilds each row's whole latent thought from an empty cache, scores the reconstruction of its question
 (masked cross-entropy), backpropagates the losses into the slots and takes one clipped AdamW step per slot
-(relat_core/lora.py's slot optimiser). The adapter cache (relat_core/adapter_cache.py) spares the whole phase: a
-hit loads the weights a request with the same training got, a miss caches its own once training ends.
+(relat_core/lora.py's slot optimiser). A request may train on another objective instead (`objective`: the
+paper's controls, without a thought: relat_core/engine/objectives.py); the rows of each objective are a batch of
+their own within the same step, and their losses take the same backward pass and optimiser step. The adapter cache
+(relat_core/adapter_cache.py) spares the whole phase: a hit loads the weights a request with the same training
+got, a miss caches its own once training ends.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 
 from ..adapter_cache import CachedAdapter, training_key
 from ..latent import SequenceState
+from . import objectives
 from .context import EngineContext
 from .defaults import DEFAULT_ADAPTER_SEED
 from .events import Event, TrainStep
@@ -46,6 +50,7 @@ class Trainer:
             context.bank.release(slot)  # the request never joined: nothing else would give its slot back
             raise
         sequence.slot, sequence.phase = slot, "train"
+        sequence.trace.objective = ttt.objective
         if key is not None:
             sequence.trace.cache = "miss" if cached is None else "hit"
         if cached is None:
@@ -77,16 +82,23 @@ class Trainer:
         optimizer = context.bank.optimizer
         context.bank.zero_grad()
         try:
-            with context._bind(rows, [True] * len(rows)):
-                state, _ = self._think(rows)
-                losses = context._reconstruction(rows, state)
+            # Objective "entropy": the draft of a row at its first step (base model, no graph), kept once the step
+            # has succeeded.
+            drafts = [row.draft for row in rows]
+            starting = [i for i, row in enumerate(rows) if objectives.needs_draft(row)]
+            if starting:
+                for i, draft in zip(starting, objectives.greedy_drafts(context, [rows[i] for i in starting]),
+                                    strict=True):
+                    drafts[i] = draft
+            losses = self._losses(rows, drafts)
             values = losses.tolist()
             stepping = [i for i, (row, value) in enumerate(zip(rows, values, strict=True))
                         if math.isfinite(value) and (row.ttt.stop_loss is None or value > row.ttt.stop_loss)]
             norms: list[float | None] = [None] * len(rows)
+            final: dict[int, float] = {}
             if stepping:
                 losses[stepping].sum().backward()
-                del state, losses  # frees the graph's activations before the optimiser allocates
+                del losses  # frees the graph's activations before the optimiser allocates
                 slots = torch.tensor([rows[i].slot for i in stepping], device=context.device)
                 slot_norms = optimizer.grad_norms(slots)
                 finite = torch.isfinite(slot_norms)
@@ -99,16 +111,18 @@ class Trainer:
                                    slot_norms[finite])
                 for i, norm in zip(stepping, slot_norms.tolist(), strict=True):
                     norms[i] = norm
+                final = self._final_losses(rows, drafts, norms)
         finally:
             context.bank.zero_grad()
         seconds = time.perf_counter() - start
         events: list[tuple[str, Event]] = []
-        for row, value, norm in zip(rows, values, norms, strict=True):
+        for index, (row, value, norm) in enumerate(zip(rows, values, norms, strict=True)):
             row.step += 1
+            row.draft = drafts[index]
             if row.step == 1:
                 row.trace.recon_loss_before = value
             if not math.isfinite(value):
-                self._abort_update(row, f"non-finite reconstruction loss at step {row.step}")
+                self._abort_update(row, f"non-finite {row.ttt.objective} loss at step {row.step}")
             elif norm is None:  # at or below stop_loss: the current weights are final
                 row.trace.stopped_early = True
                 row.loss_now = value
@@ -119,8 +133,46 @@ class Trainer:
             else:
                 events.append(self._record(row, value, norm, seconds))
                 if row.step >= row.ttt.steps:
+                    if index in final:  # another objective than reconstruction: measured above
+                        row.loss_now = final[index]
                     self._end_training(row, adapted=True)
         return events
+
+    def _losses(self, rows: list[_Sequence], drafts: list[list[int] | None]) -> torch.Tensor:
+        """Each row's loss under its objective, (B,), with its graph: the rows of one objective run as one batch,
+        each row through its own slot. Reconstruction: the whole latent thought, then the question rebuilt from
+        it; the others: relat_core/engine/objectives.py."""
+        groups: dict[str, list[int]] = {}
+        for index, row in enumerate(rows):
+            groups.setdefault(row.ttt.objective, []).append(index)
+        parts = []
+        for objective, indices in groups.items():
+            group = [rows[i] for i in indices]
+            with self.context._bind(group, [True] * len(group)):
+                if objective == "reconstruction":
+                    state, _ = self._think(group)
+                    parts.append(self.context._reconstruction(group, state))
+                else:
+                    parts.append(objectives.losses(self.context, objective, group, [drafts[i] for i in indices]))
+        if len(parts) == 1:
+            return parts[0]
+        order = torch.tensor([i for indices in groups.values() for i in indices], device=self.context.device)
+        return torch.cat(parts)[order.argsort()]
+
+    def _final_losses(self, rows: list[_Sequence], drafts: list[list[int] | None], norms: list[float | None]
+                      ) -> dict[int, float]:
+        """The loss at the final weights of the rows whose training this step has ended (a finite update, its last
+        step) under another objective than reconstruction, by row index; one forward without a graph. (The
+        reconstruction's is scored in the think phase, on the thought it runs with the final weights.)"""
+        ending = [i for i, (row, norm) in enumerate(zip(rows, norms, strict=True))
+                  if row.ttt.objective != "reconstruction" and norm is not None and math.isfinite(norm)
+                  and row.step + 1 >= row.ttt.steps]
+        if not ending:
+            return {}
+        with torch.no_grad():
+            return {i: value for i, value in zip(ending, self._losses([rows[i] for i in ending],
+                                                                      [drafts[i] for i in ending]).tolist(),
+                                                  strict=True)}
 
     def _think(self, rows: list[_Sequence]) -> tuple[SequenceState, torch.Tensor]:
         """Each row's whole latent thought from an empty cache (its prompt and latent steps, or every agent's turn
