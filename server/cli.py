@@ -91,7 +91,8 @@ def print_trace(trace: dict, usage: dict, stream=None) -> None:
         lines.append(f"  agent {turn['role']}: {describe_turn(turn)}")
     if trace.get("recon_loss_before") is not None:
         after = trace.get("recon_loss_after")
-        lines.append(f"reconstruction loss {trace['recon_loss_before']:.4f} -> "
+        # .get: a server older than the objectives trains on the reconstruction alone and does not say so
+        lines.append(f"{trace.get('objective') or 'reconstruction'} loss {trace['recon_loss_before']:.4f} -> "
                      f"{'-' if after is None else format(after, '.4f')}"
                      f"{'  (stopped early)' if trace.get('stopped_early') else ''}")
     if trace.get("aborted"):

@@ -298,7 +298,8 @@ class TrainStepEvent(BaseModel):
 
     step: int = Field(description="1-based")
     steps: int
-    loss: float = Field(description="the reconstruction loss before this step's update")
+    loss: float = Field(description="the training objective's loss before this step's update (the reconstruction's "
+                                    "unless the request's objective says otherwise; the trace's objective names it)")
     grad_norm: float | None = Field(description="null when the step stopped training (stop_loss) before an update")
     seconds: float
 

@@ -41,6 +41,7 @@ from relat_core.params import (
     InvalidParameter,
     Mapping,
     Method,
+    Objective,
     Target,
     TTTParams,
 )
@@ -143,6 +144,13 @@ class TTTOptions(BaseModel):
     backprop_latent_steps: bounded("backprop_latent_steps") | None = Field(
         None, description="relat: train through the thought's last this many latent steps only (truncated "
                           "backpropagation; 0 = all of it)")
+    objective: Objective | None = Field(
+        None, description="relat: what test-time training minimises: reconstruction (rebuild the question from the "
+                          "latent thought), prompt_lm (next-token loss of the question's tokens in the prompt, no "
+                          "thought) or entropy (mean entropy of the first answer-token distributions, no thought)")
+    entropy_tokens: bounded("entropy_tokens") | None = Field(
+        None, description="objective entropy: tokens of the base model's greedy draft answer whose predicting "
+                          "distributions' mean entropy is minimised")
     num_steps: bounded("num_steps") | None = Field(
         None, description="recurrent-depth models (Huginn) only, a 400 on others: core-block recurrences per "
                           "position (default: the model's mean_recurrence)")

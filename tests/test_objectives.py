@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 
 import relat_core.engine.objectives as objectives_module
-from relat_core import Engine, Request, SamplingParams, TTTParams
+from relat_core import Engine, Request, SamplingParams, TTTParams, load_model
 from relat_core.adapter_cache import AdapterCache
 from relat_core.chat import normalise_messages
 from relat_core.loading import weights_digest
 from relat_core.params import ATTENTION_TARGETS, MLP_TARGETS
 
 from .conftest import build_tiny
+from .huginn_support import FIXED, published_tensors, write_checkpoint
 from .test_batching import assert_as_alone, drive
 
 QUESTION = [{"role": "user", "content": "Which planet is known as the red planet?"}]
@@ -221,3 +222,22 @@ def test_the_objective_is_in_the_adapter_caches_key(cached, first, second, outco
     messages = [{"role": "user", "content": f"Which objective? {first} then {second}"}]  # a fresh key per case
     assert cached.run(Request(messages, base.replace(**first), GREEDY)).trace.cache == "miss"
     assert cached.run(Request(messages, base.replace(**second), GREEDY)).trace.cache == outcome
+
+
+def test_a_recurrent_depth_model_trains_on_every_objective_batched_as_alone(tmp_path, tokenizer):
+    """Huginn (relat_core/models/huginn/): each row at its request's depth, through the same phases."""
+    folder = write_checkpoint(tmp_path, published_tensors(len(tokenizer)), len(tokenizer))
+    tokenizer.save_pretrained(folder)
+    engine = Engine(load_model(str(folder), device="cpu"), num_slots=3, max_rank=8, decode_share=0.0)
+    try:
+        before = weights_digest(engine.model)
+        requests = {objective: Request(QUESTION, engine.defaults.replace(objective=objective, **QUICK, **FIXED),
+                                       SamplingParams(max_tokens=3)) for objective in ("reconstruction", "prompt_lm",
+                                                                                       "entropy")}
+        outcomes = drive(engine, requests)
+        for request_id, request in requests.items():
+            assert_as_alone(engine, request, outcomes[request_id])
+            assert math.isfinite(outcomes[request_id].finished.result.trace.recon_loss_after)
+        assert weights_digest(engine.model) == before
+    finally:
+        unhook(engine)

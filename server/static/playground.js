@@ -1,4 +1,4 @@
-// The relat playground: asks POST /v1/relat (streaming) and shows the answer, the reconstruction loss per training
+// The relat playground: asks POST /v1/relat (streaming) and shows the answer, the training loss per training
 // step, the time per phase and the trace. No build step and no third-party code; the chart is plain SVG.
 //
 // The knobs are generated from the server's own OpenAPI document (the RelatRequest schema: enums, bounds,
@@ -269,7 +269,7 @@ class Column {
     this.message = el("p", {class: "message error", role: "alert", hidden: true});
     this.elapsed = el("span", {class: "elapsed"});
     this.chart = svg("svg", {class: "loss-chart", viewBox: "0 0 320 150", role: "img",
-      "aria-label": "reconstruction loss per training step"});
+      "aria-label": "training loss per training step"});
     this.chartCaption = el("figcaption", {text: method === "relat" ? "waiting for training…"
       : "no training for this method (unless it is asked of relat)"});
     this.bar = el("div", {class: "bar"});
@@ -400,7 +400,9 @@ class Column {
       this.losses = losses;
       this.steps = Math.max(this.steps, losses.length);
       drawChart(this.chart, this.losses, this.steps);
-      this.chartCaption.textContent = `reconstruction loss ${trace.recon_loss_before.toFixed(3)} → `
+      // The objective the request trained on names the loss (a server before the objectives has none to name).
+      this.chartCaption.textContent = `${trace.objective || "reconstruction"} loss `
+        + `${trace.recon_loss_before.toFixed(3)} → `
         + `${trace.recon_loss_after.toFixed(3)} over ${losses.length} step${losses.length > 1 ? "s" : ""}`
         + (trace.stopped_early ? " (stopped early)" : "") + (trace.aborted ? ` (aborted: ${trace.aborted})` : "")
         + (trace.cache === "hit" ? "; adapter cache hit: no training ran, these losses were recorded when it was"
