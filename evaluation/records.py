@@ -16,7 +16,8 @@ The folder holds:
     predicted       what the scorer read from the reply (a number, a letter; for code the program's verdict)
     finish_reason   "stop" or "length"
     prompt_tokens, completion_tokens
-    recon_before, recon_after   relat's reconstruction loss before and after training (null for direct/latent)
+    recon_before, recon_after   relat's training loss before and after training: the reconstruction's, or that of
+                    the variant's objective (null for direct/latent)
     steps_run       training steps that ran
     seconds         the request's latency, from admission (or the HTTP call) to its answer
     timings         the trace's seconds per phase: train_s, think_s, first_token_s, decode_s, total_s

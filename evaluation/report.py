@@ -175,11 +175,22 @@ def options_table(records: list[Record], runs: list[dict[str, Any]], names: list
                 continue
             value, given = full[name][key]
             text = as_text(value).replace("|", "\\|") or "''"
+            if key == "adapter_during_answer" and _answers_from_question_with_adapter(
+                    {option: entry[0] for option, entry in full[name].items()}):
+                text = f"{as_text(True)} (answer from the question)"
             cells.append(f"**{text}**" if given else text)
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     lines.append("| records | " + " | ".join(str(sum(r["variant"] == n for r in records)) for n in names) + " |")
     return ("Variants: every option each ran with (bold: set by the variant; the rest are the engine's or the "
             "server's defaults).\n\n" + "\n".join(lines) + "\n")
+
+
+def _answers_from_question_with_adapter(options: dict[str, Any]) -> bool:
+    """A relat variant that trains and answers from the question answers through its adapter whatever
+    adapter_during_answer says (relat_core's TTTParams.adapter_answers); run.json files written before the trace
+    said so hold the option as asked, false."""
+    return (options.get("method") == "relat" and options.get("answer_context") == "question"
+            and options.get("steps") != 0)  # left out: the defaults, which train
 
 
 def group_title(group: str, records: list[Record]) -> str:
@@ -332,6 +343,8 @@ def body(folder: Path, records: list[Record], runs: list[dict[str, Any]], names:
                                 f"no paired plot: no variant shares items with {baseline}"))
 
     parts.append("## Reconstruction loss\n")
+    parts.append("relat's training loss before and after training: the reconstruction's, or that of the objective a "
+                 "variant's options name (prompt_lm, entropy).\n")
     parts.append(_plot_link(plot_reconstruction(folder / "reconstruction.png", records, names),
                             "reconstruction loss before and after training",
                             "no variant has reconstruction losses (only relat reports them)"))

@@ -67,8 +67,8 @@ class LocalRunner:
         self.model_name = self.loaded.name
 
     def full_options(self, variant: Variant) -> dict[str, Any]:
-        ttt = self.engine.defaults.replace(**variant.ttt)
-        return {**asdict(ttt), "targets": list(ttt.targets), **variant.sampling}
+        """The options the variant runs with, as they apply (adapter_during_answer as applied, as a trace says)."""
+        return {**self.engine.defaults.replace(**variant.ttt).as_applied(), **variant.sampling}
 
     def run(self, jobs: list[Job]) -> Iterator[tuple[Job, Outcome]]:
         from relat_core import EngineBusy, Finished, Request, SamplingParams
