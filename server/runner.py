@@ -324,10 +324,12 @@ class Runner:
             except Exception as error:  # a server bug: this request's 500, not the engine thread's death
                 self._end(job, "error", error)
                 return
-        job.post(event)
         if isinstance(event, Finished):
+            # Its metrics and log line before the client has its answer: a client that reads /metrics or the log
+            # right after its response finds its request there (the log line came after it under load: a CI race).
             self._observe_result(event, job, now)
             self._end(job, "success")
+        job.post(event)
 
     def _end(self, job: Job, outcome: str, error: BaseException | None = None) -> None:
         """The job leaves the engine (aborted there unless it finished) and the running set; errors go to it."""
