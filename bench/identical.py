@@ -34,9 +34,9 @@ RECORD = BENCH / "results" / "identical-answers.jsonl"
 FILES = ("knowledge_dev.jsonl", "code_tasks.jsonl", "code_mbpp_examples.jsonl")
 
 
-def load_items(limit: int | None) -> list[tuple[str, int, dict]]:
+def load_items(limit: int | None, files: tuple[str, ...] = FILES) -> list[tuple[str, int, dict]]:
     items = []
-    for name in FILES:
+    for name in files:
         lines = (DATA / name).read_text().splitlines()
         rows = [json.loads(line) for line in lines if line.strip()]
         items += [(name, index, item) for index, item in enumerate(rows[:limit])]
@@ -65,13 +65,22 @@ def answer_all(items: list[tuple[str, int, dict]], threads: int, model: str | No
                "seconds": round(time.perf_counter() - started, 2)}
 
 
+def cpu_model() -> str:
+    """The processor's name: another processor may round differently, and so may answer differently."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+
+
 def header(threads: int) -> dict:
     import relat_core
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(relat_core.__file__).parent, text=True,
                             capture_output=True).stdout.strip()
     return {"header": True, "commit": commit, "relat_core": str(Path(relat_core.__file__).parent),
-            "threads": threads, "machine": platform.processor() or platform.machine(),
+            "threads": threads, "machine": platform.machine(), "cpu": cpu_model(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
@@ -95,12 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--file", type=Path, default=RECORD,
                         help=f"the record (default {RECORD.relative_to(BENCH.parent)})")
     parser.add_argument("--limit", type=int, help="the first N items of each file only")
+    parser.add_argument("--files", nargs="+", choices=FILES, default=FILES, help="which data files (default all)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads; check with the record's (default 2)")
     parser.add_argument("--model", help="a model other than the embedded default (its own record, then)")
     parser.add_argument("--answers", type=Path, help="compare this record with --file instead of running the model")
     args = parser.parse_args(argv)
 
-    items = load_items(args.limit)
+    items = load_items(args.limit, tuple(args.files))
     if args.record:
         args.file.parent.mkdir(parents=True, exist_ok=True)
         with args.file.open("w") as out:
@@ -116,17 +126,19 @@ def main(argv: list[str] | None = None) -> int:
     head = lines[0] if lines and lines[0].get("header") else {}
     if head.get("threads") not in (None, args.threads):
         print(f"note: recorded with {head['threads']} threads, checking with {args.threads}", file=sys.stderr)
+    if not args.answers and head.get("cpu") not in (None, cpu_model()):
+        print(f"note: recorded on {head['cpu']}, checking on {cpu_model()}: rounding may differ", file=sys.stderr)
     recorded = {(r["data"], r["index"]): r for r in lines if not r.get("header")}
-    missing = [f"{name}#{index}" for name, index, _ in items if (name, index) not in recorded]
-    if missing:
-        print(f"not in the record: {', '.join(missing)}", file=sys.stderr)
-        return 1
     if args.answers:
         answers = [json.loads(line) for line in args.answers.read_text().splitlines() if line.strip()]
         by_item = {(r["data"], r["index"]): r for r in answers if not r.get("header")}
         items = [(name, index, item) for name, index, item in items if (name, index) in by_item]
         new_records = (by_item[(name, index)] for name, index, _ in items)
-    else:
+    missing = [f"{name}#{index}" for name, index, _ in items if (name, index) not in recorded]
+    if missing:
+        print(f"not in the record: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    if not args.answers:
         new_records = answer_all(items, args.threads, args.model)
     differences, largest_loss_gap = [], 0.0
     for number, record in enumerate(new_records, 1):
