@@ -1,6 +1,7 @@
 """The plots of a `relat eval` report (relat_eval.report): accuracy per variant and task with 95% Wilson
 intervals, wins and losses against the baseline, reconstruction loss before and after training, seconds per
-phase, tokens generated, and accuracy against a swept option.
+phase, tokens generated, accuracy against a swept option, and accuracy against mean seconds per request with its
+Pareto front (relat_eval.summary.pareto_front).
 
 Plots are drawn on `matplotlib.figure.Figure` objects, never through pyplot: no display is needed, no backend is
 chosen for the caller, and a figure is freed with its last reference. Without matplotlib (the `eval` extra) each
@@ -12,12 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from relat_eval import summary
 from relat_eval.summary import PHASES, POOLED, Record, Row, Sweep, as_text, group_records, p_text, phase_means, task_of
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-PLOTS = ("accuracy.png", "paired.png", "reconstruction.png", "seconds.png", "tokens.png")  # sweeps add sweep-*.png
+PLOTS = ("accuracy.png", "paired.png", "reconstruction.png", "seconds.png", "tokens.png", "cost.png")  # + sweep-*.png
 
 
 def _figure(width: float, height: float) -> Figure | None:
@@ -199,4 +201,34 @@ def plot_sweeps(path: Path, key: str, sweeps: list[Sweep], groups: dict[str, dic
     axes.set_ylim(0, 100)
     if axes.get_legend_handles_labels()[0]:
         axes.legend(fontsize="small")
+    return _save(figure, path)
+
+
+def plot_cost(path: Path, rows: dict[str, Row], names: list[str]) -> str | None:
+    """Accuracy against mean seconds per request, a point per variant (`rows`: pooled over every data file), the
+    Pareto front joined by a line and the variants it dominates faded. None for fewer than two variants."""
+    points = summary.cost_points(rows.values())
+    if len(points) < 2:
+        return None
+    figure = _figure(6.0, 4.5)
+    if figure is None:
+        return None
+    axes = figure.add_subplot()
+    front = summary.pareto_front(rows.values())
+    axes.plot([points[name][0] for name in front], [100 * points[name][1] for name in front], color="black",
+              linewidth=1, linestyle="--", zorder=1, label="Pareto front")
+    for name, (seconds, accuracy) in points.items():
+        low, high = rows[name].interval
+        alpha = 1.0 if name in front else 0.35
+        axes.errorbar([seconds], [100 * accuracy], yerr=[[100 * (accuracy - low)], [100 * (high - accuracy)]],
+                      capsize=3, marker="o", color=_colour(names, name), alpha=alpha, zorder=2)
+        axes.annotate(name, (seconds, 100 * accuracy), xytext=(5, 5), textcoords="offset points",
+                      fontsize="small", alpha=alpha)
+    seconds = [s for s, _ in points.values()]
+    if min(seconds) > 0 and max(seconds) / min(seconds) >= 10:  # a method that trains can cost many times more
+        axes.set_xscale("log")
+    axes.set_xlabel("mean seconds per request")
+    axes.set_ylabel("accuracy (%), 95% Wilson interval")
+    axes.set_ylim(0, 100)
+    axes.legend(fontsize="small", title="faded: dominated", title_fontsize="small")
     return _save(figure, path)

@@ -13,6 +13,7 @@ What it shows and why:
   score as wrong too.
 - the seconds per phase (training, latent thinking, decoding). With batching they are latencies under load, so
   each run's wall time per item, its throughput, comes with them.
+- accuracy against mean seconds per request, pooled, with its Pareto front: what each variant's accuracy costs.
 - sweeps: variants whose options differ in one numeric option alone (relat-l1 and relat-l4 with latent_steps 1 and
   4) get accuracy against that option, a table and a plot each.
 
@@ -30,6 +31,7 @@ from typing import Any
 from relat_eval.plots import (
     PLOTS,
     plot_accuracy,
+    plot_cost,
     plot_paired,
     plot_reconstruction,
     plot_seconds,
@@ -49,6 +51,7 @@ from relat_eval.summary import (
     group_records,
     group_rows,
     p_text,
+    pareto_line,
     phase_means,
 )
 
@@ -357,6 +360,12 @@ def body(folder: Path, records: list[Record], runs: list[dict[str, Any]], names:
     parts.append("".join(throughput_lines(every, {r.get("run") for r in records})) or "(no run times recorded)\n")
     parts.append(_plot_link(plot_seconds(folder / "seconds.png", records, names), "seconds per phase",
                             "no timings recorded"))
+
+    parts.append("## Accuracy against seconds\n")
+    pooled = groups.get(POOLED) or next(iter(groups.values()))  # one task: its rows are the pooled ones
+    parts.append(pareto_line(pooled.values()))
+    parts.append(_plot_link(plot_cost(folder / "cost.png", pooled, names), "accuracy against mean seconds per request",
+                            "no cost plot: fewer than two variants have seconds"))
 
     parts.append("## Tokens generated\n")
     parts.append(_plot_link(plot_tokens(folder / "tokens.png", records, names), "tokens generated per item",

@@ -1,13 +1,16 @@
 """The numbers of a `relat eval` report (relat_eval.report, relat_eval.plots): each variant's row over a group
 of records (a task, or every task pooled), with its 95% Wilson interval and its paired sign test against the
-baseline (relat_eval.stats); the sweeps among the variants' options; the mean seconds per phase; and the few
-texts that both the tables and the plots print.
+baseline (relat_eval.stats); the sweeps among the variants' options; the mean seconds per phase; the Pareto front
+of accuracy against mean seconds per request (the variants no other beats on both, as in the cost-accuracy
+frontiers of Kapoor et al., "AI Agents That Matter", arXiv:2407.01502); and the few texts that both the tables
+and the plots print.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +144,35 @@ def phase_means(records: list[Record], name: str) -> dict[str, float]:
     if "total_s" in found:
         found["other"] = max(0.0, found["total_s"] - sum(found.get(phase, 0.0) for phase in PHASES))
     return found
+
+
+# -- cost -------------------------------------------------------------------------------------------------------
+
+def cost_points(rows: Iterable[Row]) -> dict[str, tuple[float, float]]:
+    """Each variant's (mean seconds per request, accuracy), for the rows that have both."""
+    return {row.variant: (row.seconds, row.accuracy) for row in rows
+            if row.accuracy is not None and row.seconds is not None}
+
+
+def pareto_front(rows: Iterable[Row]) -> list[str]:
+    """The variants on the Pareto front of accuracy against mean seconds, cheapest first: those no other variant
+    dominates (accuracy as high or higher AND seconds as low or lower, strictly better in one). Variants tied on
+    both dominate neither and are both on it; a row without records or seconds is on no front."""
+    points = cost_points(rows)
+
+    def dominated(seconds: float, accuracy: float) -> bool:
+        return any(other_s <= seconds and other_a >= accuracy and (other_s, other_a) != (seconds, accuracy)
+                   for other_s, other_a in points.values())
+
+    front = [name for name, point in points.items() if not dominated(*point)]
+    return sorted(front, key=lambda name: points[name][0])  # stable: ties keep the variants' order
+
+
+def pareto_line(rows: Iterable[Row]) -> str:
+    front = pareto_front(rows)
+    if not front:
+        return "Pareto front (accuracy against mean seconds): none (no variant has seconds recorded)\n"
+    return f"Pareto front (accuracy against mean seconds): {', '.join(front)}\n"
 
 
 # -- text the tables and the plots share ------------------------------------------------------------------------
