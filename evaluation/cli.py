@@ -138,6 +138,7 @@ def make_record(job: Job, outcome: Outcome, run_id: str, run_s: float, code_time
         "completion_tokens": usage.get("completion_tokens"), "max_tokens": job.max_tokens,
         "recon_before": trace.get("recon_loss_before"), "recon_after": trace.get("recon_loss_after"),
         "steps_run": sum(s.get("grad_norm") is not None for s in trace.get("steps", [])),
+        "gated": trace.get("gated"), "signals": trace.get("signals") or {},
         "seconds": round(outcome.seconds, 3), "timings": trace.get("timings", {}), "run": run_id,
         "run_s": round(run_s, 3), "error": outcome.error,
     }

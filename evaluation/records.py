@@ -19,6 +19,9 @@ The folder holds:
     recon_before, recon_after   relat's training loss before and after training: the reconstruction's, or that of
                     the variant's objective (null for direct/latent)
     steps_run       training steps that ran
+    gated           the gate kept direct's answer (true), trained (false), or no gate ran (null)
+    signals         the trace's signals: l0, draft_entropy, draft_margin, draft_logprob, draft_confidence,
+                    auto_score, loss_drop, agreement, those measured
     seconds         the request's latency, from admission (or the HTTP call) to its answer
     timings         the trace's seconds per phase: train_s, think_s, first_token_s, decode_s, total_s
     run, run_s      the run's id (its start time) and the seconds from the run's start to this answer

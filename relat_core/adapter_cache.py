@@ -29,9 +29,10 @@ import torch
 
 from .params import TTTParams
 
-# TTT options that act only after training (on the final thought or the answer), and the cache switch itself.
+# TTT options that act only after training (on the final thought or the answer) or before it (the gate, which
+# decides whether it runs), and the cache switch itself.
 NOT_IN_KEY: frozenset[str] = frozenset({"guidance", "answer_context", "adapter_during_answer", "contrastive_eta",
-                                        "cache"})
+                                        "cache", "gate", "gate_threshold", "draft_tokens"})
 
 
 def training_key(model: str, pieces: list[tuple[list[int], int, int]], recon_ids: list[int],

@@ -24,6 +24,7 @@ Target = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                  "Wqkv", "attn.proj", "mlp.fc", "mlp.proj", "adapter"]
 ExitCriterion = Literal["none", "kl", "latent-diff", "argmax-stability"]
 Objective = Literal["reconstruction", "prompt_lm", "entropy"]
+Gate = Literal["none", "fidelity", "confidence", "auto"]
 
 METHODS: tuple[str, ...] = ("direct", "latent", "relat")
 MAPPINGS: tuple[str, ...] = ("norm", "realign", "none", "soft")
@@ -33,6 +34,7 @@ AGENTS: tuple[str, ...] = ("single", "sequential", "hierarchical")
 ANSWER_FORMATS: tuple[str, ...] = ("auto", "text", "boxed", "choice", "code")
 EXIT_CRITERIA: tuple[str, ...] = ("none", "kl", "latent-diff", "argmax-stability")
 OBJECTIVES: tuple[str, ...] = ("reconstruction", "prompt_lm", "entropy")
+GATES: tuple[str, ...] = ("none", "fidelity", "confidence", "auto")
 MAX_AGENT_TOKENS = 4096
 MAX_GUIDANCE = 10.0  # past this the extrapolated logits are noise; a bound keeps a typo from being a silent garble
 # Linear layers that can carry the adapter, named by the end of their module path: a Llama/Qwen decoder block's,
@@ -135,9 +137,13 @@ TTT_BOUNDS: dict[str, Bound] = {
     "backprop_latent_steps": Bound(0, 256, integer=True),
     # The entropy objective's draft: a few answer tokens, decoded once per request (64 keeps it a prefix).
     "entropy_tokens": Bound(1, 64, integer=True),
+    # The gate's draft: the first tokens of direct's answer, whose confidence the gate reads (kept as the answer's
+    # start when the gate keeps direct).
+    "draft_tokens": Bound(1, 64, integer=True),
+    "gate_threshold": Bound(),  # any finite number: each gate's signal has its own scale (docs/api.md)
 }
 # The numeric options that may be None (left to a later default), and so are checked only when set.
-OPTIONAL_TTT = ("stop_loss", "num_steps", "init_scale", "exit_threshold", "backprop_depth")
+OPTIONAL_TTT = ("stop_loss", "gate_threshold", "num_steps", "init_scale", "exit_threshold", "backprop_depth")
 SAMPLING_BOUNDS: dict[str, Bound] = {
     "max_tokens": Bound(1, integer=True),
     "n": Bound(1, 128, integer=True),  # answers from the one training and thought; a server narrows it (max_n)
@@ -207,6 +213,15 @@ class TTTParams:
     # entropy_tokens tokens of the base model's greedy draft answer (TENT, arXiv 2006.10726).
     objective: Objective = "reconstruction"
     entropy_tokens: int = 8
+    # relat: whether to train at all, decided per request before training (relat_core/engine/gating.py). "none"
+    # trains always; "fidelity" trains when the reconstruction loss through the base model's thought (l0, one
+    # graph-free forward) is above gate_threshold; "confidence" when the confidence of direct's first draft_tokens
+    # tokens (the geometric mean of their probabilities) is below it; "auto" when a linear score over both, fitted
+    # on search halves (bench/RESULTS.md), is above it. A request the gate keeps answers as direct does, token for
+    # token, its draft the answer's start. None: the gate's own default threshold.
+    gate: Gate = "none"
+    gate_threshold: float | None = None
+    draft_tokens: int = 8
     # -- recurrent-depth models (Huginn) only; None: the model's own default --
     # Recurrences of the core block per position (default: the config's mean_recurrence), capped by a server's
     # max_num_steps.
@@ -244,6 +259,7 @@ class TTTParams:
                  f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {self.answer_format!r}")
         _require(self.objective in OBJECTIVES, "objective",
                  f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        _require(self.gate in GATES, "gate", f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         _require(self.exit_criterion is None or self.exit_criterion in EXIT_CRITERIA, "exit_criterion",
                  f"exit_criterion must be one of {', '.join(EXIT_CRITERIA)}, got {self.exit_criterion!r}")
         _require(self.exit_threshold is None or self.exit_criterion not in (None, "none"), "exit_threshold",

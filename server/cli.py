@@ -95,6 +95,14 @@ def print_trace(trace: dict, usage: dict, stream=None) -> None:
         lines.append(f"{trace.get('objective') or 'reconstruction'} loss {trace['recon_loss_before']:.4f} -> "
                      f"{'-' if after is None else format(after, '.4f')}"
                      f"{'  (stopped early)' if trace.get('stopped_early') else ''}")
+    gate = trace.get("gate")  # .get: a server older than the gate sends none
+    if gate:
+        verdict = "kept direct's answer (no training)" if gate.get("gated") else "trained"
+        lines.append(f"gate {gate['kind']}: {gate['signal']} {gate.get('value', float('nan')):.4f} against threshold "
+                     f"{gate['threshold']:g}: {verdict}")
+    if trace.get("signals"):
+        lines.append("signals: " + "  ".join(f"{name}={value:.4f}" if isinstance(value, float) else
+                                             f"{name}={value}" for name, value in trace["signals"].items()))
     if trace.get("aborted"):
         lines.append(f"update abandoned: {trace['aborted']} (answered by the base model)")
     if trace.get("cache") == "hit":

@@ -38,6 +38,7 @@ from relat_core.params import (
     AnswerFormat,
     ExitCriterion,
     FollowUp,
+    Gate,
     InvalidParameter,
     Mapping,
     Method,
@@ -151,6 +152,15 @@ class TTTOptions(BaseModel):
     entropy_tokens: bounded("entropy_tokens") | None = Field(
         None, description="objective entropy: tokens of the base model's greedy draft answer whose predicting "
                           "distributions' mean entropy is minimised")
+    gate: Gate | None = Field(
+        None, description="relat: train only where the signals say so, else answer as direct (token for token, no "
+                          "adapter): none (train always), fidelity (when l0, the reconstruction loss through the base "
+                          "model's thought, > gate_threshold), confidence (when the confidence of direct's first "
+                          "draft_tokens tokens < gate_threshold) or auto (a fitted score over both > gate_threshold)")
+    gate_threshold: bounded("gate_threshold") | None = Field(
+        None, description="the gate's threshold on its signal (default: the gate's own, chosen on search halves)")
+    draft_tokens: bounded("draft_tokens") | None = Field(
+        None, description="gate confidence or auto: the tokens of direct's answer drafted before the gate decides")
     num_steps: bounded("num_steps") | None = Field(
         None, description="recurrent-depth models (Huginn) only, a 400 on others: core-block recurrences per "
                           "position (default: the model's mean_recurrence)")

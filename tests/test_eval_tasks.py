@@ -257,6 +257,7 @@ def test_sandbox_runs_in_a_fresh_directory_that_is_removed():
 
 @pytest.mark.parametrize("name, task, least", [
     ("knowledge_extra.jsonl", "knowledge", 40), ("knowledge_kinds.jsonl", "knowledge", 150),
+    ("knowledge_fresh.jsonl", "knowledge", 150),
     ("maths_examples.jsonl", "maths", 10), ("choice.jsonl", "choice", 40), ("code_tasks.jsonl", "code", 20),
     ("code_mbpp_examples.jsonl", "code", 5), ("knowledge_dev.jsonl", "knowledge", 76),
     ("gsm8k_test_dev.jsonl", "maths", 1000), ("aime24.jsonl", "maths", 30),
@@ -274,11 +275,13 @@ def test_data_files_are_well_formed(name, task, least):
 
 def test_knowledge_files_keep_their_fields_and_repeat_no_knowledge_dev_question():
     assert all(set(item) == {"question", "answers"} for item in read("knowledge_extra.jsonl"))
-    assert all(set(item) == {"question", "answers", "kind"} for item in read("knowledge_kinds.jsonl"))
+    for name in ("knowledge_kinds.jsonl", "knowledge_fresh.jsonl"):
+        assert all(set(item) == {"question", "answers", "kind"} for item in read(name))
     dev = {item["question"].casefold() for item in read("knowledge_dev.jsonl")}
-    ours = {item["question"].casefold() for name in ("knowledge_extra.jsonl", "knowledge_kinds.jsonl",
-                                                     "choice.jsonl") for item in read(name)}
-    assert len(dev) == 76 and not dev & ours
+    ours = [{item["question"].casefold() for item in read(name)}
+            for name in ("knowledge_extra.jsonl", "knowledge_kinds.jsonl", "knowledge_fresh.jsonl", "choice.jsonl")]
+    assert len(dev) == 76 and not dev & set.union(*ours)
+    assert not ours[2] & (ours[0] | ours[1] | ours[3])  # knowledge_fresh repeats none of the others
 
 
 def test_choice_gold_letters_are_balanced():

@@ -35,12 +35,14 @@ class Answerer:
     when they finish, fail or are aborted (`leave`)."""
 
     def __init__(self, context: EngineContext, requests: dict[str, _Sequence],
-                 fail: Callable[[_Sequence, Exception], tuple[str, Event]]):
+                 fail: Callable[[_Sequence, Exception], tuple[str, Event]], settle: Callable[[_Sequence], bool]):
         self.context = context
         # The scheduler's requests, by id: a request that finishes here leaves them, and only a request still
         # among them can fail (`fail`, the scheduler's: it aborts the request, which leaves the batch).
         self.requests = requests
         self.fail = fail
+        # A gated request's draft is complete: True keeps it answering (the gate's, relat_core/engine/gating.py).
+        self.settle = settle
         self.decoding: _Decoding | None = None
 
     def join(self, rows: list[_Sequence | _Plain], state: SequenceState, hidden: torch.Tensor) -> None:
@@ -104,6 +106,8 @@ class Answerer:
                 continue
             try:
                 token = greedy[index] if row.sampling.greedy else sample(logits[index], row.sampling, row.generator)
+                if row.drafting:
+                    row.gate_draft.record(logits[index], token)
                 finished = self._accept(row, token, events)
             except Exception as error:
                 events.append(self.fail(row, error))  # leaves the batch through abort_request
@@ -210,15 +214,22 @@ class Answerer:
             finish_reason = "stop"
         else:
             row.tokens.append(token)
-            if len(row.tokens) == 1 and not agent_text:
+            if len(row.tokens) == 1 and not agent_text and not row.drafting:
                 row.trace.timings["first_token_s"] = time.perf_counter() - row.start
             delta = row.detokenizer.push(token)
             if delta and not agent_text:
-                events.append((row.request_id, TextDelta(delta, row.choice)))
+                (row.gate_draft.held if row.drafting else events).append((row.request_id, TextDelta(delta, row.choice)))
             if row.detokenizer.stopped:
                 finish_reason = "stop"
             elif len(row.tokens) >= limit:
                 finish_reason = "length"
+        if row.drafting and (finish_reason is not None or len(row.tokens) >= row.gate_draft.limit):
+            held = row.gate_draft.held
+            if not self.settle(row):
+                return True  # it trains: it leaves the batch, and answers afresh after training
+            events += held  # it keeps direct's answer: its text so far, now
+            if row.tokens:
+                row.trace.timings["first_token_s"] = time.perf_counter() - row.start
         if finish_reason is None:
             return False
         tail = row.detokenizer.finish()
@@ -234,6 +245,7 @@ class Answerer:
             return True  # this answer has ended; the request ends with its last
         choices = [request.ended[k] for k in range(request.sampling.n)]
         completion_tokens = sum(len(choice.token_ids) for choice in choices)
+        request.final_signals()
         request.trace.timings["decode_s"] = now - request.decode_start
         request.trace.timings["total_s"] = now - request.start
         depths = request.answer_depths

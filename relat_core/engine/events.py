@@ -88,6 +88,12 @@ class Trace:
     # Recurrent-depth models: the core-block recurrences of the answer's positions read back (every answer token
     # but the last), {"mean", "min", "max", "positions"}; None on other models or before a token was read back.
     recurrences: dict | None = None
+    # The gate (relat_core/engine/gating.py): whether it kept direct's answer (None: no gate ran), its kind, signal,
+    # value and threshold, and the signals measured: l0, the draft's entropy, margin, logprob and confidence, and
+    # after training the loss drop and the draft's agreement with the adapted answer.
+    gated: bool | None = None
+    gate: dict | None = None
+    signals: dict[str, float | bool] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     # Every TTT parameter the request ran with, defaults filled in: what a report needs to name a run in full.
     options: dict = field(default_factory=dict)

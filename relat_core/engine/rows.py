@@ -9,6 +9,7 @@ agent before the last), and a multi-agent request keeps its working memory betwe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,37 @@ class Piece:
     token_ids: list[int]
     question_start: int
     latent_steps: int
+
+
+@dataclass(eq=False)
+class _Draft:
+    """A gated request's draft (relat_core/engine/gating.py): direct's answer decoded for its first `limit` tokens
+    as a row of the decoding batch, with each token's confidence, its text held back until the gate decides."""
+
+    limit: int
+    generator_state: torch.Tensor  # the sampler before the draft: put back if the request trains
+    start: float
+    entropies: list[float] = field(default_factory=list)  # nats, of each draft token's distribution
+    margins: list[float] = field(default_factory=list)  # top-1 minus top-2 probability
+    logprobs: list[float] = field(default_factory=list)  # of the token chosen
+    held: list = field(default_factory=list)  # the text events not yet emitted
+    tokens: list[int] = field(default_factory=list)  # the draft, once settled
+    settled: bool = False
+
+    def record(self, logits: torch.Tensor, token: int) -> None:
+        """One draft token's confidence, from the model's own distribution (temperature 1, whatever the sampler)."""
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        top = log_probs.topk(2).values.exp().tolist()
+        self.entropies.append(float(-(log_probs.exp() * log_probs).sum()))
+        self.margins.append(top[0] - top[1])
+        self.logprobs.append(float(log_probs[token]))
+
+    def statistics(self) -> dict[str, float]:
+        """The draft's confidence signals: means over its tokens, and their probabilities' geometric mean."""
+        count = max(len(self.logprobs), 1)
+        mean_logprob = sum(self.logprobs) / count
+        return {"draft_entropy": sum(self.entropies) / count, "draft_margin": sum(self.margins) / count,
+                "draft_logprob": mean_logprob, "draft_confidence": math.exp(mean_logprob)}
 
 
 @dataclass
@@ -64,6 +96,7 @@ class _Sequence:
     adapted: bool = False  # training ended with an adapter the answer may use
     loss_now: float | None = None  # the loss at the current weights, when it was measured last (an early stop)
     draft: list[int] | None = None  # objective "entropy": the base model's greedy draft, decoded at the first step
+    gate_draft: _Draft | None = None  # a gated request's draft of direct's answer (gating.py)
     generator: torch.Generator | None = None
     depth: RowRecurrence | None = None  # how a recurrent-depth model iterates this request's positions
     answer_depths: list[int] = field(default_factory=list)  # recurrences of each answer position read back
@@ -117,9 +150,25 @@ class _Sequence:
     def thinks(self) -> bool:
         """A piece of the thought is still to run before the answer: every agent runs again after training; a
         single model thinks when the answer follows the thought or its loss is still to be measured."""
-        if self.piece >= len(self.pieces):
+        if self.piece >= len(self.pieces) or self.drafting:
             return False
         return bool(self.team) or self.answers_after_thought or self.needs_score
+
+    @property
+    def drafting(self) -> bool:
+        """The gate's draft of direct's answer is being decoded: prompt alone, no adapter, its text held back."""
+        return self.gate_draft is not None and not self.gate_draft.settled
+
+    def final_signals(self) -> None:
+        """The signals known once the answer is: the loss drop l0 - l_N of training, and whether the adapted
+        answer's first tokens agree with the gate's draft of direct's (trace.signals)."""
+        trace = self.trace
+        if trace.objective == "reconstruction" and trace.recon_loss_after is not None:
+            trace.signals.setdefault("l0", trace.recon_loss_before)
+            trace.signals["loss_drop"] = trace.recon_loss_before - trace.recon_loss_after
+        draft = self.gate_draft
+        if draft is not None and self.adapted:
+            trace.signals["agreement"] = self.tokens[:len(draft.tokens)] == draft.tokens
 
     @property
     def needs_score(self) -> bool:

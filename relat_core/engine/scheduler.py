@@ -38,6 +38,7 @@ from ..chat import normalise_messages
 from ..loading import LoadedModel
 from ..models.huginn import DEFAULT_EXIT_THRESHOLDS, RowRecurrence
 from ..params import HUGINN_ATTENTION_TARGETS, InvalidParameter, TTTParams
+from . import gating
 from .answering import Answerer
 from .context import EngineContext
 from .defaults import DEFAULT_ADAPTER_SEED, default_ttt_params, recurrence_defaults
@@ -78,7 +79,8 @@ class Engine(EngineContext):
         self._sequences: dict[str, _Sequence] = {}  # in arrival order
         # The phases, each called with the rows it runs this step.
         self.trainer = Trainer(self)
-        self.answerer = Answerer(self, self._sequences, self._fail)
+        self.gate = gating.Gate(self, self.trainer)
+        self.answerer = Answerer(self, self._sequences, self._fail, self.gate.settle)
         self.thinker = Thinker(self, self.answerer)
 
     # -- public ---------------------------------------------------------------------------------------------
@@ -159,7 +161,10 @@ class Engine(EngineContext):
             slot = self.bank.acquire()
             if slot is None:
                 raise EngineBusy("no free adapter slot")
-            self.trainer.start(sequence, slot)
+            if gating.applies(ttt, sampling):
+                self.gate.start(sequence, slot)
+            else:
+                self.trainer.start(sequence, slot)
         self._sequences[request_id] = sequence
 
     def _resolved(self, ttt: TTTParams) -> TTTParams:
@@ -190,6 +195,9 @@ class Engine(EngineContext):
         request; then one token of every answering request. Returns
         the events produced, in order; one token per step keeps the answers streaming token by token."""
         events: list[tuple[str, Event]] = []
+        gated = [s for s in self._sequences.values() if s.phase == "gate"]
+        if gated:
+            events += self._isolated(gated, self.gate.run)
         training = [s for s in self._sequences.values() if s.phase == "train"]
         if training and (self.answerer.decoding is None or self._decode_credit <= 0):
             start = time.perf_counter()

@@ -93,8 +93,9 @@ class Thinker:
         now = time.perf_counter()
         events: list[tuple[str, Event]] = []
         for row in rows:
-            row.trace.timings.setdefault("train_s", start - row.start)
-            row.trace.timings["think_s"] = row.trace.timings.get("think_s", 0.0) + now - start
+            timings = row.trace.timings
+            timings.setdefault("train_s", start - row.start - timings.get("gate_s", 0.0))
+            timings["think_s"] = timings.get("think_s", 0.0) + now - start
         for row, memory, reference in waiting:
             row.memory, row.reference = memory, reference
             events.append(agent_done(row, self._latent_turn(row, now - start)))

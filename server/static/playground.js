@@ -407,8 +407,16 @@ class Column {
         + (trace.stopped_early ? " (stopped early)" : "") + (trace.aborted ? ` (aborted: ${trace.aborted})` : "")
         + (trace.cache === "hit" ? "; adapter cache hit: no training ran, these losses were recorded when it was"
           + " trained" : trace.cache === "miss" ? "; adapter cache miss: trained now, and cached" : "");
+    } else if (trace.gated) {
+      // The gate kept direct's answer: say which signal against which threshold (relat_core/engine/gating.py).
+      this.chartCaption.textContent = `gate ${trace.gate.kind}: ${trace.gate.signal} `
+        + `${trace.gate.value.toFixed(3)} against ${trace.gate.threshold}: no training, direct's answer`;
     } else {
       this.chartCaption.textContent = `no training steps (method ${trace.method || this.method})`;
+    }
+    if (trace.gate && !trace.gated && losses.length) {
+      this.chartCaption.textContent += `; gate ${trace.gate.kind}: ${trace.gate.signal} `
+        + `${trace.gate.value.toFixed(3)} against ${trace.gate.threshold}: trained`;
     }
     const timings = trace.timings || {};
     const browser = [this.arrivals.token !== undefined && `first token after ${this.arrivals.token.toFixed(2)} s`,
