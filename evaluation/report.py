@@ -115,7 +115,8 @@ def accuracy_table(rows: Iterable[Row], baseline: str, paired: bool) -> str:
     head = ["variant", "correct", "95% CI"]
     if paired:
         head += [f"vs {baseline}: wins / losses (sign test)", f"replies ≠ {baseline}"]
-    head += ["recon before → after", "steps run", "hit max tokens", "tokens generated", "s/item", "errors"]
+    head += ["recon before → after", "steps run", "trained (gate)", "hit max tokens", "tokens generated", "s/item",
+             "p95 s", "errors"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row.variant, _accuracy_cell(row), _interval_cell(row)]
@@ -128,8 +129,9 @@ def accuracy_table(rows: Iterable[Row], baseline: str, paired: bool) -> str:
                 cells += [f"+{row.paired.wins} / −{row.paired.losses} ({p_text(row.paired.p)})",
                           f"{row.paired.differ}/{row.paired.shared}"]
         recon = "–" if row.recon_before is None else f"{_fmt(row.recon_before)} → {_fmt(row.recon_after)}"
-        cells += [recon, _fmt(row.steps, 1), str(row.length), _fmt(row.tokens, 0), _fmt(row.seconds, 1),
-                  str(row.errors)]
+        trained = "–" if row.trained is None else f"{row.trained}/{row.n}"
+        cells += [recon, _fmt(row.steps, 1), trained, str(row.length), _fmt(row.tokens, 0), _fmt(row.seconds, 1),
+                  _fmt(row.p95_seconds, 1), str(row.errors)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -40,6 +40,9 @@ class Row:
     tokens: float | None
     seconds: float | None
     errors: int
+    p95_seconds: float | None = None
+    # A gated variant: the requests its gate trained (None where no gate ran).
+    trained: int | None = None
 
     @property
     def interval(self) -> tuple[float, float]:
@@ -63,7 +66,21 @@ def make_row(variant: str, results: dict[Item, Record], baseline: dict[Item, Rec
         tokens=mean(r.get("completion_tokens") for r in values),
         seconds=mean(r.get("seconds") for r in values),
         errors=sum(r.get("error") is not None for r in values),
+        p95_seconds=percentile([r["seconds"] for r in values if r.get("seconds") is not None], 95),
+        trained=sum(r.get("gated") is False for r in values) if any(r.get("gated") is not None for r in values)
+        else None,
     )
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile, linearly interpolated between order statistics (numpy's default); None if empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def group_records(records: list[Record]) -> dict[str, list[Record]]:

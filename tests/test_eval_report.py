@@ -14,6 +14,7 @@ import relat_eval.plots as plots_module
 import relat_eval.report as report_module
 from relat_eval.report import PLOTS, find_sweeps, write_report
 from relat_eval.stats import Paired, by_item, mean, pair, sign_test, wilson_interval
+from relat_eval.summary import make_row, percentile
 
 matplotlib_image = pytest.importorskip("matplotlib.image")
 
@@ -163,6 +164,15 @@ def test_pair_counts_shared_items_only():
     assert mean([1.0, None, 2.0]) == 1.5 and mean([None]) is None
 
 
+def test_rows_count_what_a_gate_trained_and_the_95th_percentile_of_seconds():
+    records = {("a", i): {"correct": i % 2 == 0, "seconds": float(i + 1), "gated": i < 3} for i in range(10)}
+    row = make_row("gated", records, None)
+    assert row.trained == 7  # gated false: the gate trained it
+    assert row.p95_seconds == pytest.approx(9.55)  # between the 9th and 10th order statistics, as numpy's default
+    assert percentile([3.0], 95) == 3.0 and percentile([], 95) is None
+    assert make_row("ungated", {("a", 0): {"correct": True, "seconds": 1.0}}, None).trained is None
+
+
 def test_find_sweeps_wants_one_numeric_difference():
     sweeps = find_sweeps(OPTIONS)
     assert [(s.key, s.fixed, s.points) for s in sweeps] == [
@@ -194,9 +204,10 @@ def test_task_tables_hold_known_numbers(full):
     _, report = full
     knowledge = section(report, "### knowledge")
     assert "`knowledge_dev.jsonl`; 10 items" in knowledge
-    # variant, correct, CI, vs direct, replies differ, recon, steps, max tokens, tokens, s/item, errors
+    # variant, correct, CI, vs direct, replies differ, recon, steps, trained (gate), max tokens, tokens, s/item,
+    # p95 s, errors
     assert row(knowledge, "relat") == ["relat", "8/10 (80%)", "49–94%", "+7 / −1 (p=0.070)", "10/10",
-                                       "2.00 → 0.50", "4.0", "1", "14", "2.0", "0"]
+                                       "2.00 → 0.50", "4.0", "–", "1", "14", "2.0", "2.0", "0"]
     assert row(knowledge, "direct")[:5] == ["direct", "2/10 (20%)", "6–51%", "(baseline)", "–"]
     assert row(knowledge, "latent")[3:6] == ["+0 / −1 (p=1.000)", "10/10", "–"]
     assert row(knowledge, "relat-l1")[3:5] == ["+0 / −0 (p=1.000)", "0/10"]  # same replies as direct
