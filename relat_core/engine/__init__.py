@@ -1,7 +1,8 @@
 """The engine (issue 25 split it into one module a phase, after vLLM v1's scheduler and model runner):
 
 - scheduler.py: `Engine`, which admits requests and decides which rows run which phase each step;
-- training.py, thinking.py, answering.py: the phases (`Trainer`, `Thinker`, `Answerer`), each given its rows;
+- gating.py, training.py, thinking.py, answering.py: the phases (`Gate`, `Trainer`, `Thinker`, `Answerer`), each
+  given its rows;
 - rows.py: the rows they pass between them; context.py: what they share (the model, slot binding, the forwards
   more than one phase runs); events.py: a request, the events and its result; defaults.py: the defaults.
 

@@ -19,9 +19,9 @@ requests answering share one forward pass per token. `add_request` / `step` / `a
 `generate` runs one request alone as a stream of TrainStep, TextDelta and Finished events.
 
 As in vLLM v1, the scheduler only decides which rows run which phase this step; each phase runs its rows and
-returns their events: training.py (`Trainer`), thinking.py (`Thinker`), answering.py (`Answerer`, which owns the
-decoding batch). The rows are rows.py's plain dataclasses; what the phases share is context.py's `EngineContext`,
-which the engine is.
+returns their events: gating.py (`Gate`: whether a request trains at all), training.py (`Trainer`), thinking.py
+(`Thinker`), answering.py (`Answerer`, which owns the decoding batch). The rows are rows.py's plain dataclasses;
+what the phases share is context.py's `EngineContext`, which the engine is.
 """
 
 from __future__ import annotations
