@@ -192,6 +192,10 @@ def plot_sweeps(path: Path, key: str, sweeps: list[Sweep], groups: dict[str, dic
             label = group if len(sweeps) == 1 else f"{group} ({as_text(sweep.fixed)})"
             axes.errorbar([value for value, _ in points], accuracy, yerr=[below, above], capsize=3, marker="o",
                           color=f"C{g % 10}", linestyle=("-", "--", ":", "-.")[number % 4], label=label)
+            for (value, row), y in zip(points, accuracy, strict=True):
+                if row.trained is not None:  # a gate's sweep: what each threshold trained is its cost
+                    axes.annotate(f"{100 * row.trained / row.n:.0f}% trained", (value, y), fontsize="x-small",
+                                  textcoords="offset points", xytext=(4, 6), color=f"C{g % 10}")
     if min(values) > 0 and max(values) / min(values) >= 10:  # learning rates and step counts grow by factors
         axes.set_xscale("log")
     axes.set_xticks(sorted(set(values)), labels=[f"{value:g}" for value in sorted(set(values))])
@@ -222,7 +226,9 @@ def plot_cost(path: Path, rows: dict[str, Row], names: list[str]) -> str | None:
         alpha = 1.0 if name in front else 0.35
         axes.errorbar([seconds], [100 * accuracy], yerr=[[100 * (accuracy - low)], [100 * (high - accuracy)]],
                       capsize=3, marker="o", color=_colour(names, name), alpha=alpha, zorder=2)
-        axes.annotate(name, (seconds, 100 * accuracy), xytext=(5, 5), textcoords="offset points",
+        trained = rows[name].trained  # a gated variant: the share its gate trained
+        label = name if trained is None else f"{name} ({100 * trained / rows[name].n:.0f}% trained)"
+        axes.annotate(label, (seconds, 100 * accuracy), xytext=(5, 5), textcoords="offset points",
                       fontsize="small", alpha=alpha)
     seconds = [s for s, _ in points.values()]
     if min(seconds) > 0 and max(seconds) / min(seconds) >= 10:  # a method that trains can cost many times more

@@ -91,3 +91,22 @@ def test_cost_plot_is_a_valid_png(tmp_path):
             for name in ("direct", "relat")}
     assert plot_cost(tmp_path / "cost.png", rows, ["direct", "relat"]) == "cost.png"
     assert_png(tmp_path / "cost.png")
+
+
+def test_a_gate_threshold_sweep_labels_each_point_with_what_it_trained(tmp_path, figures):
+    """Variants that differ only in gate_threshold are a sweep (sweep-gate_threshold.png), each point labelled with
+    the share its gate trained, as is each gated point of the cost plot: the gate's whole curve (issue 26, part 6)."""
+    records = []
+    for name, threshold, trained in (("gate-low", 2.0, 8), ("gate-mid", 3.5, 4), ("gate-high", 5.0, 1)):
+        for index in range(10):
+            records.append({"data": "d.jsonl", "index": index, "task": "knowledge", "variant": name,
+                            "options": {"method": "relat", "gate": "fidelity", "gate_threshold": threshold},
+                            "correct": index < 5, "reply": str(index), "finish_reason": "stop", "steps_run": 2,
+                            "seconds": 1.0 + trained / 10, "gated": index >= trained, "error": None})
+    folder = write_folder(tmp_path, records)
+    report = write_report(folder).read_text(encoding="utf-8")
+    assert "sweep-gate_threshold.png" in figures and "sweep-gate_threshold.png" in report
+    sweep_labels = {text.get_text() for text in figures["sweep-gate_threshold.png"].axes[0].texts}
+    assert sweep_labels == {"80% trained", "40% trained", "10% trained"}
+    cost_labels = {text.get_text() for text in figures["cost.png"].axes[0].texts}
+    assert cost_labels == {"gate-low (80% trained)", "gate-mid (40% trained)", "gate-high (10% trained)"}

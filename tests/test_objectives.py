@@ -150,6 +150,18 @@ def test_a_batch_of_objectives_gives_each_request_what_it_gets_alone(engine):
     assert weights_digest(engine.model) == before  # the base weights: no gradient, no optimiser
 
 
+@pytest.mark.parametrize("objective", ["prompt_lm", "entropy"])
+def test_the_controls_answer_from_the_question_do_not_depend_on_the_thoughts_length(engine, objective):
+    """Neither control runs a latent thought in training, and an answer from the question runs none after it: at
+    latent_steps 1, 4 and 16 the losses and the answer are the same (bench/RESULTS.md reports them once)."""
+    results = [engine.run(Request(PETRA, TTTParams(objective=objective, **{**QUICK, "latent_steps": steps},
+                                                   answer_context="question", cache=False), GREEDY))
+               for steps in (1, 4, 16)]
+    assert all(result.token_ids == results[0].token_ids for result in results)
+    assert all([s["loss"] for s in result.trace.steps] == [s["loss"] for s in results[0].trace.steps]
+               for result in results)
+
+
 def test_requests_of_other_objectives_join_a_running_batch(engine):
     """An entropy request drafts at its first step while others are mid-training."""
     first = {name: MIXED[name] for name in ("reconstruction", "prompt-lm-question")}
