@@ -237,11 +237,12 @@ def test_events_are_well_formed(engine):
 def test_default_parameters_depend_on_model_size(engine):
     from relat_core import default_ttt_params
 
-    small = TTTParams(answer_context="question")  # tiny: the default measured on the small model
+    small = TTTParams(answer_context="question", gate="fidelity")  # tiny: the default measured on the small model
     assert engine.defaults == default_ttt_params(engine.num_parameters) == small
     large = default_ttt_params(8_000_000_000)
     assert (large.latent_steps, large.steps, large.rank) == (16, 5, 8)  # the paper's L, N and r
     assert not large.adapter_during_answer and large.follow_up == "bridge" and large.answer_context == "thought"
+    assert large.gate == "none"  # l0's threshold was measured on a small model only
 
 
 def test_the_adapter_is_on_while_answering_only_when_asked(engine, monkeypatch):

@@ -16,14 +16,19 @@ def default_ttt_params(num_parameters: int) -> TTTParams:
     Below 1B parameters: measured on SmolLM2-135M. L=4, N=2 and lr 5e-3 come from the first search; the second
     (issue 9), chosen on the search half of 319 knowledge questions and reported on the other half, answers from
     the question alone with the adapted model (answer_context "question"): this model reads its own latent thought
-    badly (latent trails direct), and the thought then serves only to train the adapter.
-    From 1B on, unmeasured here (no GPU, no large weights): the paper's published L=16 and N=5 (rank 8 is common
-    to both); of the choices the paper leaves open, the answer follows the thought, the adapter stays off while
-    answering (an adapter trained to rebuild the question pulls answers toward repeating it, whatever the size),
-    and the bridge replaces the restatement, which made up for a small model that reads its own latents badly.
+    badly (latent trails direct), and the thought then serves only to train the adapter. The third (issue 26),
+    chosen the same way on 404 knowledge questions and kept no worse than direct on code, trains only where the
+    base model's thought has lost the question (gate "fidelity": l0 above gating.DEFAULT_THRESHOLDS) and answers
+    the rest as direct does (bench/RESULTS.md, section 18). l0's scale is the model's own: on another small
+    model, measure its l0 (the trace's signals) before trusting the threshold.
+    From 1B on, unmeasured here (no GPU, no large weights): the paper's published L=16 and N=5 (rank 8 is common to
+    both), and no gate (a threshold measured on SmolLM2 means nothing there); of the choices the paper leaves open,
+    the answer follows the thought, the adapter stays off while answering (an adapter trained to rebuild the
+    question pulls answers toward repeating it, whatever the size), and the bridge replaces the restatement, which
+    made up for a small model that reads its own latents badly.
     """
     if num_parameters < 1_000_000_000:
-        return TTTParams(answer_context="question")
+        return TTTParams(answer_context="question", gate="fidelity")
     return TTTParams(latent_steps=16, steps=5, follow_up="bridge")
 
 
