@@ -33,6 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from evaluation.stats import sign_test  # noqa: E402
+from evaluation.summary import p_text  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 OUT = RESULTS / "gate"
@@ -49,6 +50,7 @@ class Question:
     relat: bool
     latent: bool | None
     signals: dict[str, float]
+    differs: bool  # relat's reply (gate none) is not direct's
 
     @property
     def half(self) -> str:
@@ -81,7 +83,8 @@ def questions() -> list[Question]:
             continue
         found.append(Question(key[0], key[1], bool(direct[key]["correct"]), bool(relat[key]["correct"]),
                               bool(latent[key]["correct"]) if key in latent else None,
-                              {name: measured[name] for name in FEATURES}))
+                              {name: measured[name] for name in FEATURES},
+                              relat[key]["reply"].strip() != direct[key]["reply"].strip()))
     return found
 
 
@@ -132,7 +135,9 @@ def score(sample: list[Question], gate: str, threshold: float, auto: Auto) -> di
     with_latent = [(c, q.latent) for c, q in zip(correct, sample, strict=True) if q.latent is not None]
     latent_wins = sum(c and not lat for c, lat in with_latent)
     latent_losses = sum(lat and not c for c, lat in with_latent)
+    differ = sum(t and q.differs for q, t in zip(sample, trained, strict=True))
     return {"n": len(sample), "correct": sum(correct), "trained": sum(trained), "wins": wins, "losses": losses,
+            "differ": differ,
             "p": sign_test(wins, losses), "latent_wins": latent_wins, "latent_losses": latent_losses,
             "latent_p": sign_test(latent_wins, latent_losses)}
 
@@ -155,11 +160,11 @@ def choose(sample: list[Question], code: list[Question], gate: str, auto: Auto) 
 
 
 def line(name: str, result: dict) -> str:
-    latent = (f"+{result['latent_wins']} / −{result['latent_losses']} (p={result['latent_p']:.3f})"
+    latent = (f"+{result['latent_wins']} / −{result['latent_losses']} ({p_text(result['latent_p'])})"
               if result["latent_wins"] + result["latent_losses"] else "–")
     return (f"| {name} | {result['correct']}/{result['n']} | {result['trained']}/{result['n']} "
             f"({result['trained'] / result['n']:.0%}) | +{result['wins']} / −{result['losses']} "
-            f"(p={result['p']:.3f}) | {latent} |")
+            f"({p_text(result['p'])}) | {latent} | {result['differ']}/{result['n']} |")
 
 
 def main() -> None:
@@ -171,7 +176,8 @@ def main() -> None:
     code_search = [q for q in code if q.half == "search"]
     auto = fit_auto(search)
     chosen = {gate: choose(search, code_search, gate, auto) for gate in GATES}
-    header = "| gate (threshold) | correct | trained | vs direct | vs latent |\n|---|---|---|---|---|"
+    header = ("| gate (threshold) | correct | trained | vs direct | vs latent | replies ≠ direct |\n"
+              "|---|---|---|---|---|---|")
     report = [f"# The gate, chosen on the search halves ({len(search)} knowledge questions), reported on the confirm "
               f"halves ({len(confirm)})", "", "Written by bench/gate.py from recorded runs (its docstring says "
               "which); a gate's answer is direct's where it keeps direct and relat's (gate none) where it trains.",
