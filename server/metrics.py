@@ -1,8 +1,8 @@
 """Prometheus metrics, prefix `relat_`, named after vLLM's `vllm:` metrics where one exists.
 
 Each app owns its registry (tests run several apps in one process). Labels never carry a request, adapter or
-user name: only the TTT method, the outcome, the HTTP status and the kind of an agent's turn, all from small
-fixed sets.
+user name: only the TTT method, the outcome, the HTTP status, the kind of an agent's turn and a gate and its
+decision, all from small fixed sets.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ class Metrics:
                                       buckets=LOSS_BUCKETS, registry=r)
         self.recon_after = Histogram("relat_recon_loss_after", "Reconstruction loss after training",
                                      buckets=LOSS_BUCKETS, registry=r)
+        # A gated request (relat_core/engine/gating.py): did its gate train it or keep direct's answer?
+        self.gate_decisions = Counter("relat_gate_decisions", "Gated requests by gate (fidelity, confidence, auto) "
+                                      "and decision (trained, or kept direct's answer)", ["gate", "decision"],
+                                      registry=r)
         self.ttft = Histogram("relat_time_to_first_token_seconds", "Arrival to first answer text",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("relat_inter_token_latency_seconds", "Time between successive answer texts",

@@ -356,7 +356,9 @@ class Runner:
         metrics.generation_tokens.inc(result.usage.completion_tokens)
         if trace.cache == "hit":  # no training ran: its figures are the cached adapter's, counted when it trained
             return
-        if job.request.ttt.trains:
+        if trace.gate is not None:
+            metrics.gate_decisions.labels(trace.gate["kind"], "kept" if trace.gated else "trained").inc()
+        if job.request.ttt.trains and not trace.gated:  # a request its gate kept trained nothing
             metrics.ttt_time.observe(trace.timings.get("train_s", 0.0))
             metrics.ttt_steps.observe(len(trace.steps))
         if trace.recon_loss_before is not None:

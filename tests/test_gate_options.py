@@ -63,6 +63,9 @@ def test_the_gate_reaches_the_engine_from_both_endpoints_over_the_servers_defaul
     ungated = server.http.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 4, "relat": {
         "steps": 2, "latent_steps": 2, "gate": "none"}}).json()
     assert ungated["relat"]["gated"] is None and ungated["relat"]["gate"] is None
+    metrics = server.http.get("/metrics").text
+    assert 'relat_gate_decisions_total{decision="kept",gate="confidence"} 1.0' in metrics
+    assert 'relat_gate_decisions_total{decision="trained",gate="fidelity"} 1.0' in metrics
 
 
 def test_serve_has_flags_and_environment_variables_for_the_default(monkeypatch):
