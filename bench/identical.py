@@ -2,11 +2,12 @@
 
 A refactor of relat_core (issue 25 split the engine and Huginn into packages) must not change what a request
 answers. This script runs the embedded model (SmolLM2-135M-Instruct) in-process at the engine's defaults (method
-relat, greedy, `relat eval`'s prompts and max_tokens per task, no adapter cache) on every question of
-bench/data/knowledge_dev.jsonl and every code task (bench/data/code_tasks.jsonl, code_mbpp_examples.jsonl), one
-request at a time, and compares each answer's token ids with a recorded file. Requests run alone because a
-batch's make-up depends on timing (the engine's decode share is measured in seconds), and a batch of another
-make-up may round differently; one thread count for recording and checking, for the same reason.
+relat, with gate none so that every request trains; greedy, `relat eval`'s prompts and max_tokens per task, no
+adapter cache) on every question of bench/data/knowledge_dev.jsonl and every code task (bench/data/code_tasks.jsonl,
+code_mbpp_examples.jsonl), one request at a time, and compares each answer's token ids with a recorded file.
+Requests run alone because a batch's make-up depends on timing (the engine's decode share is measured in seconds),
+and a batch of another make-up may round differently; one thread count for recording and checking, for the same
+reason.
 
     python bench/identical.py --record          # write bench/results/identical-answers.jsonl (about 40 min here)
     python bench/identical.py                   # compare: exit 1 on any answer that differs
@@ -53,10 +54,13 @@ def answer_all(items: list[tuple[str, int, dict]], threads: int, model: str | No
     torch.set_num_threads(threads)
     loaded = load_model(model)
     engine = Engine(loaded, num_slots=1)
+    # Every request trains (gate none): the record was made before the default gate (issue 26), and a refactor
+    # check should run the whole training path on every question rather than answer most of them as direct.
+    options = engine.defaults.replace(gate="none")
     for name, index, item in items:
         task = tasks.detect_task(item)
         sampling = SamplingParams(max_tokens=tasks.DEFAULT_MAX_TOKENS[task], temperature=0.0)
-        request = Request([{"role": "user", "content": tasks.prompt_for(task, item)}], engine.defaults, sampling)
+        request = Request([{"role": "user", "content": tasks.prompt_for(task, item)}], options, sampling)
         started = time.perf_counter()
         result = engine.run(request)
         yield {"data": name, "index": index, "task": task, "token_ids": result.token_ids, "text": result.text,
