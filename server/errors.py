@@ -7,6 +7,7 @@ says nothing about it (the stack trace goes to the log), unlike servers that map
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -146,6 +147,17 @@ def _param(location: tuple) -> str | None:
     return text or None
 
 
+def _suggestion(location: tuple) -> str:
+    """'; did you mean latent_steps?' for an unknown field of the `relat` object or the native request, when a
+    known field is close to it; '' otherwise."""
+    from .protocol import RelatOptions, RelatRequest  # the request models import this module's errors
+
+    name = str(location[-1])
+    known = RelatOptions.model_fields if "relat" in location[:-1] else RelatRequest.model_fields
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
 def _most_specific(errors: list[dict]) -> dict:
     """Of the errors pydantic reports (one per union member tried), the deepest one, and not a mere "missing"."""
     def depth(error: dict) -> tuple[int, bool]:
@@ -166,8 +178,11 @@ def describe(error: BaseException) -> ErrorInfo:
         return ErrorInfo(400, str(error), "invalid_request_error", error.param, "invalid_value")
     if isinstance(error, ValidationError | RequestValidationError):  # 400 like vLLM, not FastAPI's 422
         chosen = _most_specific(error.errors())
-        param = _param(tuple(chosen.get("loc", ())))
+        location = tuple(chosen.get("loc", ()))
+        param = _param(location)
         message = chosen["msg"] if param is None else f"{param}: {chosen['msg']}"
+        if chosen.get("type") == "extra_forbidden" and param is not None:
+            message = f"{param}: unknown field" + _suggestion(location)
         return ErrorInfo(400, message, "invalid_request_error", param, "invalid_value")
     if isinstance(error, EngineBusy):  # no adapter slot free: transient, like a full queue
         return ErrorInfo(503, "no adapter slot is free; retry shortly", "service_unavailable", None, "engine_busy",

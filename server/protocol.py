@@ -1,7 +1,9 @@
 """The wire format: OpenAI's Chat Completions objects field by field, the `relat` extension, the native endpoint.
 
-Requests accept unknown fields and log them (an SDK newer than the server must keep working), and take each
-field's type strictly, as OpenAI does ("5" is not an integer); bounds live in the field types so that a bad value
+OpenAI's requests accept unknown top-level fields, log them and list them in the response's trace
+(`ignored_fields`: an SDK newer than the server must keep working, and a client must see what was not served);
+the `relat` object and the native request, whose fields are ours, refuse them. Each field's type is taken
+strictly, as OpenAI does ("5" is not an integer); bounds live in the field types so that a bad value
 is a 400 naming its field. The numeric bounds come from relat_core/params.py through `bounded`, and a server's
 limits narrow them in its own request classes (`request_models`): the server validates with the classes its
 OpenAPI document is generated from, so the document is the API. `engine_request` is the one place that turns a
@@ -84,8 +86,12 @@ class StreamOptions(OpenAIBaseModel):
 class RelatOptions(OpenAIBaseModel, TTTOptions):
     """The `relat` extension: per-request TTT parameters (the fields of TTTOptions) and the request's deadline.
 
-    A field left out or null takes the server's default, as OpenAI's fields do.
+    A field left out or null takes the server's default, as OpenAI's fields do. The API is ours, so an unknown
+    field is a 400 that names it (with the closest known name: errors.py), not a typo answered at the defaults;
+    the native request, which subclasses this, is as strict.
     """
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     timeout: float | None = Field(None, gt=0, description="deadline in seconds, at most the server's")
     return_adapter: bool | None = Field(

@@ -95,13 +95,14 @@ async def chat_completions(request: HTTPRequest) -> Response:
                          body.sampling_fields(), relat.timeout if relat else None, ttt_prefix="relat.",
                          max_tokens_param=body.max_tokens_param, return_adapter=bool(relat and relat.return_adapter))
     completion_id, created = new_id("chatcmpl"), now()
+    ignored = sorted(body.model_extra or {})  # OpenAI's fields this server does not serve: logged, and listed
     if body.stream:
-        renderer = ChatRenderer(completion_id, created, service.model_name, body.include_usage)
+        renderer = ChatRenderer(completion_id, created, service.model_name, body.include_usage, ignored)
         return stream_response(service, job, renderer)
     result = await run_to_end(job, request)
     if result is None:
         return Response(status_code=CLIENT_CLOSED)
-    return JSONResponse(chat_response(result, completion_id, created, service.model_name).model_dump())
+    return JSONResponse(chat_response(result, completion_id, created, service.model_name, ignored).model_dump())
 
 
 @api.post("/relat")

@@ -68,9 +68,11 @@ def agent_comment(turn: dict) -> str:
 class ChatRenderer:
     """OpenAI's chat.completion.chunk stream."""
 
-    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool):
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool,
+                 ignored_fields: list[str] | None = None):
         self.fields = {"id": completion_id, "created": created, "model": model}
         self.include_usage = include_usage
+        self.ignored_fields = ignored_fields or []  # the request's top-level fields this server does not serve
 
     def _chunk(self, delta: DeltaMessage, finish_reason: str | None = None, trace: dict | None = None,
                index: int = 0) -> str:
@@ -90,8 +92,9 @@ class ChatRenderer:
         result = event.result
         # Each answer's finishing chunk; the trace (one training for all of them) rides on the last.
         last = len(result.choices) - 1
-        text = "".join(self._chunk(DeltaMessage(), choice.finish_reason,
-                                   result.trace.to_dict() if choice.index == last else None, choice.index)
+        trace = {**result.trace.to_dict(), "ignored_fields": self.ignored_fields}
+        text = "".join(self._chunk(DeltaMessage(), choice.finish_reason, trace if choice.index == last else None,
+                                   choice.index)
                        for choice in result.choices)
         if self.include_usage:
             usage = ChatCompletionChunk(**self.fields, choices=[], usage=usage_of(result))
@@ -172,11 +175,15 @@ async def run_to_end(job: Job, request: HTTPRequest) -> Result | None:
         job.cancel()
 
 
-def chat_response(result: Result, completion_id: str, created: int, model: str) -> ChatCompletionResponse:
+def chat_response(result: Result, completion_id: str, created: int, model: str,
+                  ignored_fields: list[str] | None = None) -> ChatCompletionResponse:
+    """The whole response; `ignored_fields` (the request's top-level fields this server does not serve) ride in
+    the trace, so that a client sees what was not applied."""
     choices = [ChatCompletionChoice(index=choice.index, message=AssistantMessage(content=choice.text),
                                     finish_reason=choice.finish_reason) for choice in result.choices]
     return ChatCompletionResponse(id=completion_id, created=created, model=model, choices=choices,
-                                  usage=usage_of(result), relat=result.trace.to_dict())
+                                  usage=usage_of(result),
+                                  relat={**result.trace.to_dict(), "ignored_fields": ignored_fields or []})
 
 
 def relat_response(result: Result, fields: dict) -> RelatResponse:

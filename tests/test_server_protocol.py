@@ -94,11 +94,24 @@ def test_a_body_that_is_not_an_object_is_a_400(body):
     assert describe(caught.value).status == 400
 
 
-def test_unknown_fields_are_accepted_and_logged(caplog):
+def test_unknown_openai_fields_are_accepted_and_logged(caplog):
     with caplog.at_level(logging.INFO, logger="relat_server"):
-        body = chat(presence_penalty=0.5, logit_bias={}, relat={"steps": 1, "future_knob": 2})
+        body = chat(presence_penalty=0.5, logit_bias={}, relat={"steps": 1})
     assert body.model_extra == {"presence_penalty": 0.5, "logit_bias": {}}
-    assert "presence_penalty" in caplog.text and "future_knob" in caplog.text
+    assert "presence_penalty" in caplog.text and "logit_bias" in caplog.text
+
+
+@pytest.mark.parametrize("model, body, param, message", [
+    (ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}], "relat": {"latent_step": 16}},
+     "relat.latent_step", "relat.latent_step: unknown field; did you mean latent_steps?"),
+    (RelatRequest, {"question": "hi", "gatee": "none"}, "gatee", "gatee: unknown field; did you mean gate?"),
+    (RelatRequest, {"question": "hi", "zzz": 1}, "zzz", "zzz: unknown field"),
+])
+def test_unknown_fields_of_our_own_api_are_a_400_naming_them_with_the_closest_known_name(model, body, param, message):
+    with pytest.raises(ValidationError) as caught:
+        model.model_validate(body)
+    info = describe(caught.value)
+    assert (info.status, info.param, info.message) == (400, param, message)
 
 
 def test_max_tokens_is_deprecated_but_honoured_and_max_completion_tokens_wins():
