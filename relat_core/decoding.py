@@ -8,6 +8,21 @@ from transformers import PreTrainedTokenizerBase
 from .params import SamplingParams
 
 
+def shape_logits(logits: torch.Tensor, params: SamplingParams, generated: list[int]) -> torch.Tensor:
+    """One row of logits (V,) with OpenAI's penalties over the tokens generated so far and its logit_bias applied:
+    mu[j] - c[j] * frequency_penalty - (c[j] > 0) * presence_penalty + bias[j], c[j] the count of token j."""
+    if not params.shapes_logits:
+        return logits
+    logits = logits.clone()
+    if generated and (params.presence_penalty or params.frequency_penalty):
+        tokens, counts = torch.tensor(generated, device=logits.device).unique(return_counts=True)
+        logits[tokens] -= counts.to(logits.dtype) * params.frequency_penalty + params.presence_penalty
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), device=logits.device)
+        logits[ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Next token from one row of logits (V,): greedy at temperature 0, else temperature, top-k, then top-p."""
     if params.greedy:

@@ -152,7 +152,11 @@ SAMPLING_BOUNDS: dict[str, Bound] = {
     "top_k": Bound(0, integer=True),  # 0 disables top-k
     # What torch's generators take: a seed beyond would fail inside the engine instead of as a 400.
     "seed": Bound(-(2**63), 2**64 - 1, integer=True),
+    "presence_penalty": Bound(-2, 2),  # OpenAI's ranges
+    "frequency_penalty": Bound(-2, 2),
 }
+LOGIT_BIAS = Bound(-100, 100)  # each value of logit_bias, as OpenAI bounds it
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
 
 
 @dataclass(frozen=True)
@@ -316,10 +320,20 @@ class SamplingParams:
     # Answers sampled from the one training and thought, each drawing from its own generator: answer k from
     # seed + k (answer 0 is the answer of the same request with n 1), as OpenAI's n.
     n: int = 1
+    # OpenAI's penalties, per answer over the tokens it has generated: each logit falls by frequency_penalty per
+    # time its token was generated, and by presence_penalty once if it was; logit_bias adds to chosen tokens'
+    # logits (token id -> -100..100). Applied before temperature, top-k and top-p, and before greedy's argmax.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, list):
             object.__setattr__(self, "stop", tuple(self.stop))
+        _require(isinstance(self.logit_bias, dict) and len(self.logit_bias) <= MAX_LOGIT_BIAS
+                 and all(_is_int(k) and k >= 0 for k in self.logit_bias)
+                 and all(LOGIT_BIAS.holds(v) for v in self.logit_bias.values()), "logit_bias",
+                 f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to numbers in [-100, 100]")
         for name, bound in SAMPLING_BOUNDS.items():
             value = getattr(self, name)
             _require((name == "seed" and value is None) or bound.holds(value), name, bound.message(name, value))
@@ -331,6 +345,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether penalties or biases change the logits the answer is chosen from."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 def _is_int(value: object) -> bool:

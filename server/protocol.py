@@ -19,11 +19,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, create_model, model_validator
 
 from relat_core import InvalidParameter, Request, SamplingParams, TTTParams
+from relat_core.params import LOGIT_BIAS, MAX_LOGIT_BIAS
 
-from .settings import TTTOptions, bounded
+from .settings import TTTOptions, bounded, invalid
 
 log = logging.getLogger("relat_server")
 
@@ -61,6 +62,32 @@ Seed = bounded("seed") | None
 SeedField = Field(None, description="same seed, same answer; also seeds the adapter's initialisation")
 IgnoreEosField = Field(None, description="keep decoding past end-of-sequence tokens (vLLM's extension)")
 ModelField = Field(None, description="the served model's name (GET /v1/models); may be left out")
+Presence = bounded("presence_penalty") | None
+Frequency = bounded("frequency_penalty") | None
+PresenceField = Field(None, description="lowers a token's logit once if the answer has it already (OpenAI's); -2..2")
+FrequencyField = Field(None, description="lowers a token's logit per time the answer has it already (OpenAI's); "
+                                         "-2..2")
+
+
+def _check_logit_bias(value: dict[str, float] | None) -> dict[str, float] | None:
+    if value is None:
+        return None
+    if len(value) > MAX_LOGIT_BIAS:
+        raise invalid(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, got {len(value)}")
+    for key, bias in value.items():
+        if not key.isdigit():
+            raise invalid(f"logit_bias keys must be token ids (decimal integers), got {key!r}")
+        if not LOGIT_BIAS.holds(bias):
+            raise invalid(f"logit_bias values must be in [-100, 100], got {bias!r} for token {key}")
+    return value
+
+
+LOGIT_BIAS_SCHEMA = {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"}, "maxProperties": MAX_LOGIT_BIAS,
+                     "additionalProperties": LOGIT_BIAS.json_schema()}
+LogitBias = Annotated[dict[str, float] | None, AfterValidator(_check_logit_bias),
+                      WithJsonSchema({"anyOf": [LOGIT_BIAS_SCHEMA, {"type": "null"}]})]
+LogitBiasField = Field(None, description="token id (as a string) -> a bias in [-100, 100] added to its logit "
+                                         "(OpenAI's); at most 300 entries")
 Answers = bounded("n") | None  # and at most the server's max_n (request_models)
 AnswersField = Field(None, description="answers to sample after one training and one thought (choices 0..n-1, "
                                        "answer k drawn from seed + k); default 1")
@@ -113,6 +140,9 @@ class ChatCompletionRequest(OpenAIBaseModel):
     temperature: Temperature = TemperatureField
     top_p: TopP = TopPField
     user: str | None = None
+    presence_penalty: Presence = PresenceField
+    frequency_penalty: Frequency = FrequencyField
+    logit_bias: LogitBias = LogitBiasField
     top_k: TopK = TopKField
     ignore_eos: bool | None = IgnoreEosField
     relat: RelatOptions | None = Field(None, description="ReLAT parameters (through the SDK: extra_body)")
@@ -122,7 +152,9 @@ class ChatCompletionRequest(OpenAIBaseModel):
             warnings.simplefilter("ignore", DeprecationWarning)
             limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return {"max_tokens": limit, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "seed": self.seed, "stop": self.stop, "ignore_eos": self.ignore_eos, "n": self.n}
+                "seed": self.seed, "stop": self.stop, "ignore_eos": self.ignore_eos, "n": self.n,
+                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                "logit_bias": self.logit_bias}
 
     @property
     def max_tokens_param(self) -> str:
@@ -149,6 +181,9 @@ class RelatRequest(RelatOptions):
     stop: Stop = StopField
     ignore_eos: bool | None = IgnoreEosField
     n: Answers = AnswersField
+    presence_penalty: Presence = PresenceField
+    frequency_penalty: Frequency = FrequencyField
+    logit_bias: LogitBias = LogitBiasField
 
     @property
     def max_tokens_param(self) -> str:
@@ -160,7 +195,7 @@ class RelatRequest(RelatOptions):
 
     def sampling_fields(self) -> dict[str, Any]:
         return self.model_dump(include={"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos",
-                                        "n"})
+                                        "n", "presence_penalty", "frequency_penalty", "logit_bias"})
 
 
 @dataclass(frozen=True)
@@ -212,6 +247,8 @@ def engine_request(messages: list[dict], ttt_fields: dict[str, Any], sampling_fi
         sent["stop"] = [sent["stop"]]
     if "stop" in sent:
         sent["stop"] = tuple(sent["stop"])
+    if "logit_bias" in sent:  # JSON's keys are strings; checked as decimal token ids by the request model
+        sent["logit_bias"] = {int(token): bias for token, bias in sent["logit_bias"].items()}
     sampling = SamplingParams(**{**OPENAI_SAMPLING_DEFAULTS, **defaults.sampling, **sent})
     return Request(messages, ttt, sampling, return_adapter)
 

@@ -24,6 +24,7 @@ from relat_core import (
     InvalidParameter,
     Request,
     Result,
+    SamplingParams,
     TTTParams,
     load_model,
     weights_digest,
@@ -44,6 +45,8 @@ from .metrics import Metrics
 from .protocol import ServerDefaults, engine_request, now, request_models
 from .runner import Job, Runner
 from .settings import Settings
+
+SAMPLING_PARAMS = frozenset(field.name for field in dataclasses.fields(SamplingParams))
 
 log = logging.getLogger("relat_server")
 
@@ -220,7 +223,7 @@ class Service:
         try:
             messages = self.runner.engine.check(request)
         except InvalidParameter as error:
-            if error.param.startswith("messages"):
+            if error.param.startswith("messages") or error.param in SAMPLING_PARAMS:  # top-level fields
                 raise
             raise InvalidParameter(ttt_prefix + error.param, str(error)) from None
         if return_adapter:

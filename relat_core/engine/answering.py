@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from ..agents import labelled
-from ..decoding import IncrementalDetokenizer, sample
+from ..decoding import IncrementalDetokenizer, sample, shape_logits
 from ..export import export_adapter
 from ..latent import SequenceState, extend
 from ..models.huginn import Recurrence
@@ -105,7 +105,11 @@ class Answerer:
             if isinstance(row, _Plain):
                 continue
             try:
-                token = greedy[index] if row.sampling.greedy else sample(logits[index], row.sampling, row.generator)
+                shaped = shape_logits(logits[index], row.sampling, row.tokens)  # penalties, logit_bias
+                if row.sampling.greedy:
+                    token = int(shaped.argmax()) if row.sampling.shapes_logits else greedy[index]
+                else:
+                    token = sample(shaped, row.sampling, row.generator)
                 if row.drafting:
                     row.gate_draft.record(logits[index], token)
                 finished = self._accept(row, token, events)
