@@ -11,8 +11,8 @@ from typing import Any
 
 _EXPORTS = {
     "AgentDone": "engine", "Engine": "engine", "EngineBusy": "engine", "Event": "engine", "Finished": "engine",
-    "Choice": "engine", "Request": "engine", "Result": "engine", "TextDelta": "engine", "Trace": "engine",
-    "TrainStep": "engine", "Usage": "engine",
+    "Choice": "engine", "Request": "engine", "Result": "engine", "TextDelta": "engine", "TokenLogprob": "engine",
+    "Trace": "engine", "TrainStep": "engine", "Usage": "engine",
     "default_ttt_params": "engine",
     "EMBEDDED_MODEL": "loading", "LoadedModel": "loading", "ModelLoadError": "loading", "load_model": "loading",
     "prepare": "loading", "weights_digest": "loading",

@@ -152,6 +152,7 @@ SAMPLING_BOUNDS: dict[str, Bound] = {
     "top_k": Bound(0, integer=True),  # 0 disables top-k
     # What torch's generators take: a seed beyond would fail inside the engine instead of as a 400.
     "seed": Bound(-(2**63), 2**64 - 1, integer=True),
+    "top_logprobs": Bound(0, 20, integer=True),  # as OpenAI bounds it
     "presence_penalty": Bound(-2, 2),  # OpenAI's ranges
     "frequency_penalty": Bound(-2, 2),
 }
@@ -326,10 +327,17 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # Each answer token's logprob, and the top_logprobs likeliest tokens' at its position (OpenAI's logprobs). They
+    # are read from the distribution the request decoded from, its adapter and guidance included, before penalties,
+    # biases and temperature: vLLM's default ("raw") logprobs mode.
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, list):
             object.__setattr__(self, "stop", tuple(self.stop))
+        _require(isinstance(self.logprobs, bool), "logprobs", "logprobs must be a boolean")
+        _require(self.logprobs or not self.top_logprobs, "top_logprobs", "top_logprobs needs logprobs: true")
         _require(isinstance(self.logit_bias, dict) and len(self.logit_bias) <= MAX_LOGIT_BIAS
                  and all(_is_int(k) and k >= 0 for k in self.logit_bias)
                  and all(LOGIT_BIAS.holds(v) for v in self.logit_bias.values()), "logit_bias",

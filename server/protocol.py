@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, create_model, model_validator
 
-from relat_core import InvalidParameter, Request, SamplingParams, TTTParams
+from relat_core import InvalidParameter, Request, SamplingParams, TokenLogprob, TTTParams
 from relat_core.params import LOGIT_BIAS, MAX_LOGIT_BIAS
 
 from .settings import TTTOptions, bounded, invalid
@@ -86,6 +86,12 @@ LOGIT_BIAS_SCHEMA = {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"},
                      "additionalProperties": LOGIT_BIAS.json_schema()}
 LogitBias = Annotated[dict[str, float] | None, AfterValidator(_check_logit_bias),
                       WithJsonSchema({"anyOf": [LOGIT_BIAS_SCHEMA, {"type": "null"}]})]
+TopLogprobs = bounded("top_logprobs") | None
+LogprobsField = Field(None, description="return each answer token's logprob (choices[].logprobs.content), read from "
+                                        "the distribution the request decoded from, before penalties and "
+                                        "temperature (vLLM's raw mode)")
+TopLogprobsField = Field(None, description="also the k likeliest tokens' logprobs at each position (0-20; needs "
+                                           "logprobs)")
 LogitBiasField = Field(None, description="token id (as a string) -> a bias in [-100, 100] added to its logit "
                                          "(OpenAI's); at most 300 entries")
 Answers = bounded("n") | None  # and at most the server's max_n (request_models)
@@ -143,6 +149,8 @@ class ChatCompletionRequest(OpenAIBaseModel):
     presence_penalty: Presence = PresenceField
     frequency_penalty: Frequency = FrequencyField
     logit_bias: LogitBias = LogitBiasField
+    logprobs: bool | None = LogprobsField
+    top_logprobs: TopLogprobs = TopLogprobsField
     top_k: TopK = TopKField
     ignore_eos: bool | None = IgnoreEosField
     relat: RelatOptions | None = Field(None, description="ReLAT parameters (through the SDK: extra_body)")
@@ -154,7 +162,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
         return {"max_tokens": limit, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
                 "seed": self.seed, "stop": self.stop, "ignore_eos": self.ignore_eos, "n": self.n,
                 "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
-                "logit_bias": self.logit_bias}
+                "logit_bias": self.logit_bias, "logprobs": self.logprobs, "top_logprobs": self.top_logprobs}
 
     @property
     def max_tokens_param(self) -> str:
@@ -184,6 +192,8 @@ class RelatRequest(RelatOptions):
     presence_penalty: Presence = PresenceField
     frequency_penalty: Frequency = FrequencyField
     logit_bias: LogitBias = LogitBiasField
+    logprobs: bool | None = LogprobsField
+    top_logprobs: TopLogprobs = TopLogprobsField
 
     @property
     def max_tokens_param(self) -> str:
@@ -195,7 +205,8 @@ class RelatRequest(RelatOptions):
 
     def sampling_fields(self) -> dict[str, Any]:
         return self.model_dump(include={"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos",
-                                        "n", "presence_penalty", "frequency_penalty", "logit_bias"})
+                                        "n", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+                                        "top_logprobs"})
 
 
 @dataclass(frozen=True)
@@ -275,10 +286,40 @@ class AssistantMessage(BaseModel):
     refusal: None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobInfo(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """OpenAI's choices[].logprobs: one entry per answer token."""
+
+    content: list[TokenLogprobInfo]
+
+
+def choice_logprobs(entries: list[TokenLogprob] | None) -> ChoiceLogprobs | None:
+    """The engine's TokenLogprob list in OpenAI's shape (None when not asked for); bytes are the token's text's
+    UTF-8 (a token that is part of a character decodes to U+FFFD, whose bytes these are)."""
+    if entries is None:
+        return None
+    return ChoiceLogprobs(content=[TokenLogprobInfo(
+        token=entry.text, logprob=entry.logprob, bytes=list(entry.text.encode()),
+        top_logprobs=[TopLogprob(token=text, logprob=value, bytes=list(text.encode())) for text, value in entry.top])
+        for entry in entries])
+
+
 class ChatCompletionChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 
@@ -301,7 +342,7 @@ class DeltaMessage(BaseModel):
 class ChatCompletionStreamChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
@@ -320,6 +361,7 @@ class RelatChoice(BaseModel):
     index: int
     answer: str
     finish_reason: Literal["stop", "length"]
+    logprobs: ChoiceLogprobs | None = Field(None, exclude_if=_none, description="with logprobs: true")
 
 
 class RelatResponse(BaseModel):
@@ -329,6 +371,8 @@ class RelatResponse(BaseModel):
     model: str
     answer: str = Field(description="the first answer (choices[0], when n > 1)")
     finish_reason: Literal["stop", "length"]
+    logprobs: ChoiceLogprobs | None = Field(None, exclude_if=_none,
+                                            description="the first answer's token logprobs, with logprobs: true")
     choices: list[RelatChoice] | None = Field(None, exclude_if=_none, description="every answer, when n > 1")
     usage: UsageInfo = Field(description="completion_tokens: of every answer")
     trace: dict[str, Any]
@@ -365,6 +409,8 @@ class TokenEvent(BaseModel):
 
     text: str
     index: int = Field(0, description="which answer (n > 1)")
+    logprobs: ChoiceLogprobs | None = Field(None, exclude_if=_none,
+                                            description="the tokens this text completes, with logprobs: true")
 
 
 # -- probes and models ------------------------------------------------------------------------------------------

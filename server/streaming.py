@@ -26,12 +26,14 @@ from .protocol import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     ChatCompletionStreamChoice,
+    ChoiceLogprobs,
     DeltaMessage,
     RelatChoice,
     RelatResponse,
     TokenEvent,
     TrainStepEvent,
     UsageInfo,
+    choice_logprobs,
 )
 from .runner import HEARTBEAT, Job
 
@@ -75,8 +77,8 @@ class ChatRenderer:
         self.ignored_fields = ignored_fields or []  # the request's top-level fields this server does not serve
 
     def _chunk(self, delta: DeltaMessage, finish_reason: str | None = None, trace: dict | None = None,
-               index: int = 0) -> str:
-        choice = ChatCompletionStreamChoice(index=index, delta=delta, finish_reason=finish_reason)
+               index: int = 0, logprobs: ChoiceLogprobs | None = None) -> str:
+        choice = ChatCompletionStreamChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=logprobs)
         return data_line(ChatCompletionChunk(**self.fields, choices=[choice], relat=trace).model_dump_json())
 
     def start(self) -> str:
@@ -88,7 +90,8 @@ class ChatRenderer:
         if isinstance(event, AgentDone):
             return agent_comment(event.turn)
         if isinstance(event, TextDelta):
-            return self._chunk(DeltaMessage(content=event.text), index=event.index)
+            return self._chunk(DeltaMessage(content=event.text), index=event.index,
+                               logprobs=choice_logprobs(event.logprobs))
         result = event.result
         # Each answer's finishing chunk; the trace (one training for all of them) rides on the last.
         last = len(result.choices) - 1
@@ -123,7 +126,8 @@ class NativeRenderer:
         if isinstance(event, AgentDone):
             return typed_event("agent", AgentTurn(**event.turn))
         if isinstance(event, TextDelta):
-            return typed_event("token", TokenEvent(text=event.text, index=event.index))
+            return typed_event("token", TokenEvent(text=event.text, index=event.index,
+                                                   logprobs=choice_logprobs(event.logprobs)))
         return typed_event("done", relat_response(event.result, self.fields))
 
     def end(self) -> str:
@@ -180,14 +184,17 @@ def chat_response(result: Result, completion_id: str, created: int, model: str,
     """The whole response; `ignored_fields` (the request's top-level fields this server does not serve) ride in
     the trace, so that a client sees what was not applied."""
     choices = [ChatCompletionChoice(index=choice.index, message=AssistantMessage(content=choice.text),
-                                    finish_reason=choice.finish_reason) for choice in result.choices]
+                                    logprobs=choice_logprobs(choice.logprobs), finish_reason=choice.finish_reason)
+               for choice in result.choices]
     return ChatCompletionResponse(id=completion_id, created=created, model=model, choices=choices,
                                   usage=usage_of(result),
                                   relat={**result.trace.to_dict(), "ignored_fields": ignored_fields or []})
 
 
 def relat_response(result: Result, fields: dict) -> RelatResponse:
-    choices = [RelatChoice(index=choice.index, answer=choice.text, finish_reason=choice.finish_reason)
+    choices = [RelatChoice(index=choice.index, answer=choice.text, finish_reason=choice.finish_reason,
+                           logprobs=choice_logprobs(choice.logprobs))
                for choice in result.choices] if len(result.choices) > 1 else None
     return RelatResponse(**fields, answer=result.text, finish_reason=result.finish_reason, choices=choices,
+                         logprobs=choice_logprobs(result.choices[0].logprobs if result.choices else None),
                          usage=usage_of(result), trace=result.trace.to_dict())

@@ -148,6 +148,7 @@ BEYOND_THE_SCHEMA = {
     (400, "context_length_exceeded", "max_completion_tokens"), (400, "context_length_exceeded", "max_tokens"),
     (413, "context_length_exceeded", "messages"),  # the prompt alone fills the context
     (400, "invalid_value", "logit_bias"),  # a token id past the loaded model's vocabulary
+    (400, "invalid_value", "top_logprobs"),  # needs logprobs: true, as OpenAI says (a rule across two fields)
     # What the loaded model has: the options of recurrent-depth models (this one is not), and the layers it names.
     *((400, "invalid_value", prefix + name) for prefix in ("relat.", "")
       for name in (*RECURRENCE_OPTIONS, "targets")),

@@ -96,9 +96,9 @@ def test_a_body_that_is_not_an_object_is_a_400(body):
 
 def test_unknown_openai_fields_are_accepted_and_logged(caplog):
     with caplog.at_level(logging.INFO, logger="relat_server"):
-        body = chat(logprobs=True, parallel_tool_calls=False, relat={"steps": 1})
-    assert body.model_extra == {"logprobs": True, "parallel_tool_calls": False}
-    assert "logprobs" in caplog.text and "parallel_tool_calls" in caplog.text
+        body = chat(response_format={"type": "text"}, parallel_tool_calls=False, relat={"steps": 1})
+    assert body.model_extra == {"response_format": {"type": "text"}, "parallel_tool_calls": False}
+    assert "response_format" in caplog.text and "parallel_tool_calls" in caplog.text
 
 
 @pytest.mark.parametrize("model, body, param, message", [

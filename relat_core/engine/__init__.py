@@ -21,6 +21,7 @@ from .events import (
     Request,
     Result,
     TextDelta,
+    TokenLogprob,
     Trace,
     TrainStep,
     Usage,
@@ -30,6 +31,6 @@ from .scheduler import Engine
 
 __all__ = [
     "DEFAULT_ADAPTER_SEED", "AgentDone", "Choice", "Engine", "EngineBusy", "Event", "Failed", "Finished",
-    "InvalidParameter", "Piece", "Request", "Result", "SamplingParams", "TTTParams", "TextDelta", "Trace", "TrainStep",
-    "Usage", "_Plain", "_Sequence", "_owner", "default_ttt_params", "recurrence_defaults",
+    "InvalidParameter", "Piece", "Request", "Result", "SamplingParams", "TTTParams", "TextDelta", "TokenLogprob",
+    "Trace", "TrainStep", "Usage", "_Plain", "_Sequence", "_owner", "default_ttt_params", "recurrence_defaults",
 ]

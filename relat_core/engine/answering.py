@@ -24,7 +24,7 @@ from ..export import export_adapter
 from ..latent import SequenceState, extend
 from ..models.huginn import Recurrence
 from .context import EngineContext
-from .events import AgentDone, Choice, Event, Finished, Result, TextDelta, Usage
+from .events import AgentDone, Choice, Event, Finished, Result, TextDelta, TokenLogprob, Usage
 from .rows import _Decoding, _owner, _Plain, _Sequence, agent_done
 
 log = logging.getLogger("relat_core")
@@ -87,7 +87,8 @@ class Answerer:
         else:
             seed = row.sampling.seed + k
             generator.manual_seed(seed - 2**64 if seed >= 2**64 else seed)
-        return dataclasses.replace(row, choice=k, leader=row, siblings=[], ended={}, tokens=[], generator=generator,
+        return dataclasses.replace(row, choice=k, leader=row, siblings=[], ended={}, tokens=[], logprobs=[],
+                                   unsent_logprobs=[], generator=generator,
                                    detokenizer=IncrementalDetokenizer(self.context.tokenizer, row.sampling.stop))
 
     def run(self) -> list[tuple[str, Event]]:
@@ -112,7 +113,8 @@ class Answerer:
                     token = sample(shaped, row.sampling, row.generator)
                 if row.drafting:
                     row.gate_draft.record(logits[index], token)
-                finished = self._accept(row, token, events)
+                entry = self._logprob(row, logits[index], token)
+                finished = self._accept(row, token, events, entry)
             except Exception as error:
                 events.append(self.fail(row, error))  # leaves the batch through abort_request
                 continue
@@ -207,7 +209,29 @@ class Answerer:
         logits[own] = logits[plain] + weight * (logits[own] - logits[plain])
         return logits
 
-    def _accept(self, row: _Sequence, token: int, events: list[tuple[str, Event]]) -> bool:
+    def _logprob(self, row: _Sequence, logits: torch.Tensor, token: int) -> TokenLogprob | None:
+        """The chosen token's logprob and the top_logprobs likeliest tokens', from the logits the row decoded from
+        (guided, before penalties and temperature: vLLM's raw mode); None unless the answer asked for them."""
+        if not row.sampling.logprobs or row.writes_agent_text:
+            return None
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        decode = self.context.tokenizer.decode
+        top: tuple[tuple[str, float], ...] = ()
+        if row.sampling.top_logprobs:
+            values, ids = log_probs.topk(row.sampling.top_logprobs)
+            top = tuple((decode([i]), v) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
+        return TokenLogprob(token, decode([token]), float(log_probs[token]), top)
+
+    @staticmethod
+    def _sent_logprobs(row: _Sequence) -> list[TokenLogprob] | None:
+        """The logprobs of the tokens a text delta completes (None when the request did not ask for them)."""
+        if not row.sampling.logprobs or row.writes_agent_text:
+            return None
+        sent, row.unsent_logprobs = row.unsent_logprobs, []
+        return sent
+
+    def _accept(self, row: _Sequence, token: int, events: list[tuple[str, Event]],
+                entry: TokenLogprob | None = None) -> bool:
         """Take a row's next token; returns True when the row leaves the decoding batch: it has finished (its events
         appended), or it was a TextMAS agent whose turn has ended (the request thinks again for the next agent)."""
         context = self.context
@@ -215,14 +239,18 @@ class Answerer:
         limit = row.ttt.agent_max_tokens if agent_text else row.sampling.max_tokens
         finish_reason = None
         if token in context.stop_ids and (agent_text or not row.sampling.ignore_eos):
-            finish_reason = "stop"
+            finish_reason = "stop"  # the stop token is not part of the answer, nor its logprob
         else:
             row.tokens.append(token)
+            if entry is not None:
+                row.logprobs.append(entry)
+                row.unsent_logprobs.append(entry)
             if len(row.tokens) == 1 and not agent_text and not row.drafting:
                 row.trace.timings["first_token_s"] = time.perf_counter() - row.start
             delta = row.detokenizer.push(token)
             if delta and not agent_text:
-                (row.gate_draft.held if row.drafting else events).append((row.request_id, TextDelta(delta, row.choice)))
+                text = TextDelta(delta, row.choice, self._sent_logprobs(row))
+                (row.gate_draft.held if row.drafting else events).append((row.request_id, text))
             if row.detokenizer.stopped:
                 finish_reason = "stop"
             elif len(row.tokens) >= limit:
@@ -241,10 +269,11 @@ class Answerer:
         if agent_text:
             events.append(self._end_agent_text(row, now))
             return True
-        if tail:
-            events.append((row.request_id, TextDelta(tail, row.choice)))
+        if tail or row.unsent_logprobs:
+            events.append((row.request_id, TextDelta(tail, row.choice, self._sent_logprobs(row))))
         request = row.leader or row
-        request.ended[row.choice] = Choice(row.choice, row.detokenizer.text, finish_reason, row.tokens)
+        request.ended[row.choice] = Choice(row.choice, row.detokenizer.text, finish_reason, row.tokens,
+                                           row.logprobs if row.sampling.logprobs else None)
         if len(request.ended) < request.sampling.n:
             return True  # this answer has ended; the request ends with its last
         choices = [request.ended[k] for k in range(request.sampling.n)]

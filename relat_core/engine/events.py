@@ -35,10 +35,22 @@ class TrainStep:
     seconds: float
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """An answer token's logprob (SamplingParams.logprobs) and the likeliest tokens' at its position: each as
+    (text, logprob), the text that token decodes to alone."""
+
+    token_id: int
+    text: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
 @dataclass
 class TextDelta:
     text: str
     index: int = 0  # which answer, when a request asks for n > 1
+    logprobs: list[TokenLogprob] | None = None  # the tokens this piece of text completes (logprobs asked for)
 
 
 @dataclass
@@ -110,6 +122,7 @@ class Choice:
     text: str
     finish_reason: str  # "stop" or "length"
     token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when asked for
 
 
 @dataclass

@@ -121,6 +121,7 @@ class Gate:
         if train:
             row.generator.set_state(draft.generator_state)
             row.tokens, row.detokenizer, row.prompt_tokens, draft.held = [], None, 0, []
+            row.logprobs, row.unsent_logprobs = [], []
             for phase in ("train_s", "think_s", "first_token_s"):  # measured again on the way to the answer
                 row.trace.timings.pop(phase, None)
         self._decide(row, train)

@@ -102,6 +102,8 @@ class _Sequence:
     answer_depths: list[int] = field(default_factory=list)  # recurrences of each answer position read back
     detokenizer: IncrementalDetokenizer | None = None
     tokens: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # TokenLogprob of each token in `tokens`, when asked for
+    unsent_logprobs: list = field(default_factory=list)  # those not yet carried by a TextDelta
     decode_start: float = 0.0
     # -- multi-agent --
     messages: list[dict[str, str]] = field(default_factory=list)  # the request's, normalised
