@@ -50,6 +50,7 @@ class EngineContext:
         self.chat = ChatFormat(self.tokenizer)
         self.latent_map = LatentMap(self.model)  # realignment solved once, not per request
         self.lm_head = self.model.get_output_embeddings()
+        self.vocabulary = self.lm_head.weight.shape[0]  # logits per position (logit_bias's ids must be below it)
         self.bank = SlotBank(self.model, num_slots=num_slots, max_rank=max_rank, targets=ALL_TARGETS)
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         self.stop_ids = self._stop_token_ids()

@@ -27,7 +27,6 @@ import time
 
 import torch
 
-from ..latent import SequenceState
 from ..params import SamplingParams, TTTParams
 from .context import EngineContext
 from .rows import _Draft, _Sequence
@@ -85,9 +84,7 @@ class Gate:
         context = self.context
         start = time.perf_counter()
         with torch.no_grad(), context._bind(rows, [False] * len(rows)):
-            state = SequenceState.empty(context.model, len(rows), context.device)
-            context._read_pieces(state, context._no_hidden(len(rows)), [row.pieces for row in rows],
-                                 [row.ttt for row in rows])
+            state, _ = self.trainer._think(rows)  # the thought a first training step runs, without its graph
             losses = context._reconstruction(rows, state).tolist()
         seconds = time.perf_counter() - start
         for row, loss in zip(rows, losses, strict=True):

@@ -114,9 +114,8 @@ class Engine(EngineContext):
                                    f"{', '.join(sorted(self.bank.kinds))}")
         if ttt.trains and ttt.rank > self.bank.max_rank:
             raise InvalidParameter("rank", f"rank must be at most {self.bank.max_rank} on this server")
-        vocabulary = self.lm_head.weight.shape[0]
-        if any(token >= vocabulary for token in request.sampling.logit_bias):
-            raise InvalidParameter("logit_bias", f"logit_bias keys must be token ids below {vocabulary} for "
+        if any(token >= self.vocabulary for token in request.sampling.logit_bias):
+            raise InvalidParameter("logit_bias", f"logit_bias keys must be token ids below {self.vocabulary} for "
                                    f"{self.name}, got {max(request.sampling.logit_bias)}")
         if request.return_adapter and not ttt.trains:
             raise InvalidParameter("return_adapter", "return_adapter needs an adapter to return: method relat with "
