@@ -32,7 +32,7 @@ from .params import TTTParams
 # TTT options that act only after training (on the final thought or the answer) or before it (the gate, which
 # decides whether it runs), and the cache switch itself.
 NOT_IN_KEY: frozenset[str] = frozenset({"guidance", "answer_context", "adapter_during_answer", "contrastive_eta",
-                                        "cache", "gate", "gate_threshold", "draft_tokens"})
+                                        "cache", "gate", "gate_threshold", "draft_tokens", "logprob_shift"})
 
 
 def training_key(model: str, pieces: list[tuple[list[int], int, int]], recon_ids: list[int],

@@ -227,6 +227,11 @@ class TTTParams:
     gate: Gate = "none"
     gate_threshold: float | None = None
     draft_tokens: int = 8
+    # With logprobs: each answer token's logprob under the base model on the plain prompt too (TokenLogprob's
+    # base_logprob), beside the one it was decoded with; the two show what the thought, adapter and guidance
+    # changed. It costs one more decoding row per answer, the plain row guidance decodes (reused when guided;
+    # none when the answer is the base model's on the plain prompt, as direct's: its shift is 0).
+    logprob_shift: bool = False
     # -- recurrent-depth models (Huginn) only; None: the model's own default --
     # Recurrences of the core block per position (default: the config's mean_recurrence), capped by a server's
     # max_num_steps.
@@ -265,6 +270,7 @@ class TTTParams:
         _require(self.objective in OBJECTIVES, "objective",
                  f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         _require(self.gate in GATES, "gate", f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
+        _require(isinstance(self.logprob_shift, bool), "logprob_shift", "logprob_shift must be a boolean")
         _require(self.exit_criterion is None or self.exit_criterion in EXIT_CRITERIA, "exit_criterion",
                  f"exit_criterion must be one of {', '.join(EXIT_CRITERIA)}, got {self.exit_criterion!r}")
         _require(self.exit_threshold is None or self.exit_criterion not in (None, "none"), "exit_threshold",

@@ -21,9 +21,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, create_model, model_validator
 
-from relat_core import InvalidParameter, Request, SamplingParams, TokenLogprob, TTTParams
+from relat_core import InvalidParameter, Request, SamplingParams, TTTParams
 from relat_core.params import LOGIT_BIAS, MAX_LOGIT_BIAS
 
+from .logprobs import ChoiceLogprobs, choice_logprobs  # noqa: F401 (choice_logprobs: re-exported)
 from .settings import TTTOptions, bounded, invalid
 
 log = logging.getLogger("relat_server")
@@ -261,6 +262,8 @@ def engine_request(messages: list[dict], ttt_fields: dict[str, Any], sampling_fi
     if "logit_bias" in sent:  # JSON's keys are strings; checked as decimal token ids by the request model
         sent["logit_bias"] = {int(token): bias for token, bias in sent["logit_bias"].items()}
     sampling = SamplingParams(**{**OPENAI_SAMPLING_DEFAULTS, **defaults.sampling, **sent})
+    if ttt.logprob_shift and not sampling.logprobs and "logprob_shift" not in ttt_fields:
+        ttt = ttt.replace(logprob_shift=False)  # the server's default: it shifts the requests that ask for logprobs
     return Request(messages, ttt, sampling, return_adapter)
 
 
@@ -284,36 +287,6 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
     refusal: None = None
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None
-
-
-class TokenLogprobInfo(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None
-    top_logprobs: list[TopLogprob]
-
-
-class ChoiceLogprobs(BaseModel):
-    """OpenAI's choices[].logprobs: one entry per answer token."""
-
-    content: list[TokenLogprobInfo]
-
-
-def choice_logprobs(entries: list[TokenLogprob] | None) -> ChoiceLogprobs | None:
-    """The engine's TokenLogprob list in OpenAI's shape (None when not asked for); bytes are the token's text's
-    UTF-8 (a token that is part of a character decodes to U+FFFD, whose bytes these are)."""
-    if entries is None:
-        return None
-    return ChoiceLogprobs(content=[TokenLogprobInfo(
-        token=entry.text, logprob=entry.logprob, bytes=list(entry.text.encode()),
-        top_logprobs=[TopLogprob(token=text, logprob=value, bytes=list(text.encode())) for text, value in entry.top])
-        for entry in entries])
 
 
 class ChatCompletionChoice(BaseModel):

@@ -128,7 +128,8 @@ class Service:
         defaults = engine.defaults.replace(**self.settings.ttt_fields())
         # Options the model cannot take (a Huginn option on another model, targets it lacks) stop the start-up
         # here, naming the setting, rather than failing every request.
-        engine.check(Request([{"role": "user", "content": "?"}], defaults))
+        # With logprobs: a default logprob_shift applies to the requests that ask for them (engine_request).
+        engine.check(Request([{"role": "user", "content": "?"}], defaults, SamplingParams(logprobs=True)))
         over = {name: limit for name, limit in self.settings.limits().items()
                 if getattr(defaults, name) is not None and getattr(defaults, name) > limit}
         if over:

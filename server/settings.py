@@ -161,6 +161,11 @@ class TTTOptions(BaseModel):
         None, description="the gate's threshold on its signal (default: the gate's own, chosen on search halves)")
     draft_tokens: bounded("draft_tokens") | None = Field(
         None, description="gate confidence or auto: the tokens of direct's answer drafted before the gate decides")
+    logprob_shift: bool | None = Field(
+        None, description="with logprobs: each answer token's logprob under the base model on the plain prompt too "
+                          "(relat_base_logprob), to show what the thought, adapter and guidance changed; one more "
+                          "decoding row per answer (a 400 without logprobs; as a server default, it applies to the "
+                          "requests that ask for logprobs)")
     num_steps: bounded("num_steps") | None = Field(
         None, description="recurrent-depth models (Huginn) only, a 400 on others: core-block recurrences per "
                           "position (default: the model's mean_recurrence)")

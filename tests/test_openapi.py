@@ -149,6 +149,8 @@ BEYOND_THE_SCHEMA = {
     (413, "context_length_exceeded", "messages"),  # the prompt alone fills the context
     (400, "invalid_value", "logit_bias"),  # a token id past the loaded model's vocabulary
     (400, "invalid_value", "top_logprobs"),  # needs logprobs: true, as OpenAI says (a rule across two fields)
+    # relat.logprob_shift needs logprobs: true too (it adds to them)
+    (400, "invalid_value", "relat.logprob_shift"), (400, "invalid_value", "logprob_shift"),
     # What the loaded model has: the options of recurrent-depth models (this one is not), and the layers it names.
     *((400, "invalid_value", prefix + name) for prefix in ("relat.", "")
       for name in (*RECURRENCE_OPTIONS, "targets")),

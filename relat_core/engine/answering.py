@@ -101,6 +101,7 @@ class Answerer:
             greedy = logits.argmax(-1).tolist()
         events: list[tuple[str, Event]] = []
         chosen: dict[int, int] = {}  # by id of the request going on: its token
+        plain_of = {id(row.owner): i for i, row in enumerate(batch.rows) if isinstance(row, _Plain)}
         ended = []
         for index, row in enumerate(batch.rows):
             if isinstance(row, _Plain):
@@ -113,7 +114,7 @@ class Answerer:
                     token = sample(shaped, row.sampling, row.generator)
                 if row.drafting:
                     row.gate_draft.record(logits[index], token)
-                entry = self._logprob(row, logits[index], token)
+                entry = self._logprob(row, logits[index], token, self._base_logits(row, logits, index, plain_of))
                 finished = self._accept(row, token, events, entry)
             except Exception as error:
                 events.append(self.fail(row, error))  # leaves the batch through abort_request
@@ -200,7 +201,8 @@ class Answerer:
     def _guided_logits(rows: list[_Sequence | _Plain], logits: torch.Tensor) -> torch.Tensor:
         """Each guided request's logits become l_plain + w (l_own - l_plain) (latent reasoning read as guidance,
         arXiv 2511.16886), with l_plain from its plain row; other rows are left as they are."""
-        plain = [i for i, row in enumerate(rows) if isinstance(row, _Plain)]
+        # A plain row there for logprob_shift alone mixes nothing: l_plain + 1 (l_own - l_plain) is not l_own in floats.
+        plain = [i for i, row in enumerate(rows) if isinstance(row, _Plain) and row.owner.ttt.guided]
         if not plain:
             return logits
         index_of = {id(row): i for i, row in enumerate(rows)}
@@ -209,9 +211,22 @@ class Answerer:
         logits[own] = logits[plain] + weight * (logits[own] - logits[plain])
         return logits
 
-    def _logprob(self, row: _Sequence, logits: torch.Tensor, token: int) -> TokenLogprob | None:
+    def _base_logits(self, row: _Sequence, logits: torch.Tensor, index: int, plain_of: dict[int, int]
+                     ) -> torch.Tensor | None:
+        """logprob_shift: the base model's logits on the plain prompt at this answer's position, its plain row's
+        (guidance mixes the owner's, never the plain row's), or its own where the answer is the base model's on the
+        plain prompt (rows.py's needs_plain_row); None when not asked for."""
+        if not (row.ttt.logprob_shift and row.sampling.logprobs) or row.writes_agent_text:
+            return None
+        if not row.needs_plain_row:
+            return logits[index]
+        return logits[plain_of[id(row)]]
+
+    def _logprob(self, row: _Sequence, logits: torch.Tensor, token: int,
+                 base: torch.Tensor | None = None) -> TokenLogprob | None:
         """The chosen token's logprob and the top_logprobs likeliest tokens', from the logits the row decoded from
-        (guided, before penalties and temperature: vLLM's raw mode); None unless the answer asked for them."""
+        (guided, before penalties and temperature: vLLM's raw mode), and its logprob under `base` (logprob_shift);
+        None unless the answer asked for them."""
         if not row.sampling.logprobs or row.writes_agent_text:
             return None
         log_probs = torch.log_softmax(logits.float(), dim=-1)
@@ -220,7 +235,9 @@ class Answerer:
         if row.sampling.top_logprobs:
             values, ids = log_probs.topk(row.sampling.top_logprobs)
             top = tuple((decode([i]), v) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
-        return TokenLogprob(token, decode([token]), float(log_probs[token]), top)
+        base_logprob = None if base is None else \
+            float(torch.log_softmax(base.float(), dim=-1).clamp(min=-9999.0)[token])
+        return TokenLogprob(token, decode([token]), float(log_probs[token]), top, base_logprob)
 
     @staticmethod
     def _sent_logprobs(row: _Sequence) -> list[TokenLogprob] | None:

@@ -38,12 +38,15 @@ class TrainStep:
 @dataclass(frozen=True)
 class TokenLogprob:
     """An answer token's logprob (SamplingParams.logprobs) and the likeliest tokens' at its position: each as
-    (text, logprob), the text that token decodes to alone."""
+    (text, logprob), the text that token decodes to alone. With TTTParams.logprob_shift, `base_logprob` is the
+    token's logprob under the base model on the plain prompt (no thought, no adapter, no guidance); the shift
+    logprob - base_logprob is what the request's thought, adapter and guidance changed."""
 
     token_id: int
     text: str
     logprob: float
     top: tuple[tuple[str, float], ...] = ()
+    base_logprob: float | None = None
 
 
 @dataclass

@@ -45,7 +45,11 @@ SIGNAL_OF = {"fidelity": "l0", "confidence": "draft_confidence", "auto": "auto_s
 
 
 def applies(ttt: TTTParams, sampling: SamplingParams) -> bool:
-    """Whether the request's gate runs: relat that trains, one model, one answer, no guidance."""
+    """Whether the request's gate runs: relat that trains, one model, one answer, no guidance.
+
+    logprob_shift does not stop it, and is served in full: a kept answer is direct's, the base model's on the plain
+    prompt, so its shift is 0 at every token, which is the truth (read from its own logits, no plain row: rows.py's
+    needs_plain_row); a request the gate trains answers afresh after training with its plain row beside it."""
     return ttt.trains and ttt.gate != "none" and ttt.agents == "single" and sampling.n == 1 and not ttt.guided
 
 

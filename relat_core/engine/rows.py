@@ -188,12 +188,27 @@ class _Sequence:
         # Answering from the question alone with the adapter off would be `direct`: that context implies it on.
         return self.adapted and (self.ttt.adapter_during_answer or not self.answers_after_thought)
 
+    @property
+    def answers_as_base(self) -> bool:
+        """The answer is the base model's on the plain prompt, no thought before it and no adapter: direct, and a
+        gated request's draft or kept answer."""
+        return self.drafting or not (self.answers_with_adapter or self.answers_after_thought)
+
+    @property
+    def needs_plain_row(self) -> bool:
+        """The one rule of which answers decode a `_Plain` row beside them: a guided answer (its logits mix the
+        plain row's), and an answer asking for logprob_shift (its base logprobs are the plain row's), unless that
+        answer is the base model's on the plain prompt already (its own logits are the base ones: shift 0)."""
+        shift = self.ttt.logprob_shift and self.sampling.logprobs and not self.writes_agent_text
+        return self.ttt.guided or (shift and not self.answers_as_base)
+
 
 @dataclass(eq=False)
 class _Plain:
-    """The plain row of a guided request in the decoding batch: the base model on the prompt alone, fed the
-    tokens its owner chooses, so that each of the owner's tokens can be chosen from l_plain + w (l_own - l_plain).
-    It holds no slot and emits nothing; it leaves with its owner."""
+    """The plain row of an answer in the decoding batch (`_Sequence.needs_plain_row`): the base model on the
+    prompt alone, fed the tokens its owner chooses, so that a guided owner's tokens can be chosen from
+    l_plain + w (l_own - l_plain), and an owner asking for logprob_shift gets each token's base logprob. It holds no
+    slot and emits nothing; it leaves with its owner."""
 
     owner: _Sequence
     answers_with_adapter: bool = False

@@ -117,6 +117,9 @@ class Engine(EngineContext):
         if any(token >= self.vocabulary for token in request.sampling.logit_bias):
             raise InvalidParameter("logit_bias", f"logit_bias keys must be token ids below {self.vocabulary} for "
                                    f"{self.name}, got {max(request.sampling.logit_bias)}")
+        if ttt.logprob_shift and not request.sampling.logprobs:
+            raise InvalidParameter("logprob_shift", "logprob_shift needs logprobs: true (it adds each answer token's "
+                                   "logprob under the base model to its logprobs)")
         if request.return_adapter and not ttt.trains:
             raise InvalidParameter("return_adapter", "return_adapter needs an adapter to return: method relat with "
                                    f"steps >= 1, got method {ttt.method} with steps {ttt.steps}")

@@ -84,7 +84,7 @@ class Thinker:
                     prompt_alone += [row for row in thinking if not row.answers_after_thought]
             starting = prompt_alone + [row for row in thinking if row.answers_after_thought]
             plain: list[_Sequence | _Plain] = list(prompt_alone)
-            plain += [_Plain(row) for row in starting if row.ttt.guided]
+            plain += [_Plain(row) for row in starting if row.needs_plain_row]
             if plain:
                 with context._bind(plain, [row.answers_with_adapter for row in plain]):
                     parts.append(self._prefill([_owner(row).prompt_ids for row in plain]))
