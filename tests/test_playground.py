@@ -12,6 +12,7 @@ under CI=true. `python -m tests.test_playground --url URL --key KEY --out FILE` 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -246,6 +247,33 @@ def test_compare_mode_answers_with_all_three_methods(browser, server, shots):
         screenshot(browser, shots / "compare-phone.png", PHONE[0])
     finally:
         browser.set_window_size(*DESKTOP)
+
+
+def test_logprob_shift_colours_each_answer_token(browser, server, shots):
+    open_page(browser, server.url, KEY)
+    fill(browser, QUICK)
+    find(browser, "#logprob-shift").click()
+    [column] = ask(browser, "Which ocean is the largest?")
+    assert column.get_attribute("data-state") == "done", column.text
+    find(column, ".trace summary").click()
+    result = json.loads(find(column, ".trace pre").get_attribute("textContent"))
+    assert result["trace"]["options"]["logprob_shift"] is True  # the toggle sent it, with logprobs
+    entries = result["logprobs"]["content"]
+    tokens = find_all(column, ".answer .token")
+    assert [token.get_attribute("textContent") for token in tokens] == [entry["token"] for entry in entries]
+    coloured = 0
+    for token, entry in zip(tokens, entries, strict=True):
+        shift = entry["logprob"] - entry["relat_base_logprob"]
+        assert float(token.get_attribute("data-shift")) == pytest.approx(shift, abs=1e-3)
+        title = token.get_attribute("title")
+        assert f"logprob {entry['logprob']:.3f}" in title and f"base {entry['relat_base_logprob']:.3f}" in title
+        colour = token.value_of_css_property("background-color")
+        if abs(shift) > 0.01:  # green where training raised the token's logprob, red where it lowered it
+            assert colour.startswith("rgba(47, 158, 110" if shift > 0 else "rgba(180, 35, 24"), (shift, colour)
+            coloured += 1
+    assert coloured > 0  # three training steps moved something
+    assert "mean shift" in find(column, ".shift-legend").text
+    screenshot(browser, shots / "logprob-shift-desktop.png", DESKTOP[0])
 
 
 def test_a_wrong_key_is_shown_as_the_servers_error(browser, server, shots):

@@ -12,6 +12,7 @@ const OWN_FIELDS = new Set(["question", "stream", "model", "method"]);
 // Shown at once; every other field goes under "More options".
 const MAIN_FIELDS = ["steps", "latent_steps", "lr", "max_tokens", "temperature", "agents"];
 const KEY_STORE = "relat.apiKey";
+const SHIFT_FULL = 2;  // nats of logprob shift at which a token's colour is at its strongest
 const NULLABLE = (schema) => ({anyOf: [schema, {type: "null"}], default: null});
 // The stand-in schema: the first knobs of the real one.
 const FALLBACK = {
@@ -257,7 +258,25 @@ function requestBody(method) {
     const value = knobValue(wrapper);
     if (value !== undefined) body[wrapper.dataset.field] = value;
   }
+  if ($("#logprob-shift").checked) Object.assign(body, {logprobs: true, logprob_shift: true});
   return body;
+}
+
+// An answer token coloured by its logprob shift, logprob - relat_base_logprob: green where the request (its thought,
+// adapter, guidance) made the token likelier than the base model on the plain prompt does, red where it made it
+// less likely, the stronger the larger |shift| (full at SHIFT_FULL nats); its title gives both numbers.
+function shiftedToken(entry) {
+  const span = el("span", {class: "token", text: entry.token});
+  const base = entry.relat_base_logprob;
+  if (base === undefined || base === null) return span;
+  const shift = entry.logprob - base;
+  span.dataset.shift = shift.toFixed(4);
+  span.title = `${JSON.stringify(entry.token)}: logprob ${entry.logprob.toFixed(3)}, base ${base.toFixed(3)}, `
+    + `shift ${shift >= 0 ? "+" : ""}${shift.toFixed(3)}`;
+  const strength = Math.min(Math.abs(shift) / SHIFT_FULL, 1) * 0.7;
+  const colour = shift >= 0 ? "47, 158, 110" : "180, 35, 24";
+  span.style.backgroundColor = `rgba(${colour}, ${strength.toFixed(3)})`;  // CSSOM, which the page's CSP allows
+  return span;
 }
 
 class Column {
@@ -266,6 +285,7 @@ class Column {
     this.losses = [];
     this.steps = 0;
     this.answer = el("div", {class: "answer"});
+    this.shiftLegend = el("p", {class: "shift-legend", hidden: true});
     this.message = el("p", {class: "message error", role: "alert", hidden: true});
     this.elapsed = el("span", {class: "elapsed"});
     this.chart = svg("svg", {class: "loss-chart", viewBox: "0 0 320 150", role: "img",
@@ -278,7 +298,7 @@ class Column {
     this.trace = el("pre");
     this.traceBox = el("details", {class: "trace"}, el("summary", {text: "Trace"}), this.trace);
     this.node = el("article", {class: "column", "data-method": method},
-      el("h2", {}, `${method} `, this.elapsed), this.message, this.answer,
+      el("h2", {}, `${method} `, this.elapsed), this.message, this.answer, this.shiftLegend,
       el("figure", {class: "chart"}, this.chart, this.chartCaption),
       el("div", {class: "phases"}, this.bar, this.legend), this.agents, this.traceBox);
   }
@@ -302,6 +322,7 @@ class Column {
   }
 
   async run(body) {
+    this.shift = Boolean(body.logprobs && body.logprob_shift);
     this.node.dataset.state = "running";
     this.node.dataset.tokens = "0";
     this.started = performance.now();
@@ -386,14 +407,14 @@ class Column {
 
   onToken(event) {
     if (event.index) return;  // with n > 1 the first answer streams; all of them show when done
-    this.answer.textContent += event.text;
+    if (this.shift && event.logprobs) this.answer.append(...event.logprobs.content.map(shiftedToken));
+    else this.answer.textContent += event.text;
     this.node.dataset.tokens = String(Number(this.node.dataset.tokens) + 1);
   }
 
   onDone(result) {
     this.finished = true;
-    this.answer.textContent = result.choices && result.choices.length > 1
-      ? result.choices.map((choice) => `[${choice.index}] ${choice.answer}`).join("\n\n") : result.answer;
+    this.showAnswers(result);
     const trace = result.trace || {};
     const losses = (trace.steps || []).map((step) => step.loss);
     if (losses.length) {
@@ -425,6 +446,37 @@ class Column {
     this.trace.textContent = JSON.stringify(result, null, 2);
     this.node.dataset.state = "done";
     this.tick(true);
+  }
+
+  // Every answer (n > 1: each after its index); with logprob shift, each as its coloured tokens where they spell
+  // its text (a stop string cuts the text inside a token: that answer stays plain, and the legend says so).
+  showAnswers(result) {
+    const many = result.choices && result.choices.length > 1;
+    const choices = many ? result.choices : [{index: 0, answer: result.answer, logprobs: result.logprobs}];
+    const parts = [];
+    const shifts = [];
+    const plain = [];
+    choices.forEach((choice, i) => {
+      if (i) parts.push("\n\n");
+      if (many) parts.push(`[${choice.index}] `);
+      const entries = this.shift && choice.logprobs ? choice.logprobs.content : null;
+      if (entries && entries.map((entry) => entry.token).join("") === choice.answer) {
+        parts.push(...entries.map(shiftedToken));
+        shifts.push(...entries.map((entry) => entry.logprob - entry.relat_base_logprob));
+      } else {
+        parts.push(choice.answer);
+        if (entries) plain.push(choice.index);
+      }
+    });
+    this.answer.replaceChildren(...parts);
+    if (!this.shift) return;
+    const mean = shifts.length ? shifts.reduce((sum, shift) => sum + shift, 0) / shifts.length : 0;
+    this.shiftLegend.replaceChildren(el("span", {class: "up"}, el("i"), " raised"),
+      el("span", {class: "down"}, el("i"), " lowered"),
+      ` logprob against the base model on the plain prompt (full colour at ${SHIFT_FULL} nats; hover a token for `
+      + `both); mean shift ${mean >= 0 ? "+" : ""}${mean.toFixed(3)} over ${shifts.length} tokens`
+      + (plain.length ? `; answer ${plain.join(", ")} uncoloured (a stop string cut its last token)` : ""));
+    this.shiftLegend.hidden = false;
   }
 
   onError(event) {
