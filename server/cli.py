@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from relat_core.agents import AgentPrompts
 
+from .ask_options import add_sampling_arguments, print_logprobs, sampling_fields_from_arguments, wire
 from .settings import add_agent_prompts_argument, add_settings_arguments, add_ttt_arguments, ttt_fields_from_arguments
 
 
@@ -33,6 +34,7 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int)
+    add_sampling_arguments(parser)  # penalties, logit_bias, logprobs
     parser.add_argument("--system", help="a system message")
     parser.add_argument("--json", action="store_true", help="print the whole result as JSON instead of streaming")
     parser.add_argument("--save-adapter", type=Path, metavar="DIR",
@@ -146,6 +148,8 @@ def _show(events: Iterable[tuple[str, Any]], as_json: bool) -> None:
                 print(json.dumps(value, indent=2))
             else:
                 print()
+                if value.get("logprobs"):
+                    print_logprobs(value["logprobs"]["content"])
                 print_trace(value["trace"], value["usage"])
 
 
@@ -156,8 +160,10 @@ def _local_events(args: argparse.Namespace, agent_prompts: AgentPrompts | None) 
 
     engine = Engine(load_model(args.model, device=args.device, dtype=args.dtype), agent_prompts=agent_prompts)
     ttt = engine.defaults.replace(**ttt_fields_from_arguments(args))
+    from .logprobs import choice_logprobs
+
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                              seed=args.seed)
+                              seed=args.seed, **sampling_fields_from_arguments(args))
     keep = args.save_adapter is not None
     for event in engine.generate(Request(_messages(args), ttt, sampling, return_adapter=keep)):
         if isinstance(event, TrainStep):
@@ -171,8 +177,10 @@ def _local_events(args: argparse.Namespace, agent_prompts: AgentPrompts | None) 
             usage = {**asdict(result.usage), "total_tokens": result.usage.total_tokens}
             if keep and result.adapter is not None:
                 _saved(result.adapter.save(args.save_adapter), result.trace.to_dict())
+            logprobs = choice_logprobs(result.choices[0].logprobs)  # the API's shape, as --url gets it
             yield "done", {"answer": result.text, "finish_reason": result.finish_reason, "usage": usage,
-                           "trace": result.trace.to_dict()}
+                           "trace": result.trace.to_dict(),
+                           **({"logprobs": logprobs.model_dump()} if logprobs is not None else {})}
             if keep and result.adapter is None:
                 raise _no_adapter(result.trace.to_dict())
 
@@ -184,7 +192,8 @@ def _remote_events(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
 
     keep = args.save_adapter is not None
     options = {**ttt_fields_from_arguments(args), "max_tokens": args.max_tokens, "temperature": args.temperature,
-               "top_p": args.top_p, "seed": args.seed, "system": args.system, "return_adapter": keep or None}
+               "top_p": args.top_p, "seed": args.seed, "system": args.system, "return_adapter": keep or None,
+               **wire(sampling_fields_from_arguments(args))}
     with RelatClient(args.url, api_key=args.api_key) as client:
         for event in client.stream(args.question, **options):
             if isinstance(event, TrainStep):
@@ -197,7 +206,8 @@ def _remote_events(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
                 trace = event.result["trace"]
                 if keep and trace.get("adapter"):
                     _saved(_download_adapter(client, trace["adapter"]["url"], args.save_adapter), trace)
-                yield "done", {key: event.result[key] for key in ("answer", "finish_reason", "usage", "trace")}
+                shown = ("answer", "finish_reason", "usage", "trace", "logprobs")  # logprobs: when asked for
+                yield "done", {key: event.result[key] for key in shown if key in event.result}
                 if keep and not trace.get("adapter"):
                     raise _no_adapter(trace)
 
