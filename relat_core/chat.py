@@ -115,3 +115,28 @@ class ChatFormat:
             follow = self._between(with_latent + [{"role": "user", "content": question}], generation_prompt=True)
         return Segments(prompt_ids, question_start, recon_ids, recon_labels, self._encode(follow), question,
                         question_end)
+
+
+def raw_segments(tokenizer: PreTrainedTokenizerBase, prompt: str | list[int], reconstruction_instruction: str,
+                 follow_up: str, latent: bool) -> Segments:
+    """The segments of a raw prompt (a legacy completion: text, or token ids, read as it is, no chat template).
+    The whole prompt is the question: the reconstruction rebuilds all of it after a plain-text instruction, and
+    the thought and the answer follow it. The follow-up is nothing ("bridge": the answer continues right after
+    the thought) or the prompt again ("restate"), as a chat restates the question in a user turn.
+
+    Text is tokenized as vLLM tokenizes a completion's prompt (with the tokenizer's special tokens, a BOS where it
+    adds one); token ids are taken as sent."""
+    if isinstance(prompt, str):
+        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        question_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        question = prompt
+    else:
+        prompt_ids = question_ids = list(prompt)
+        question = tokenizer.decode(prompt_ids)
+    if not question_ids:
+        raise InvalidParameter("prompt", "the prompt must hold at least one token")
+    instruction_ids = tokenizer(f"\n\n{reconstruction_instruction}\n", add_special_tokens=False)["input_ids"]
+    recon_ids = instruction_ids + question_ids
+    recon_labels = [-100] * (len(instruction_ids) - 1) + question_ids + [-100]
+    follow_ids = question_ids if latent and follow_up == "restate" else []
+    return Segments(prompt_ids, 0, recon_ids, recon_labels, list(follow_ids), question, len(prompt_ids))

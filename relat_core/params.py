@@ -153,6 +153,8 @@ SAMPLING_BOUNDS: dict[str, Bound] = {
     # What torch's generators take: a seed beyond would fail inside the engine instead of as a 400.
     "seed": Bound(-(2**63), 2**64 - 1, integer=True),
     "top_logprobs": Bound(0, 20, integer=True),  # as OpenAI bounds it
+    # Of each prompt token, its logprob and the k likeliest tokens' (vLLM's prompt_logprobs; None: not asked for).
+    "prompt_logprobs": Bound(0, 20, integer=True),
     "presence_penalty": Bound(-2, 2),  # OpenAI's ranges
     "frequency_penalty": Bound(-2, 2),
 }
@@ -338,6 +340,12 @@ class SamplingParams:
     # biases and temperature: vLLM's default ("raw") logprobs mode.
     logprobs: bool = False
     top_logprobs: int = 0
+    # Each prompt token's logprob (the first has none) and the prompt_logprobs likeliest tokens' at its position,
+    # as vLLM's prompt_logprobs: from the forward that reads the prompt on the way to the answer (relat's adapted
+    # model where it trained; the request's own row, without guidance's mix). None: not asked for. max_tokens may
+    # be 0 in the engine: the request reads its prompt and answers nothing (finish_reason "length"), as OpenAI's
+    # legacy completions allow with echo; of the endpoints, only /v1/completions offers it.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, list):
@@ -350,7 +358,8 @@ class SamplingParams:
                  f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to numbers in [-100, 100]")
         for name, bound in SAMPLING_BOUNDS.items():
             value = getattr(self, name)
-            _require((name == "seed" and value is None) or bound.holds(value), name, bound.message(name, value))
+            _require((name in ("seed", "prompt_logprobs") and value is None) or (name == "max_tokens" and value == 0)
+                     or bound.holds(value), name, bound.message(name, value))
         _require(isinstance(self.stop, (tuple, list)) and len(self.stop) <= 4
                  and all(isinstance(s, str) and s for s in self.stop), "stop",
                  "stop must hold at most 4 non-empty strings")

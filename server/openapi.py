@@ -19,6 +19,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from .completions import CompletionChunk, CompletionResponse
 from .errors import ErrorResponse, StreamError
 from .protocol import (
     AdminStatus,
@@ -69,7 +70,7 @@ class Operation:
 
     request: str | None = None  # the attribute of RequestModels that validates its body
     json: type[BaseModel] | None = None  # its 200 (and, for probes, 503) body
-    stream: str | None = None  # "chat" or "native": its 200 may also be an event stream
+    stream: str | None = None  # "chat", "native" or "completions": its 200 may also be an event stream
     errors: tuple[int, ...] = ()
     text: bool = False  # its 200 is text/plain (Prometheus)
     archive: bool = False  # its 200 is application/zip (an exported adapter)
@@ -79,6 +80,7 @@ class Operation:
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("post", "/v1/chat/completions"): Operation("chat", ChatCompletionResponse, "chat", GENERATION_ERRORS),
     ("post", "/v1/relat"): Operation("native", RelatResponse, "native", GENERATION_ERRORS),
+    ("post", "/v1/completions"): Operation("completions", CompletionResponse, "completions", GENERATION_ERRORS),
     ("get", "/v1/models"): Operation(json=ModelList, errors=(401, 500, 503)),
     ("get", "/v1/adapters/{adapter_id}"): Operation(archive=True, errors=(401, 404, 500)),
     ("get", "/health"): Operation(json=Health, probe=True),
@@ -96,9 +98,10 @@ def _json_data(schema: dict[str, Any]) -> dict[str, Any]:
     return {"type": "string", "contentMediaType": "application/json", "contentSchema": schema}
 
 
-def _chat_event(refs: dict[type[BaseModel], dict]) -> dict[str, Any]:
-    """OpenAI's chat stream: `data: <chunk>` events, `data: <error>` if it fails after it began, `data: [DONE]`."""
-    chunk_or_error = {"anyOf": [refs[ChatCompletionChunk], refs[ErrorResponse]]}
+def _chat_event(refs: dict[type[BaseModel], dict], chunk: type[BaseModel] = ChatCompletionChunk) -> dict[str, Any]:
+    """OpenAI's chat stream: `data: <chunk>` events, `data: <error>` if it fails after it began, `data: [DONE]`
+    (the legacy completions' stream is the same with its own chunk)."""
+    chunk_or_error = {"anyOf": [refs[chunk], refs[ErrorResponse]]}
     return {"type": "object", "required": ["data"], "properties": {"event": {"const": "message"}},
             "if": {"properties": {"data": {"const": "[DONE]"}}},
             "else": {"properties": {"data": _json_data(chunk_or_error)}},
@@ -128,7 +131,8 @@ def _responses(operation: Operation, refs: dict[type[BaseModel], dict], needs_ke
     elif operation.json is not None:
         success["content"] = {"application/json": {"schema": refs[operation.json]}}
     if operation.stream is not None:
-        event = _chat_event(refs) if operation.stream == "chat" else _native_event(refs)
+        event = _native_event(refs) if operation.stream == "native" else \
+            _chat_event(refs, CompletionChunk if operation.stream == "completions" else ChatCompletionChunk)
         success["description"] = "the result, or with `stream: true` an event stream"
         success["content"][SSE] = {"itemSchema": event}
     responses: dict[str, Any] = {"200": success}
@@ -151,8 +155,9 @@ def openapi_document(app: FastAPI, models: RequestModels, requires_key: Callable
     if app.openapi_schema is not None:
         return app.openapi_schema
     document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-    requests = {"chat": models.chat, "native": models.native}
-    responses = [ChatCompletionResponse, ChatCompletionChunk, RelatResponse, ModelList, Health, Readiness,
+    requests = {"chat": models.chat, "native": models.native, "completions": models.completions}
+    responses = [ChatCompletionResponse, ChatCompletionChunk, RelatResponse, CompletionResponse, CompletionChunk,
+                 ModelList, Health, Readiness,
                  AdminStatus, ErrorResponse, *NATIVE_EVENTS.values()]
     keys, schemas = models_json_schema(
         [(model, "validation") for model in requests.values()]

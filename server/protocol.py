@@ -216,6 +216,7 @@ class RequestModels:
 
     chat: type[ChatCompletionRequest]
     native: type[RelatRequest]
+    completions: type[BaseModel]  # server/completions.py's CompletionRequest, narrowed the same way
 
 
 def request_models(limits: dict[str, int], answers: int) -> RequestModels:
@@ -233,7 +234,9 @@ def request_models(limits: dict[str, int], answers: int) -> RequestModels:
                         n=n)
     native = create_model("RelatRequest", __base__=RelatRequest, __doc__=RelatRequest.__doc__, __module__=__name__,
                           **narrowed, n=n)
-    return RequestModels(chat, native)
+    from .completions import completion_request_model  # it builds on this module's fields
+
+    return RequestModels(chat, native, completion_request_model(limits, answers))
 
 
 # -- request -> engine ----------------------------------------------------------------------------------------

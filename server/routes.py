@@ -23,6 +23,7 @@ from starlette.types import Scope
 
 from relat_core import weights_digest
 
+from . import completions as completion
 from .errors import AdapterNotFound, Forbidden, PayloadTooLarge
 from .protocol import (
     AdminStatus,
@@ -103,6 +104,13 @@ async def chat_completions(request: HTTPRequest) -> Response:
     if result is None:
         return Response(status_code=CLIENT_CLOSED)
     return JSONResponse(chat_response(result, completion_id, created, service.model_name, ignored).model_dump())
+
+
+@api.post("/completions")
+async def completions(request: HTTPRequest) -> Response:
+    """OpenAI's legacy Completions: a raw prompt (or a list), echo and logprobs, with the `relat` extension."""
+    service = service_of(request)
+    return await completion.respond(service, request, await parse(request, service.models.completions))
 
 
 @api.post("/relat")

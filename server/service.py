@@ -189,17 +189,21 @@ class Service:
             raise ModelNotFound(f"the model {name!r} does not exist; this server serves {self.model_name!r}",
                                 param="model")
 
-    def check_prompt(self, messages: list[dict[str, str]]) -> int:
-        """The prompt's length in tokens; 413 past max_prompt_tokens or with no room left for an answer."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        count = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def check_prompt(self, messages: list[dict[str, str]], prompt: str | list[int] | None = None) -> int:
+        """The prompt's length in tokens (the messages through the chat template, or a raw prompt as the engine
+        reads it); 413 past max_prompt_tokens or with no room left for an answer."""
+        if prompt is None:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            count = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        else:
+            count = len(prompt) if isinstance(prompt, list) else len(self.tokenizer(prompt)["input_ids"])
+        param = "messages" if prompt is None else "prompt"
         limit = self.settings.max_prompt_tokens
         if count > limit:
-            raise PromptTooLong(f"the prompt has {count} tokens; this server accepts at most {limit}",
-                                param="messages")
+            raise PromptTooLong(f"the prompt has {count} tokens; this server accepts at most {limit}", param=param)
         if self.context_length is not None and count >= self.context_length:
             raise PromptTooLong(f"the prompt has {count} tokens; the model's context is {self.context_length}",
-                                param="messages")
+                                param=param)
         return count
 
     def fit_context(self, request: Request, prompt_tokens: int, sent: bool, param: str) -> Request:
@@ -215,16 +219,22 @@ class Service:
         return dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, max_tokens=room))
 
     def submit(self, request_id: str, messages: list[dict], ttt_fields: dict, sampling_fields: dict,
-               timeout: float | None, ttt_prefix: str, max_tokens_param: str, return_adapter: bool = False) -> Job:
-        """Validate a request's parameters, prompt and length, then queue it (the deadline: at most the server's)."""
+               timeout: float | None, ttt_prefix: str, max_tokens_param: str, return_adapter: bool = False,
+               prompt: str | list[int] | None = None, continuations: list[str] | None = None,
+               max_tokens_sent: bool | None = None) -> Job:
+        """Validate a request's parameters, prompt and length, then queue it (the deadline: at most the server's).
+        A legacy completion (server/completions.py) sends a raw `prompt` instead of messages, and may send
+        continuations to score; max_tokens_sent says whether its length was the client's (else it is cut to fit)."""
         assert self.runner is not None and self.defaults is not None
         request = engine_request(messages, ttt_fields, sampling_fields, self.defaults, ttt_prefix, return_adapter)
+        if prompt is not None:
+            request = dataclasses.replace(request, messages=None, prompt=prompt, continuations=continuations)
         if return_adapter and not self.adapters.enabled:
             raise BadRequest("this server keeps no adapters (max_adapters is 0)", param=ttt_prefix + "return_adapter")
         try:
             messages = self.runner.engine.check(request)
         except InvalidParameter as error:
-            if error.param.startswith("messages") or error.param in SAMPLING_PARAMS:  # top-level fields
+            if error.param.startswith(("messages", "prompt")) or error.param in SAMPLING_PARAMS:  # top-level fields
                 raise
             raise InvalidParameter(ttt_prefix + error.param, str(error)) from None
         if return_adapter:
@@ -232,9 +242,9 @@ class Service:
             if size > self.adapters.max_bytes:
                 raise BadRequest(f"this adapter would take {size} bytes; this server keeps at most "
                                  f"{self.adapters.max_bytes} (max_adapter_bytes)", param=ttt_prefix + "return_adapter")
-        prompt_tokens = self.check_prompt(messages)
-        request = self.fit_context(request, prompt_tokens, sampling_fields["max_tokens"] is not None,
-                                   max_tokens_param)
+        prompt_tokens = self.check_prompt(messages, prompt)
+        sent = sampling_fields["max_tokens"] is not None if max_tokens_sent is None else max_tokens_sent
+        request = self.fit_context(request, prompt_tokens, sent, max_tokens_param)
         deadline = min(timeout or self.settings.request_timeout, self.settings.request_timeout)
         return self.runner.submit(request_id, request, deadline)
 

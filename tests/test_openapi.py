@@ -93,7 +93,7 @@ def test_every_route_and_every_status_it_sends_is_documented():
             if status in map(str, ERRORS) and not OPERATIONS[method, path].probe:  # a probe's 503 is its state
                 assert response["content"]["application/json"]["schema"] == \
                     {"$ref": "#/components/schemas/ErrorResponse"}
-    for path in ("/v1/chat/completions", "/v1/relat"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/relat"):
         responses = doc["paths"][path]["post"]["responses"]
         assert set(responses) == {"200", *map(str, GENERATION_ERRORS)}
         assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
@@ -111,8 +111,8 @@ def test_security_follows_the_settings():
     assert doc["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
     secured = {path for path, item in doc["paths"].items() if "security" in next(iter(item.values()))}
     # /metrics open by default, as in vLLM
-    assert secured == {"/v1/chat/completions", "/v1/relat", "/v1/models", "/v1/adapters/{adapter_id}",
-                       "/admin/status"}
+    assert secured == {"/v1/chat/completions", "/v1/completions", "/v1/relat", "/v1/models",
+                       "/v1/adapters/{adapter_id}", "/admin/status"}
     admin = doc["paths"]["/admin/status"]["get"]["responses"]
     assert "401" in admin and "403" not in admin  # a key is needed, and there are keys to give
     assert "403" in document()["paths"]["/admin/status"]["get"]["responses"]  # no keys: refused
@@ -149,6 +149,10 @@ BEYOND_THE_SCHEMA = {
     (413, "context_length_exceeded", "messages"),  # the prompt alone fills the context
     (400, "invalid_value", "logit_bias"),  # a token id past the loaded model's vocabulary
     (400, "invalid_value", "top_logprobs"),  # needs logprobs: true, as OpenAI says (a rule across two fields)
+    # /v1/completions: token ids past the loaded model's vocabulary; a prompt that fills the context; continuations
+    # are the choices (n 1); a gate that reads a draft, on a request that decodes none (max_tokens 0)
+    (400, "invalid_value", "prompt"), (413, "context_length_exceeded", "prompt"), (400, "invalid_value", "n"),
+    (400, "invalid_value", "relat.gate"),
     # relat.logprob_shift needs logprobs: true too (it adds to them)
     (400, "invalid_value", "relat.logprob_shift"), (400, "invalid_value", "logprob_shift"),
     # What the loaded model has: the options of recurrent-depth models (this one is not), and the layers it names.
@@ -215,7 +219,9 @@ def test_the_served_document_is_this_one(server):
 @pytest.mark.parametrize("path, body", [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "stream": True,
                               "stream_options": {"include_usage": True}, "relat": {"method": "relat"}}),
-    ("/v1/relat", {"question": "Hi", "stream": True, "method": "relat", "agents": "sequential"})])
+    ("/v1/relat", {"question": "Hi", "stream": True, "method": "relat", "agents": "sequential"}),
+    ("/v1/completions", {"prompt": ["Hi", "Yo"], "stream": True, "echo": True, "logprobs": 1,
+                         "stream_options": {"include_usage": True}, "relat": {"method": "relat"}})])
 def test_every_event_of_a_stream_is_checked_against_the_document(server, path, body):
     """The streams' event schemas are not vacuous: the events pass, and fail once the document says otherwise."""
     case = schema[path]["POST"].Case(body=body)
@@ -223,7 +229,7 @@ def test_every_event_of_a_stream_is_checked_against_the_document(server, path, b
     assert response.status_code == 200 and response.headers["content-type"][0].startswith("text/event-stream")
     case.validate_response(response)
     wrong = document(**SERVED)
-    for name in ("ChatCompletionChunk", "TokenEvent", "TrainStepEvent"):
+    for name in ("ChatCompletionChunk", "TokenEvent", "TrainStepEvent", "CompletionChunk"):
         wrong["components"]["schemas"][name]["required"].append("missing")
     wrong_case = schemathesis.openapi.from_dict(wrong)[path]["POST"].Case(body=body)
     with pytest.raises(FailureGroup, match="SSE event violates schema"):

@@ -108,7 +108,9 @@ class Answerer:
                 continue
             try:
                 shaped = shape_logits(logits[index], row.sampling, row.tokens)  # penalties, logit_bias
-                if row.sampling.greedy:
+                if row.forced is not None:  # a scored continuation (completion.py): its next token, as given
+                    token = row.forced_tokens[min(len(row.tokens), len(row.forced_tokens) - 1)]
+                elif row.sampling.greedy:
                     token = int(shaped.argmax()) if row.sampling.shapes_logits else greedy[index]
                 else:
                     token = sample(shaped, row.sampling, row.generator)
@@ -253,9 +255,12 @@ class Answerer:
         appended), or it was a TextMAS agent whose turn has ended (the request thinks again for the next agent)."""
         context = self.context
         agent_text = row.writes_agent_text
-        limit = row.ttt.agent_max_tokens if agent_text else row.sampling.max_tokens
+        limit = row.ttt.agent_max_tokens if agent_text else row.sampling.max_tokens if row.forced is None \
+            else len(row.forced_tokens)
         finish_reason = None
-        if token in context.stop_ids and (agent_text or not row.sampling.ignore_eos):
+        if limit == 0:  # max_tokens 0: the prompt was read (its logprobs, the training), and nothing is answered
+            finish_reason = "length"
+        elif token in context.stop_ids and (agent_text or not row.sampling.ignore_eos):
             finish_reason = "stop"  # the stop token is not part of the answer, nor its logprob
         else:
             row.tokens.append(token)
@@ -310,7 +315,8 @@ class Answerer:
         prompt_tokens = request.prompt_tokens or len(request.segments.prompt_ids)
         usage = Usage(prompt_tokens, request.agent_tokens + completion_tokens)
         first = choices[0]
-        result = Result(first.text, first.finish_reason, usage, request.trace, first.token_ids, choices=choices)
+        result = Result(first.text, first.finish_reason, usage, request.trace, first.token_ids, choices=choices,
+                        prompt_logprobs=request.prompt_logprobs, prompt_token_ids=request.prompt_ids)
         if request.return_adapter and request.adapted:  # before the slot goes back: the next request resets it
             result.adapter = export_adapter(context.bank, request.slot, request.ttt.rank, request.ttt.alpha,
                                             request.ttt.targets, context.base_model_name)

@@ -116,12 +116,15 @@ class EngineContext:
         return torch.zeros(batch, self.model.config.hidden_size, dtype=self.model.dtype, device=self.device)
 
     def _read_pieces(self, state: SequenceState, hidden: torch.Tensor, pieces: list[list[Piece]],
-                     params: list[TTTParams], contrast: list[tuple[int, int]] = ()) -> torch.Tensor:
+                     params: list[TTTParams], contrast: list[tuple[int, int]] = (),
+                     first_read: dict[int, torch.Tensor | None] | None = None) -> torch.Tensor:
         """Append each row's pieces to `state`: its tokens (left-padded to a common width, the question's marked),
         then its latent steps; returns each row's last hidden state, (B, d). Rows with fewer pieces, shorter
         prompts or shorter thoughts get padding positions, invisible to all, so each row gets what it would alone.
         contrast: (row, reference) pairs of contrastive feedback (latent_rollout); a reference is a row too.
-        In training, rows with backprop_latent_steps are truncated over their whole thought (latent.Truncation)."""
+        In training, rows with backprop_latent_steps are truncated over their whole thought (latent.Truncation).
+        first_read: rows (its keys) whose first piece's hidden states, (T, d) over its T tokens, are put in it (the
+        prompt's logprobs: completion.py)."""
         truncation = Truncation.of(params, [sum(piece.latent_steps for piece in row) for row in pieces])
         for k in range(max((len(row) for row in pieces), default=0)):
             now = [row[k] if k < len(row) else None for row in pieces]
@@ -140,7 +143,11 @@ class EngineContext:
                 if truncation is not None:
                     hidden = truncation.sever(state, hidden)
                 with truncation.forward(reading) if truncation is not None else nullcontext():
-                    read = extend(self.model, state, input_ids=token_ids, valid=valid, question=question)[:, -1]
+                    read = extend(self.model, state, input_ids=token_ids, valid=valid, question=question)
+                if first_read and k == 0:
+                    for index in first_read:
+                        first_read[index] = read[index, width - len(now[index].token_ids):]
+                read = read[:, -1]
                 hidden = torch.where(valid[:, -1:], read, hidden)
             hidden = latent_rollout(self.model, state, hidden, [piece.latent_steps if piece else 0 for piece in now],
                                     self.latent_map, params, contrast, truncation)

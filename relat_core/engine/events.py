@@ -18,12 +18,19 @@ class EngineBusy(RuntimeError):
 
 @dataclass
 class Request:
-    messages: list[dict]
+    # The chat messages, turned into the prompt by the model's chat template; or, exclusive of them, `prompt`: a
+    # raw prompt (text, or token ids) read as it is, no template, the whole of it the question (a legacy completion).
+    messages: list[dict] | None = None
     ttt: TTTParams = field(default_factory=TTTParams)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     # Keep the trained adapter: the result carries a copy in PEFT's format (relat_core/export.py). Not a TTT
     # parameter: it changes what the request returns, not how it runs.
     return_adapter: bool = False
+    prompt: str | list[int] | None = None
+    # Instead of decoding an answer: score each of these texts as the answer (forced, token by token, after the
+    # request's one training and thought). choices[k] is continuation k, with its tokens' logprobs (lm-eval's
+    # loglikelihood of a multiple-choice option, with relat's adapter trained once for all of them).
+    continuations: list[str] | None = None
 
 
 @dataclass
@@ -137,6 +144,9 @@ class Result:
     token_ids: list[int]
     adapter: AdapterExport | None = None  # return_adapter: the trained adapter, copied off its slot
     choices: list[Choice] = field(default_factory=list)  # every answer, n of them
+    # SamplingParams.prompt_logprobs: one per prompt token, None for the first (nothing predicts it)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_token_ids: list[int] = field(default_factory=list)  # the prompt the answer was read after
 
 
 @dataclass

@@ -44,13 +44,16 @@ AUTO_WEIGHTS: dict[str, float] = {"bias": -0.6960, "l0": 0.0427, "draft_entropy"
 SIGNAL_OF = {"fidelity": "l0", "confidence": "draft_confidence", "auto": "auto_score"}
 
 
-def applies(ttt: TTTParams, sampling: SamplingParams) -> bool:
+def applies(ttt: TTTParams, sampling: SamplingParams, scored: bool = False) -> bool:
     """Whether the request's gate runs: relat that trains, one model, one answer, no guidance.
 
     logprob_shift does not stop it, and is served in full: a kept answer is direct's, the base model's on the plain
     prompt, so its shift is 0 at every token, which is the truth (read from its own logits, no plain row: rows.py's
     needs_plain_row); a request the gate trains answers afresh after training with its plain row beside it."""
-    return ttt.trains and ttt.gate != "none" and ttt.agents == "single" and sampling.n == 1 and not ttt.guided
+    # A request scoring continuations (completion.py) decodes no answer of its own: its n rows are its options,
+    # whose one training the fidelity gate (the only gate it may have) decides from l0 alone.
+    return ttt.trains and ttt.gate != "none" and ttt.agents == "single" and (sampling.n == 1 or scored) \
+        and not ttt.guided
 
 
 def threshold(ttt: TTTParams) -> float:

@@ -104,6 +104,8 @@ class _Sequence:
     tokens: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)  # TokenLogprob of each token in `tokens`, when asked for
     unsent_logprobs: list = field(default_factory=list)  # those not yet carried by a TextDelta
+    prompt_logprobs: list | None = None  # SamplingParams.prompt_logprobs: TokenLogprob per prompt token (completion.py)
+    forced: list[list[int]] | None = None  # a request's continuations, scored as its answers (completion.py)
     decode_start: float = 0.0
     # -- multi-agent --
     messages: list[dict[str, str]] = field(default_factory=list)  # the request's, normalised
@@ -142,6 +144,11 @@ class _Sequence:
     def prompt_ids(self) -> list[int]:
         """The prompt an answer from the prompt alone (and a guided request's plain row) is decoded after."""
         return self.answer_prompt.token_ids if self.team else self.segments.prompt_ids
+
+    @property
+    def forced_tokens(self) -> list[int] | None:
+        """The tokens this answer is forced to (continuation `choice` of the request's), or None: it decodes."""
+        return None if self.forced is None else self.forced[self.choice]
 
     @property
     def writes_agent_text(self) -> bool:

@@ -34,11 +34,11 @@ import torch
 
 from ..adapter_cache import AdapterCache
 from ..agents import TEAMS, AgentPrompts, resolve_answer_format, with_format
-from ..chat import normalise_messages
+from ..chat import normalise_messages, raw_segments
 from ..loading import LoadedModel
 from ..models.huginn import DEFAULT_EXIT_THRESHOLDS, RowRecurrence
 from ..params import HUGINN_ATTENTION_TARGETS, InvalidParameter, TTTParams
-from . import gating
+from . import completion, gating
 from .answering import Answerer
 from .context import EngineContext
 from .defaults import DEFAULT_ADAPTER_SEED, default_ttt_params, recurrence_defaults
@@ -102,7 +102,8 @@ class Engine(EngineContext):
 
         Cheap and thread-safe (no tokenizer, no tensors), so a server can call it before queueing a request.
         """
-        messages = normalise_messages(request.messages)
+        completion.check_request(request, self.vocabulary)  # a raw prompt, prompt logprobs, continuations
+        messages = normalise_messages(request.messages) if request.prompt is None else []
         ttt = request.ttt
         if not self.recurrent and ttt.recurrence_options:
             name = next(iter(ttt.recurrence_options))
@@ -133,13 +134,22 @@ class Engine(EngineContext):
         messages = self.check(request)
         ttt, sampling = self._resolved(request.ttt), request.sampling
         team = TEAMS.get(ttt.agents, ())
-        question = messages[-1]["content"]
-        answer_format = resolve_answer_format(ttt, question)
-        if not team and answer_format != "text":
-            messages[-1] = {"role": "user", "content": with_format(question, answer_format, self.agent_prompts)}
         # Latent agents always share a working memory (of their turns alone when latent_steps is 0).
         thinks = ttt.method != "direct" and (ttt.latent_steps > 0 or bool(team))
-        segments = self.chat.segments(messages, ttt.reconstruction_instruction, ttt.follow_up, latent=thinks)
+        if request.prompt is not None:  # a raw prompt: read as it is (check refused agents and answer formats)
+            answer_format = "text"
+            segments = raw_segments(self.tokenizer, request.prompt, ttt.reconstruction_instruction, ttt.follow_up,
+                                    latent=thinks)
+        else:
+            question = messages[-1]["content"]
+            answer_format = resolve_answer_format(ttt, question)
+            if not team and answer_format != "text":
+                messages[-1] = {"role": "user", "content": with_format(question, answer_format, self.agent_prompts)}
+            segments = self.chat.segments(messages, ttt.reconstruction_instruction, ttt.follow_up, latent=thinks)
+        forced = None
+        if request.continuations is not None:  # scored as the answers: n of them, each forced to its end
+            forced = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in request.continuations]
+            sampling = completion.scored_sampling(sampling, len(forced))
         # Each option as it applies to this request (the trace reports what ran, not what was asked).
         from_thought = thinks and not (ttt.method == "relat" and ttt.answer_context == "question")
         trace = Trace(ttt.method, ttt.latent_steps if thinks else 0, adapter_during_answer=False,
@@ -149,7 +159,7 @@ class Engine(EngineContext):
                       agents=ttt.agents, answer_format=answer_format,
                       options=ttt.as_applied())
         sequence = _Sequence(request_id, segments, ttt, sampling, trace, time.perf_counter(),
-                             return_adapter=request.return_adapter, messages=messages, team=team)
+                             return_adapter=request.return_adapter, messages=messages, team=team, forced=forced)
         if self.recurrent:
             sequence.depth = RowRecurrence(ttt.num_steps, ttt.init_scale, ttt.exit_criterion, ttt.exit_threshold,
                                            ttt.backprop_depth, DEFAULT_ADAPTER_SEED if sampling.seed is None
@@ -167,7 +177,7 @@ class Engine(EngineContext):
             slot = self.bank.acquire()
             if slot is None:
                 raise EngineBusy("no free adapter slot")
-            if gating.applies(ttt, sampling):
+            if gating.applies(ttt, sampling, scored=forced is not None):
                 self.gate.start(sequence, slot)
             else:
                 self.trainer.start(sequence, slot)

@@ -18,6 +18,7 @@ from ..decoding import IncrementalDetokenizer
 from ..latent import SequenceState, extend
 from ..params import TTTParams
 from .answering import Answerer
+from .completion import prompt_logprobs
 from .context import EngineContext
 from .events import Event
 from .rows import Piece, _Memory, _owner, _Plain, _Sequence, agent_done
@@ -49,9 +50,12 @@ class Thinker:
         answering: list[_Sequence | _Plain] = []  # the decoding rows, in the order of `parts`
         parts: list[tuple[SequenceState, torch.Tensor]] = []
         losses: dict[int, float] = {}  # by id of the row
+        prompt_scores: dict[int, list] = {}  # by id of the row: its prompt's logprobs, where it asked for them
         with torch.no_grad():
             if thinking:
-                state, hidden, references = self._thought(thinking)
+                first_read = {i: None for i, row in enumerate(thinking) if _scores_prompt(row)}
+                state, hidden, references = self._thought(thinking, first_read)
+                self._score_prompts(thinking, first_read, prompt_scores)
                 goes_on = [row.piece + 1 < len(row.pieces) for row in thinking]
                 if any(goes_on):
                     memories = [_Memory(part, hidden[i:i + 1]) for i, part in enumerate(state.split(context.model))]
@@ -86,8 +90,12 @@ class Thinker:
             plain: list[_Sequence | _Plain] = list(prompt_alone)
             plain += [_Plain(row) for row in starting if row.needs_plain_row]
             if plain:
+                # A row answering from its prompt alone: its prompt's logprobs are this read's, after the thought's.
+                first_read = {i: None for i, row in enumerate(plain) if isinstance(row, _Sequence)
+                              and _scores_prompt(row)}
                 with context._bind(plain, [row.answers_with_adapter for row in plain]):
-                    parts.append(self._prefill([_owner(row).prompt_ids for row in plain]))
+                    parts.append(self._prefill([_owner(row).prompt_ids for row in plain], first_read))
+                self._score_prompts(plain, first_read, prompt_scores)
                 answering += plain
         # The phase has succeeded: from here on, the rows change.
         now = time.perf_counter()
@@ -107,6 +115,8 @@ class Thinker:
             if row.team and row.pieces and row.piece < len(row.pieces):  # the last latent agent's turn
                 events.append(agent_done(row, self._latent_turn(row, now - start)))
             row.memory = row.reference = None
+            if id(row) in prompt_scores:
+                row.prompt_logprobs = prompt_scores[id(row)]
             row.prompt_tokens += len(row.follow_ids if row.answers_after_thought and row.team else row.prompt_ids)
             row.detokenizer = IncrementalDetokenizer(context.tokenizer, () if row.writes_agent_text
                                                      else row.sampling.stop)
@@ -116,12 +126,13 @@ class Thinker:
             self.answerer.join(answering, state, torch.cat([p[1] for p in parts]))
         return events
 
-    def _thought(self, rows: list[_Sequence]
+    def _thought(self, rows: list[_Sequence], first_read: dict[int, torch.Tensor | None] | None = None
                  ) -> tuple[SequenceState, torch.Tensor, tuple[SequenceState, torch.Tensor, list[int]] | None]:
         """Each row's next piece of thought on its working memory (a single model's whole thought on an empty
         one), with its adapter where it was adapted. A row with contrastive feedback brings its base model along as
         a reference row of the same forwards (adapter off, fed the same latents, with a memory of its own).
-        Returns the rows' state and last hidden states, and the references' (state, hidden, their rows) if any."""
+        Returns the rows' state and last hidden states, and the references' (state, hidden, their rows) if any;
+        first_read (the rows its keys name) receives the hidden states of each row's piece's tokens."""
         context = self.context
         contrasted = [i for i, row in enumerate(rows) if row.adapted and row.ttt.contrastive_eta > 0]
         members = rows + [rows[i] for i in contrasted]
@@ -132,7 +143,7 @@ class Thinker:
         pieces = [[row.pieces[row.piece]] for row in members]
         with context._bind(members, [row.adapted for row in rows] + [False] * len(contrasted)):
             hidden = context._read_pieces(state, hidden, pieces, [row.ttt for row in members],
-                                          [(i, len(rows) + k) for k, i in enumerate(contrasted)])
+                                          [(i, len(rows) + k) for k, i in enumerate(contrasted)], first_read)
         if not contrasted:
             return state, hidden, None
         own = torch.arange(len(rows), device=context.device)
@@ -161,13 +172,24 @@ class Thinker:
         has_follow = torch.tensor([bool(ids) for ids in follow], device=context.device)
         return torch.where(has_follow[:, None], read[torch.arange(len(rows)), last], hidden)
 
-    def _prefill(self, prompts: list[list[int]]) -> tuple[SequenceState, torch.Tensor]:
-        """Prefill prompts as one left-padded batch; returns the state and each row's last hidden state, (B, d)."""
+    def _prefill(self, prompts: list[list[int]], first_read: dict[int, torch.Tensor | None] | None = None
+                 ) -> tuple[SequenceState, torch.Tensor]:
+        """Prefill prompts as one left-padded batch; returns the state and each row's last hidden state, (B, d).
+        first_read (the rows its keys name) receives the hidden states of each of those rows' prompt tokens."""
         context = self.context
         state = SequenceState.empty(context.model, len(prompts), context.device)
         hidden = context._read_pieces(state, context._no_hidden(len(prompts)),
-                                      [[Piece(ids, len(ids), 0)] for ids in prompts], [TTTParams()] * len(prompts))
+                                      [[Piece(ids, len(ids), 0)] for ids in prompts], [TTTParams()] * len(prompts),
+                                      first_read=first_read)
         return state, hidden
+
+    def _score_prompts(self, rows: list[_Sequence | _Plain], first_read: dict[int, torch.Tensor | None],
+                       scores: dict[int, list]) -> None:
+        """The logprobs of the prompts just read (SamplingParams.prompt_logprobs), by id of their row; a later
+        read of a row's prompt (the answer's, after the thought's) replaces an earlier one."""
+        for index, hidden in first_read.items():
+            row = _owner(rows[index])
+            scores[id(row)] = prompt_logprobs(self.context, row.prompt_ids, hidden, row.sampling.prompt_logprobs)
 
     def _latent_turn(self, row: _Sequence, seconds: float) -> dict:
         """Record the latent agent that just ran (its piece) and move to the next."""
@@ -178,3 +200,8 @@ class Thinker:
         row.agent = row.piece
         return {"role": role.name, "label": role.label, "kind": "latent", "prompt_tokens": len(piece.token_ids),
                 "latent_positions": piece.latent_steps, "completion_tokens": 0, "seconds": seconds}
+
+
+def _scores_prompt(row: _Sequence) -> bool:
+    """The row's request asked for its prompt's logprobs (a single model: its one prompt is its thought's)."""
+    return row.sampling.prompt_logprobs is not None and not row.team
