@@ -26,9 +26,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from relat_core import Engine, InvalidParameter
 
-from .errors import APIError, ErrorInfo, Unauthorized, describe
+from .errors import APIError, ErrorInfo, Unauthorized, Unavailable, describe
 from .openapi import openapi_document
 from .routes import STATIC_DIR, PlaygroundFiles, admin, api, playground, probes
+from .served_schema import ServedModel
 from .service import Service, default_loader
 from .settings import Settings
 
@@ -36,6 +37,7 @@ OPEN_PATHS = frozenset({"/health", "/ready"})  # probes: kubelets and load balan
 # The playground's page and files hold no data (the page asks for the key), so they need none.
 PLAYGROUND_PATHS = frozenset({"/"})
 STATIC_PREFIX = "/static/"
+DOCUMENT_PATH = "/openapi.json"
 
 
 def requires_key(service: Service, path: str) -> bool:
@@ -44,6 +46,15 @@ def requires_key(service: Service, path: str) -> bool:
     if not service.has_keys or path in OPEN_PATHS or path in PLAYGROUND_PATHS or path.startswith(STATIC_PREFIX):
         return False
     return path != "/metrics" or service.settings.metrics_need_key
+
+
+def served_model(service: Service) -> ServedModel | None:
+    """What the OpenAPI document says of the loaded model (server/served_schema.py); None until it is loaded."""
+    engine = service.runner.engine if service.runner is not None else None
+    if engine is None:
+        return None
+    return ServedModel(recurrent=engine.recurrent, tools=service.tool_template.supported,
+                       vocabulary=engine.vocabulary, context_length=service.context_length)
 
 
 # -- errors and request ids -------------------------------------------------------------------------------
@@ -95,6 +106,14 @@ class RequestContext:
             except Unauthorized as error:
                 await error_response(self.service, describe(error))(scope, receive, send_with_id)
                 return
+        if _route_path(scope) == DOCUMENT_PATH and served_model(self.service) is None:
+            # The document describes the loaded model: until it is loaded there is none to serve (a client that
+            # kept the document of every model would send options this one refuses). Loading or failed: a 503.
+            try:
+                self.service.check_ready()
+            except Unavailable as error:
+                await error_response(self.service, describe(error))(scope, receive, send_with_id)
+                return
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as error:
@@ -133,7 +152,8 @@ def create_app(settings: Settings, load_engine: Callable[[], Engine] | None = No
     app.include_router(playground)
     app.mount(STATIC_PREFIX.rstrip("/"), PlaygroundFiles(directory=STATIC_DIR), name="static")
     keys_needed = partial(requires_key, service)
-    app.openapi = lambda: openapi_document(app, service.models, keys_needed)  # type: ignore[method-assign]
+    app.openapi = lambda: openapi_document(  # type: ignore[method-assign]
+        app, service.models, keys_needed, served_model(service))
     handle = _handler(service)
     for error_class in (APIError, InvalidParameter, ValidationError, RequestValidationError, HTTPException):
         app.add_exception_handler(error_class, handle)

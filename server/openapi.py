@@ -5,6 +5,7 @@ FastAPI sees no request model; this module adds what it cannot know. Request bod
 very classes the server validates with (its `RequestModels`, its limits in their bounds), responses those of the
 classes it builds them from, streams one schema per Server-Sent Event (`itemSchema`, as FastAPI writes its own
 event streams), and each operation lists every status it sends, errors in OpenAI's shape (`ErrorResponse`).
+The document describes the model being served (server/served_schema.py): what it cannot take is left out.
 What a schema cannot say is in the descriptions: the last message must be the user's question, `relat` needs a
 latent step, and the prompt and the answer must fit in the model's context.
 """
@@ -34,6 +35,7 @@ from .protocol import (
     TokenEvent,
     TrainStepEvent,
 )
+from .served_schema import ServedModel, narrow, referenced
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -149,9 +151,12 @@ def _responses(operation: Operation, refs: dict[type[BaseModel], dict], needs_ke
     return responses
 
 
-def openapi_document(app: FastAPI, models: RequestModels, requires_key: Callable[[str], bool]) -> dict[str, Any]:
-    """The document, built once per app (FastAPI serves it from `app.openapi_schema`): `models` are the classes the
-    app validates request bodies with, `requires_key(path)` says whether a path needs an API key."""
+def openapi_document(app: FastAPI, models: RequestModels, requires_key: Callable[[str], bool],
+                     served: ServedModel | None = None) -> dict[str, Any]:
+    """The document: `models` are the classes the app validates request bodies with, `requires_key(path)` says
+    whether a path needs an API key, `served` what the loaded model takes (server/served_schema.py). Built once
+    per app when the model is loaded (FastAPI serves it from `app.openapi_schema`); before, every model's document
+    (the app answers GET /openapi.json with a 503 until then)."""
     if app.openapi_schema is not None:
         return app.openapi_schema
     document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
@@ -164,6 +169,7 @@ def openapi_document(app: FastAPI, models: RequestModels, requires_key: Callable
         + [(model, "serialization") for model in dict.fromkeys(responses)], ref_template=REF_TEMPLATE)
     refs = {model: schema for (model, _mode), schema in keys.items()}
     components: dict[str, Any] = {"schemas": schemas.get("$defs", {})}
+    narrow(components["schemas"], served)
     if requires_key("/v1/models"):
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     document["components"] = components
@@ -180,5 +186,8 @@ def openapi_document(app: FastAPI, models: RequestModels, requires_key: Callable
             entry["requestBody"] = {"required": True,
                                     "content": {"application/json": {"schema": refs[requests[operation.request]]}}}
         entry["responses"] = _responses(operation, refs, needs_key)
-    app.openapi_schema = document
+    used = referenced(document)  # what the model cannot take may leave schemas that nothing names (ChatTool)
+    components["schemas"] = {name: schema for name, schema in components["schemas"].items() if name in used}
+    if served is not None:
+        app.openapi_schema = document
     return document

@@ -4,13 +4,16 @@ tiny model from the document alone, with all of its checks, streams included."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import httpx
 import pytest
 import schemathesis
 import torch
-from relat_server.app import create_app
+from relat_server.app import create_app, requires_key
 from relat_server.errors import ErrorResponse
-from relat_server.openapi import ERRORS, GENERATION_ERRORS, OPERATIONS
+from relat_server.openapi import ERRORS, GENERATION_ERRORS, OPERATIONS, openapi_document
+from relat_server.served_schema import TOOL_FIELDS, ServedModel, below
 from relat_server.settings import LIMITS, Settings
 from schemathesis.core.failures import FailureGroup
 
@@ -26,9 +29,16 @@ LIMITED = {"max_steps": 2, "max_latent_steps": 2, "max_rank": 4, "max_agent_toke
            "max_model_len": 48}
 
 
-def document(**settings) -> dict:
-    """The document of a server with these settings; it needs no model."""
-    return create_app(Settings(**settings), load_engine=lambda: None).openapi()
+# The tiny model the server below serves, as its document describes it: a transformer (no recurrence options)
+# whose chat template (the embedded tokenizer's, 49152 tokens) has no tool support, in a context of max_model_len.
+TINY = ServedModel(recurrent=False, tools=False, vocabulary=49152, context_length=LIMITED["max_model_len"])
+
+
+def document(served: ServedModel | None = None, **settings) -> dict:
+    """The document of a server with these settings serving a model of these facts (None: before one is loaded,
+    the document of every model); it needs no model."""
+    app = create_app(Settings(**settings), load_engine=lambda: None)
+    return openapi_document(app, app.state.service.models, partial(requires_key, app.state.service), served)
 
 
 def resolve(doc: dict, schema: dict) -> dict:
@@ -120,6 +130,55 @@ def test_security_follows_the_settings():
     assert metrics["security"] == [{"bearer": []}] and "401" in metrics["responses"]
 
 
+def test_the_document_describes_the_model_served():
+    """What the model cannot take is left out; what its sizes bound is stated; the rest is every model's."""
+    every, tiny = document(), document(TINY)
+    huginn = document(ServedModel(recurrent=True, tools=True, vocabulary=1000, context_length=None))
+    for component in ("RelatOptions", "RelatRequest", "CompletionRelatOptions"):
+        for name in RECURRENCE_OPTIONS:
+            assert name in every["components"]["schemas"][component]["properties"]
+            assert name in huginn["components"]["schemas"][component]["properties"]
+            assert name not in tiny["components"]["schemas"][component]["properties"]
+    for name in TOOL_FIELDS:
+        assert name in huginn["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+        assert name not in tiny["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert "ChatTool" in huginn["components"]["schemas"] and "ChatTool" not in tiny["components"]["schemas"]
+    assert field(tiny, "ChatCompletionRequest", "logit_bias")["propertyNames"] == {"pattern": below(49152)}
+    assert field(every, "ChatCompletionRequest", "logit_bias")["propertyNames"] == {"pattern": "^[0-9]+$"}
+    assert field(tiny, "RelatRequest", "max_tokens")["maximum"] == LIMITED["max_model_len"] - 1
+    assert "maximum" not in field(huginn, "RelatRequest", "max_tokens")  # no context known
+
+
+@pytest.mark.parametrize("limit", [1, 9, 10, 11, 1000, 49152])
+def test_the_token_id_pattern_holds_exactly_the_ids_below_the_vocabulary(limit):
+    import re
+
+    pattern = re.compile(below(limit))
+    assert [i for i in range(60000) if pattern.fullmatch(str(i))] == list(range(limit))
+    assert pattern.fullmatch(f"00{limit - 1}") and not pattern.fullmatch(f"00{limit}")  # read as ints, as sent
+
+
+def test_rules_across_fields_are_in_the_schema():
+    """top_logprobs and logprob_shift need logprobs: the document says so, as the server refuses otherwise."""
+    import jsonschema
+
+    doc = document(TINY)
+
+    def valid(component: str, body: dict) -> bool:
+        resolver = {**doc["components"]["schemas"][component], "components": doc["components"]}
+        return jsonschema.Draft202012Validator(resolver).is_valid(body)
+
+    message = [{"role": "user", "content": "Hi"}]
+    for body, expected in (({"top_logprobs": 2}, False), ({"top_logprobs": 2, "logprobs": True}, True),
+                           ({"top_logprobs": 0}, True), ({"relat": {"logprob_shift": True}}, False),
+                           ({"relat": {"logprob_shift": True}, "logprobs": True}, True)):
+        assert valid("ChatCompletionRequest", {"messages": message, **body}) is expected, body
+    assert not valid("RelatRequest", {"question": "Hi", "logprob_shift": True})
+    assert valid("RelatRequest", {"question": "Hi", "logprob_shift": True, "logprobs": True})
+    assert not valid("CompletionRequest", {"prompt": "Hi", "relat": {"logprob_shift": True}})
+    assert valid("CompletionRequest", {"prompt": "Hi", "relat": {"logprob_shift": True}, "logprobs": 0})
+
+
 # -- schemathesis against a running server -----------------------------------------------------------------------
 
 # Most generated requests leave the TTT fields and max_tokens out: the defaults keep them cheap too.
@@ -147,17 +206,12 @@ BEYOND_THE_SCHEMA = {
     (400, "invalid_value", "relat.return_adapter"), (400, "invalid_value", "return_adapter"),
     (400, "context_length_exceeded", "max_completion_tokens"), (400, "context_length_exceeded", "max_tokens"),
     (413, "context_length_exceeded", "messages"),  # the prompt alone fills the context
-    (400, "invalid_value", "logit_bias"),  # a token id past the loaded model's vocabulary
-    (400, "invalid_value", "top_logprobs"),  # needs logprobs: true, as OpenAI says (a rule across two fields)
     # /v1/completions: token ids past the loaded model's vocabulary; a prompt that fills the context; continuations
     # are the choices (n 1); a gate that reads a draft, on a request that decodes none (max_tokens 0)
     (400, "invalid_value", "prompt"), (413, "context_length_exceeded", "prompt"), (400, "invalid_value", "n"),
     (400, "invalid_value", "relat.gate"),
-    # relat.logprob_shift needs logprobs: true too (it adds to them)
-    (400, "invalid_value", "relat.logprob_shift"), (400, "invalid_value", "logprob_shift"),
-    # What the loaded model has: the options of recurrent-depth models (this one is not), and the layers it names.
-    *((400, "invalid_value", prefix + name) for prefix in ("relat.", "")
-      for name in (*RECURRENCE_OPTIONS, "targets")),
+    # The layers the loaded model has (targets).
+    (400, "invalid_value", "relat.targets"), (400, "invalid_value", "targets"),
 }
 
 
@@ -185,7 +239,7 @@ def refused_only_beyond_the_schema(ctx, response, case) -> bool | None:
 
 # The document as the server below serves it (test_the_served_document_is_this_one); schemathesis needs it when the
 # tests are collected, before any server runs.
-schema = schemathesis.openapi.from_dict(document(**SERVED), config=schemathesis.Config.from_dict({
+schema = schemathesis.openapi.from_dict(document(TINY, **SERVED), config=schemathesis.Config.from_dict({
     "seed": 12,  # reproducible in CI; the examples still differ per operation
     "suppress-health-check": ["too_slow"],  # generating a chat body takes a while on a busy 2-core machine
     "headers": AUTH,
@@ -213,7 +267,29 @@ def question_last(context, case):
 
 def test_the_served_document_is_this_one(server):
     assert httpx.get(f"{server.url}/openapi.json").status_code == 401  # the document needs a key like the API
-    assert httpx.get(f"{server.url}/openapi.json", headers=AUTH).json() == document(**SERVED)
+    assert httpx.get(f"{server.url}/openapi.json", headers=AUTH).json() == document(TINY, **SERVED)
+
+
+def test_options_left_out_of_the_document_are_still_refused(server):
+    """Left out is not accepted: the classes still validate them and the engine answers a 400 naming each."""
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 1}
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for body, param in (({"tools": [tool]}, "tools"), ({"relat": {"num_steps": 2}}, "relat.num_steps")):
+        response = httpx.post(f"{server.url}/v1/chat/completions", json={**chat, **body}, headers=AUTH, timeout=60)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+    response = httpx.post(f"{server.url}/v1/relat", json={"question": "Hi", "init_scale": 1.0}, headers=AUTH)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "init_scale", response.text
+
+
+def test_no_document_before_the_model_is_loaded():
+    """It describes the loaded model: while loading, a 503 like the API's."""
+    import threading
+
+    release = threading.Event()
+    with serve_in_thread(Settings(), lambda: release.wait(30) and None) as served:
+        response = httpx.get(f"{served.url}/openapi.json")
+        assert response.status_code == 503 and response.json()["error"]["code"] == "not_ready"
+        release.set()
 
 
 @pytest.mark.parametrize("path, body", [
@@ -228,7 +304,7 @@ def test_every_event_of_a_stream_is_checked_against_the_document(server, path, b
     response = case.call(base_url=server.url, headers=AUTH)
     assert response.status_code == 200 and response.headers["content-type"][0].startswith("text/event-stream")
     case.validate_response(response)
-    wrong = document(**SERVED)
+    wrong = document(TINY, **SERVED)
     for name in ("ChatCompletionChunk", "TokenEvent", "TrainStepEvent", "CompletionChunk"):
         wrong["components"]["schemas"][name]["required"].append("missing")
     wrong_case = schemathesis.openapi.from_dict(wrong)[path]["POST"].Case(body=body)
