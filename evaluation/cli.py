@@ -43,6 +43,7 @@ from .variants import Variant, parse_variants
 
 REPO = Path(__file__).resolve().parents[1]
 HALVES = ("all", "search", "confirm")
+MC_SCORINGS = ("generation", "loglik")
 
 
 @dataclass(frozen=True)
@@ -105,12 +106,22 @@ def load_data(args: argparse.Namespace) -> list[DataFile]:
     return files
 
 
-def check_resumable(records: list[dict], variants: list[Variant], files: list[DataFile]) -> None:
-    """Refuse to mix a variant name's records with other options, or another file's items under the same name."""
+def data_scoring(record: dict) -> str:
+    return record.get("scoring", "generation")
+
+
+def check_resumable(records: list[dict], variants: list[Variant], files: list[DataFile], mc_scoring: str = "generation"
+                    ) -> None:
+    """Refuse to mix a variant name's records with other options, another file's items under the same name, or
+    multiple choice scored one way with the other."""
     given = {v.name: v.options for v in variants}
+    scoring = {f.name: mc_scoring if f.task == "choice" else "generation" for f in files}
     by_name = {f.name: f for f in files}
     for record in records:
         name = record["variant"]
+        if data_scoring(record) != scoring.get(record["data"], data_scoring(record)):
+            raise SystemExit(f"relat eval: {record['data']} in --out was scored by {data_scoring(record)}, not "
+                             f"{scoring[record['data']]}: use another --out")
         if name in given and record["options"] != json.loads(json.dumps(given[name])):
             raise SystemExit(f"relat eval: {name} in {record['data']} was run with {record['options']}, not "
                              f"{given[name]}: use another variant name or another --out")
@@ -126,6 +137,8 @@ def make_record(job: Job, outcome: Outcome, run_id: str, run_s: float, code_time
     reply = result.get("answer", "")
     if outcome.result is None:
         score = tasks.Score(False, tasks.gold_text(job.task, job.item), None)
+    elif job.continuations is not None:
+        score = tasks.loglik_score(job.item, result["options"])
     else:
         score = tasks.score(job.task, job.item, reply, run_program, code_timeout)
     trace = result.get("trace") or {}
@@ -141,6 +154,8 @@ def make_record(job: Job, outcome: Outcome, run_id: str, run_s: float, code_time
         "gated": trace.get("gated"), "signals": trace.get("signals") or {},
         "seconds": round(outcome.seconds, 3), "timings": trace.get("timings", {}), "run": run_id,
         "run_s": round(run_s, 3), "error": outcome.error,
+        "scoring": "generation" if job.continuations is None else "loglik",
+        **({"option_scores": result["options"]} if "options" in result else {}),
     }
 
 
@@ -198,11 +213,10 @@ class Progress:
 
 def run(args: argparse.Namespace, files: list[DataFile], variants: list[Variant]) -> int:
     records = read_records(args.out)
-    check_resumable(records, variants, files)
+    check_resumable(records, variants, files, args.mc_scoring)
     done = done_keys(records)
-    jobs = [Job(f.name, index, f.task, item, tasks.prompt_for(f.task, item), f.max_tokens, variant)
-            for f in files for index, item in f.items.items() for variant in variants
-            if (f.name, index, variant.name) not in done]
+    jobs = [_job(f, index, item, variant, args.mc_scoring) for f in files for index, item in f.items.items()
+            for variant in variants if (f.name, index, variant.name) not in done]
     if not jobs:
         print(f"relat eval: nothing to run: {args.out} has every item and variant", file=sys.stderr)
         return 0
@@ -249,12 +263,22 @@ def run(args: argparse.Namespace, files: list[DataFile], variants: list[Variant]
             "machine": machine(), "commit": git_commit(), "records": written,
             "wall_s": round(time.perf_counter() - started, 1), "threads": args.threads,
             "data": [{"name": f.name, "path": str(f.path), "task": f.task, "items": len(f.items),
-                      "max_tokens": f.max_tokens, "half": args.half, "start": args.start, "limit": args.limit}
+                      "max_tokens": f.max_tokens, "half": args.half, "start": args.start, "limit": args.limit,
+                      "mc_scoring": args.mc_scoring if f.task == "choice" else "generation"}
                      for f in files],
             "variants": {v.name: {"given": v.options, "options": runner.full_options(v)} for v in variants},
         })
         runner.close()
     return status
+
+
+def _job(data: DataFile, index: int, item: dict, variant: Variant, mc_scoring: str) -> Job:
+    """A multiple-choice item scored by loglikelihood is its raw prompt and its options as continuations (one
+    training per question, for every option); everything else is a chat question answered by generation."""
+    if data.task == "choice" and mc_scoring == "loglik":
+        return Job(data.name, index, data.task, item, tasks.loglik_prompt(item), data.max_tokens, variant,
+                   tuple(tasks.loglik_continuations(item)))
+    return Job(data.name, index, data.task, item, tasks.prompt_for(data.task, item), data.max_tokens, variant)
 
 
 def _until(jobs: list[Job], deadline: float):
@@ -291,6 +315,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="search: even indices, confirm: odd ones (after --start/--limit)")
     parser.add_argument("--max-tokens", type=int, help="default per task: " +
                         ", ".join(f"{k} {v}" for k, v in tasks.DEFAULT_MAX_TOKENS.items()))
+    parser.add_argument("--mc-scoring", choices=MC_SCORINGS, default="generation",
+                        help="multiple choice: generation (the model writes a letter, default) or loglik (each "
+                             "option's text scored as the answer's continuation, the likeliest chosen; one training "
+                             "per question)")
     parser.add_argument("--code-timeout", type=float, default=10.0, help="seconds per code solution (default 10)")
     parser.add_argument("--max-minutes", type=float, help="admit no request after this long (the rest resumes)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from --out, run nothing")

@@ -31,6 +31,9 @@ class Job:
     prompt: str
     max_tokens: int
     variant: Variant
+    # --mc-scoring loglik: the options' texts, each scored as the answer to `prompt` (a raw prompt, no template),
+    # all of them after the request's one training (relat_core's Request.continuations); None: generation.
+    continuations: tuple[str, ...] | None = None
 
     @property
     def request_id(self) -> str:
@@ -80,8 +83,12 @@ class LocalRunner:
             while todo and len(in_flight) < self.batch:
                 job = todo[0]
                 sampling = {"max_tokens": job.max_tokens, "temperature": 0.0, **job.variant.sampling}
-                request = Request([{"role": "user", "content": job.prompt}],
-                                  self.engine.defaults.replace(**job.variant.ttt), SamplingParams(**sampling))
+                ttt = self.engine.defaults.replace(**job.variant.ttt)
+                if job.continuations is None:
+                    request = Request([{"role": "user", "content": job.prompt}], ttt, SamplingParams(**sampling))
+                else:
+                    request = Request(prompt=job.prompt, ttt=ttt, sampling=SamplingParams(**sampling),
+                                      continuations=list(job.continuations))
                 try:
                     self.engine.add_request(job.request_id, request)
                 except EngineBusy:
@@ -101,16 +108,29 @@ class LocalRunner:
                     if isinstance(event, Failed):
                         yield job, Outcome(seconds, error=f"{type(event.error).__name__}: {event.error}")
                     else:
-                        yield job, Outcome(seconds, result=_result_dict(event.result))
+                        yield job, Outcome(seconds, result=_result_dict(event.result, job.continuations is not None))
 
     def close(self) -> None:
         pass
 
 
-def _result_dict(result: Any) -> dict[str, Any]:
+def _result_dict(result: Any, scored: bool = False) -> dict[str, Any]:
+    """The engine's result in /v1/relat's shape; of scored continuations, each option's score, and the answer the
+    likeliest option's text."""
     usage = {**asdict(result.usage), "total_tokens": result.usage.total_tokens}
-    return {"answer": result.text, "finish_reason": result.finish_reason, "usage": usage,
-            "trace": result.trace.to_dict()}
+    outcome = {"answer": result.text, "finish_reason": result.finish_reason, "usage": usage,
+               "trace": result.trace.to_dict()}
+    if scored:
+        outcome["options"] = [_option(choice.text, [entry.logprob for entry in choice.logprobs])
+                              for choice in result.choices]
+        outcome["answer"] = max(outcome["options"], key=lambda option: option["logprob"])["text"]
+    return outcome
+
+
+def _option(text: str, logprobs: list[float]) -> dict[str, Any]:
+    """An option's score: the sum of its tokens' logprobs, with its token and character counts (per-token or
+    per-character normalisations are computed from the records)."""
+    return {"text": text, "logprob": sum(logprobs), "tokens": len(logprobs), "chars": len(text)}
 
 
 RETRIES = 3  # per request, on 429/503 and lost connections, with backoff
@@ -146,7 +166,8 @@ class ServerRunner:
         for attempt in range(RETRIES + 1):
             started = time.perf_counter()
             try:
-                result = self.client.ask(job.prompt, **options)
+                result = self.client.ask(job.prompt, **options) if job.continuations is None else \
+                    self._score(job)
             except RelatError as error:
                 if error.status in RETRY_STATUSES and attempt < RETRIES:
                     time.sleep(float(error.retry_after or 2 ** attempt))
@@ -163,6 +184,27 @@ class ServerRunner:
             self.resolved.setdefault(job.variant.name, result.get("trace", {}).get("options") or {})
             return Outcome(seconds, result=result)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _score(self, job: Job) -> dict[str, Any]:
+        """--mc-scoring loglik through POST /v1/completions: the options as relat.continuations, scored after one
+        training; the result in /v1/relat's shape, with each option's score."""
+        from relat_client import RelatError
+
+        body = {"prompt": job.prompt, "temperature": 0.0, "logprobs": 0, **job.variant.sampling,
+                "relat": {**job.variant.ttt, "continuations": list(job.continuations)}}
+        response = self.client.http.post("/v1/completions", json=body)
+        if response.status_code >= 400:
+            try:
+                error = response.json()
+            except ValueError:
+                error = response.text
+            raise RelatError.from_body(response.status_code, error, response.headers)
+        reply = response.json()
+        options = [_option(choice["text"], choice["logprobs"]["token_logprobs"]) for choice in reply["choices"]]
+        best = max(options, key=lambda option: option["logprob"])
+        trace = {key: value for key, value in reply["relat"].items() if key != "ignored_fields"}
+        return {"answer": best["text"], "finish_reason": "length", "usage": reply["usage"], "trace": trace,
+                "options": options}
 
     def run(self, jobs: list[Job]) -> Iterator[tuple[Job, Outcome]]:
         todo = deque(jobs)

@@ -103,6 +103,25 @@ def choice_options(item: dict) -> list[str]:
     return [str(option) for option in options]
 
 
+def loglik_prompt(item: dict) -> str:
+    """A choice item scored by loglikelihood (`--mc-scoring loglik`): the raw prompt each option continues, as
+    lm-eval's ARC prompts it (no chat template, no options listed: each is scored as the answer itself)."""
+    return f"Question: {question_text('choice', item)}\nAnswer:"
+
+
+def loglik_continuations(item: dict) -> list[str]:
+    """Each option as the answer's text, after the space that follows "Answer:" (lm-eval's target delimiter)."""
+    return [f" {option}" for option in choice_options(item)]
+
+
+def loglik_score(item: dict, options: list[dict]) -> Score:
+    """The option with the highest loglikelihood (the sum of its tokens' logprobs, lm-eval's `acc`; each entry of
+    `options` has its `logprob`) is the model's choice."""
+    best = max(range(len(options)), key=lambda i: options[i]["logprob"])
+    predicted = LETTERS[best]
+    return Score(predicted == gold_letter(item), gold_text("choice", item), predicted)
+
+
 def prompt_for(task: str, item: dict) -> str:
     """The user message sent for an item: its question and the task's instruction."""
     question = question_text(task, item)
