@@ -9,7 +9,9 @@ template works (ChatML for SmolLM2 and Qwen, Llama's own, ...) without a table o
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from functools import cached_property
 
 from transformers import PreTrainedTokenizerBase
 
@@ -30,14 +32,15 @@ class Segments:
     question_end: int = 0  # the prompt's question tokens are [question_start, question_end) (objective prompt_lm)
 
 
-def normalise_messages(messages: list[dict]) -> list[dict[str, str]]:
-    """Validate roles and flatten OpenAI content parts into plain strings."""
+def normalise_messages(messages: list[dict]) -> list[dict]:
+    """Validate roles and flatten OpenAI content parts into plain strings; an assistant turn's tool calls and a tool
+    result's id are kept in the shape chat templates read (arguments as an object where they parse as one)."""
     if not messages:
         raise InvalidParameter("messages", "messages must not be empty")
     result = []
     for index, message in enumerate(messages):
         role, content = message.get("role"), message.get("content")
-        if role not in ("system", "developer", "user", "assistant"):
+        if role not in ("system", "developer", "user", "assistant", "tool"):
             raise InvalidParameter(f"messages[{index}].role", f"unsupported role {role!r}")
         if isinstance(content, list):
             texts = []
@@ -50,25 +53,66 @@ def normalise_messages(messages: list[dict]) -> list[dict[str, str]]:
             content = ""
         if not isinstance(content, str):
             raise InvalidParameter(f"messages[{index}].content", "content must be a string or a list of text parts")
-        result.append({"role": "system" if role == "developer" else role, "content": content})
-    if result[-1]["role"] != "user" or not result[-1]["content"].strip():
-        raise InvalidParameter("messages", "the last message must be a non-empty user message (the question)")
+        normalised: dict = {"role": "system" if role == "developer" else role, "content": content}
+        if role == "assistant" and message.get("tool_calls"):
+            normalised["tool_calls"] = [_tool_call(call) for call in message["tool_calls"]]
+        if role == "tool" and message.get("tool_call_id") is not None:
+            normalised["tool_call_id"] = message["tool_call_id"]
+        result.append(normalised)
+    # The question is the last user message: the conversation ends with it, or with tool results (answering the
+    # assistant's calls that followed it).
+    ends_with_tools = result[-1]["role"] == "tool"
+    users = [m for m in result if m["role"] == "user"]
+    if (not ends_with_tools and result[-1]["role"] != "user") or not users or not users[-1]["content"].strip():
+        raise InvalidParameter("messages", "the last message must be a non-empty user message (the question), or "
+                               "tool results after it")
     return result
+
+
+def question_index(messages: list[dict]) -> int:
+    """Where the question is: the last user message (normalise_messages has checked there is one)."""
+    return max(i for i, message in enumerate(messages) if message["role"] == "user")
+
+
+def _tool_call(call: dict) -> dict:
+    """An assistant turn's tool call as templates read it: the function's arguments as an object (OpenAI sends a
+    JSON string; Qwen's and Hermes' templates write the object out with tojson)."""
+    function = call.get("function") or {}
+    arguments = function.get("arguments", "")
+    try:
+        parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except json.JSONDecodeError:
+        parsed = arguments
+    return {"id": call.get("id"), "type": "function",
+            "function": {"name": function.get("name"), "arguments": parsed}}
 
 
 class ChatFormat:
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
 
-    def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    def _render(self, messages: list[dict], generation_prompt: bool, tools: list[dict] | None = None) -> str:
+        return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                  add_generation_prompt=generation_prompt)
+
+    @cached_property
+    def supports_tools(self) -> bool:
+        """Whether the template writes tools into the prompt (a template that ignores them would leave the model
+        unaware of the tools it is asked to call)."""
+        probe = {"type": "function", "function": {"name": "relat_probe_tool", "description": "a probe",
+                                                  "parameters": {"type": "object", "properties": {}}}}
+        try:
+            text = self._render([{"role": "user", "content": "hi"}], True, [probe])
+        except Exception:  # a template that fails on tools has no tool support either
+            return False
+        return "relat_probe_tool" in text
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _between(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    def _between(self, messages: list[dict], generation_prompt: bool, tools: list[dict] | None = None) -> str:
         """Template text that follows an assistant turn holding the latent thought, up to the next marker."""
-        text = self._render(messages, generation_prompt)
+        text = self._render(messages, generation_prompt, tools)
         start = text.index(_LATENT) + len(_LATENT)
         end = text.find(_NEXT, start)
         return text[start:] if end < 0 else text[start:end]
@@ -79,10 +123,11 @@ class ChatFormat:
         prompt_ids, question_start, _ = self._question_in_prompt(messages, question)
         return prompt_ids, question_start
 
-    def _question_in_prompt(self, messages: list[dict[str, str]], question: str) -> tuple[list[int], int, int]:
+    def _question_in_prompt(self, messages: list[dict], question: str, tools: list[dict] | None = None
+                            ) -> tuple[list[int], int, int]:
         """The prompt's tokens and the span [start, end) of the tokens that hold the question's last occurrence
         (those overlapping its characters, as the chat template places them)."""
-        prompt_text = self._render(messages, generation_prompt=True)
+        prompt_text = self._render(messages, True, tools)
         encoded = self.tokenizer(prompt_text, add_special_tokens=False, return_offsets_mapping=True)
         prompt_ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
         question_char = prompt_text.rfind(question)
@@ -94,14 +139,14 @@ class ChatFormat:
                              if i >= question_start and start >= question_char + len(question)), len(prompt_ids))
         return prompt_ids, question_start, question_end
 
-    def segments(self, messages: list[dict[str, str]], reconstruction_instruction: str, follow_up: str,
-                 latent: bool) -> Segments:
-        question = messages[-1]["content"]
-        prompt_ids, question_start, question_end = self._question_in_prompt(messages, question)
+    def segments(self, messages: list[dict], reconstruction_instruction: str, follow_up: str,
+                 latent: bool, tools: list[dict] | None = None) -> Segments:
+        question = messages[question_index(messages)]["content"]
+        prompt_ids, question_start, question_end = self._question_in_prompt(messages, question, tools)
 
         with_latent = messages + [{"role": "assistant", "content": _LATENT}]
         instruction = self._between(with_latent + [{"role": "user", "content": reconstruction_instruction},
-                                                   {"role": "assistant", "content": _NEXT}], generation_prompt=False)
+                                                   {"role": "assistant", "content": _NEXT}], False, tools)
         instruction_ids = self._encode(instruction)
         question_ids = self._encode(question)
         recon_ids = instruction_ids + question_ids
@@ -110,9 +155,9 @@ class ChatFormat:
         if not latent:
             follow = ""
         elif follow_up == "bridge":
-            follow = self._between(with_latent, generation_prompt=True)
+            follow = self._between(with_latent, True, tools)
         else:
-            follow = self._between(with_latent + [{"role": "user", "content": question}], generation_prompt=True)
+            follow = self._between(with_latent + [{"role": "user", "content": question}], True, tools)
         return Segments(prompt_ids, question_start, recon_ids, recon_labels, self._encode(follow), question,
                         question_end)
 

@@ -9,6 +9,7 @@ measurement (bench/RESULTS.md, sections 3 and 7), are `relat_core.engine.default
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -316,6 +317,26 @@ class TTTParams:
 
 
 @dataclass(frozen=True)
+class StructuredOutput:
+    """What an answer must be (structured outputs, relat_core/grammar.py): JSON valid against `json_schema` (a JSON
+    schema, serialised), or any JSON object (`json_object`). `field` names the request field it came from, so that
+    an error names it too ("response_format", "tool_choice")."""
+
+    json_schema: str | None = None
+    json_object: bool = False
+    field: str = "response_format"
+
+    def __post_init__(self) -> None:
+        _require((self.json_schema is None) != (not self.json_object), self.field,
+                 "a structured output is a JSON schema or any JSON object, not both")
+
+    @classmethod
+    def from_schema(cls, schema: dict, field: str = "response_format") -> StructuredOutput:
+        """A schema given as a dict, serialised canonically (one compiled grammar per distinct schema)."""
+        return cls(json_schema=json.dumps(schema, sort_keys=True, separators=(",", ":")), field=field)
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Decoding parameters, with OpenAI's meaning: temperature 0 is greedy."""
 
@@ -346,6 +367,9 @@ class SamplingParams:
     # be 0 in the engine: the request reads its prompt and answers nothing (finish_reason "length"), as OpenAI's
     # legacy completions allow with echo; of the endpoints, only /v1/completions offers it.
     prompt_logprobs: int | None = None
+    # The answer constrained to a JSON schema or to any JSON object (OpenAI's response_format), by a grammar's token
+    # mask applied before everything above; its logprobs are read after the mask, as vLLM's are.
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, list):

@@ -26,6 +26,7 @@ from relat_core.params import LOGIT_BIAS, MAX_LOGIT_BIAS
 
 from .logprobs import ChoiceLogprobs, choice_logprobs  # noqa: F401 (choice_logprobs: re-exported)
 from .settings import TTTOptions, bounded, invalid
+from .tools import ChatTool, DeltaToolCall, ResponseFormat, ToolCall, ToolCallParam, ToolChoice
 
 log = logging.getLogger("relat_server")
 
@@ -108,9 +109,11 @@ class TextContentPart(OpenAIBaseModel):
 
 
 class ChatMessage(OpenAIBaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallParam] | None = Field(None, description="an assistant turn's tool calls")
+    tool_call_id: str | None = Field(None, description="a tool result: the call it answers")
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -154,6 +157,14 @@ class ChatCompletionRequest(OpenAIBaseModel):
     top_logprobs: TopLogprobs = TopLogprobsField
     top_k: TopK = TopKField
     ignore_eos: bool | None = IgnoreEosField
+    response_format: ResponseFormat | None = Field(None, description="text, json_object, or json_schema: the "
+                                                   "answer constrained to that JSON (xgrammar)")
+    tools: list[ChatTool] | None = Field(None, min_length=1, description="function tools, written into the prompt "
+                                         "by the chat template (a 400 on a template without tool support)")
+    tool_choice: ToolChoice | None = Field(None, description="none, auto (the default with tools: calls parsed "
+                                           "from the reply), required, or a named function (both enforced by the "
+                                           "grammar)")
+    parallel_tool_calls: bool | None = Field(None, description="false: one tool call at most (default true)")
     relat: RelatOptions | None = Field(None, description="ReLAT parameters (through the SDK: extra_body)")
 
     def sampling_fields(self) -> dict[str, Any]:
@@ -195,6 +206,8 @@ class RelatRequest(RelatOptions):
     logit_bias: LogitBias = LogitBiasField
     logprobs: bool | None = LogprobsField
     top_logprobs: TopLogprobs = TopLogprobsField
+    response_format: ResponseFormat | None = Field(None, description="text, json_object, or json_schema: the "
+                                                   "answer constrained to that JSON (xgrammar)")
 
     @property
     def max_tokens_param(self) -> str:
@@ -288,15 +301,16 @@ class UsageInfo(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class ChatCompletionResponse(BaseModel):
@@ -313,13 +327,14 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = Field(None, exclude_if=_none)
     content: str | None = Field(None, exclude_if=_none)
+    tool_calls: list[DeltaToolCall] | None = Field(None, exclude_if=_none)
 
 
 class ChatCompletionStreamChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -39,6 +39,7 @@ from .protocol import (
 from .runner import Job
 from .service import Service
 from .streaming import SSE_HEADERS, ChatRenderer, NativeRenderer, chat_response, relat_response, run_to_end, sse_stream
+from .tools import answer_shape
 
 CLIENT_CLOSED = 499  # nginx's status for "the client went away first"; nobody receives it
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -90,20 +91,26 @@ async def chat_completions(request: HTTPRequest) -> Response:
     """OpenAI's Chat Completions, streaming or not, with the `relat` extension."""
     service = service_of(request)
     body: ChatCompletionRequest = await parse(request, service.models.chat)
-    messages = [m.model_dump(include={"role", "content"}) for m in body.messages]
+    messages = [m.model_dump(include={"role", "content", "tool_calls", "tool_call_id"}, exclude_none=True)
+                for m in body.messages]
+    shape = answer_shape(body.response_format, body.tools, body.tool_choice, service.tool_template,
+                         body.parallel_tool_calls)
     relat = body.relat
     job = service.submit(request.state.request_id, messages, relat.ttt_fields() if relat else {},
-                         body.sampling_fields(), relat.timeout if relat else None, ttt_prefix="relat.",
-                         max_tokens_param=body.max_tokens_param, return_adapter=bool(relat and relat.return_adapter))
+                         {**body.sampling_fields(), "structured_output": shape.structured_output},
+                         relat.timeout if relat else None, ttt_prefix="relat.", max_tokens_param=body.max_tokens_param,
+                         return_adapter=bool(relat and relat.return_adapter), tools=shape.tools)
     completion_id, created = new_id("chatcmpl"), now()
     ignored = sorted(body.model_extra or {})  # OpenAI's fields this server does not serve: logged, and listed
     if body.stream:
-        renderer = ChatRenderer(completion_id, created, service.model_name, body.include_usage, ignored)
+        renderer = ChatRenderer(completion_id, created, service.model_name, body.include_usage, ignored,
+                                shape.tool_use)
         return stream_response(service, job, renderer)
     result = await run_to_end(job, request)
     if result is None:
         return Response(status_code=CLIENT_CLOSED)
-    return JSONResponse(chat_response(result, completion_id, created, service.model_name, ignored).model_dump())
+    return JSONResponse(chat_response(result, completion_id, created, service.model_name, ignored,
+                                      shape.tool_use).model_dump())
 
 
 @api.post("/completions")
@@ -118,7 +125,9 @@ async def relat(request: HTTPRequest) -> Response:
     """One question in, the answer and the whole trace out; typed events when streaming."""
     service = service_of(request)
     body: RelatRequest = await parse(request, service.models.native)
-    job = service.submit(request.state.request_id, body.messages(), body.ttt_fields(), body.sampling_fields(),
+    shape = answer_shape(body.response_format, None, None, service.tool_template)
+    job = service.submit(request.state.request_id, body.messages(), body.ttt_fields(),
+                         {**body.sampling_fields(), "structured_output": shape.structured_output},
                          body.timeout, ttt_prefix="", max_tokens_param=body.max_tokens_param,
                          return_adapter=bool(body.return_adapter))
     fields = {"id": new_id("relat"), "created": now(), "model": service.model_name}

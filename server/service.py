@@ -45,8 +45,11 @@ from .metrics import Metrics
 from .protocol import ServerDefaults, engine_request, now, request_models
 from .runner import Job, Runner
 from .settings import Settings
+from .tools import ToolTemplate
 
 SAMPLING_PARAMS = frozenset(field.name for field in dataclasses.fields(SamplingParams))
+# The engine's errors that name a top-level field (the others are TTT options: in chat, relat.NAME).
+TOP_LEVEL_PARAMS = SAMPLING_PARAMS | {"response_format", "tools", "tool_choice"}
 
 log = logging.getLogger("relat_server")
 
@@ -86,6 +89,7 @@ class Service:
         self.model_name = settings.served_model_name or ""
         self.family = ""  # the loaded model's architecture (Engine.family)
         self.tokenizer: Any = None
+        self.tool_template = ToolTemplate()  # what the chat template does with tools (tools.py)
         self.base_digest: str | None = None  # the base weights' SHA-256 once loaded, for GET /admin/status
         self.adapters = AdapterStore(settings.max_adapters, settings.adapter_ttl, settings.max_adapter_bytes)
         # `relat serve` sets this to stop the process when the model cannot be loaded or the engine dies.
@@ -101,6 +105,7 @@ class Service:
             defaults = self._defaults(engine)
             # Off the engine's thread and the event loop (hashlib releases the GIL): about 1 s per GB of weights.
             self.base_digest = await asyncio.to_thread(weights_digest, engine.model)
+            await asyncio.to_thread(lambda: engine.grammars)  # structured outputs: built at start-up, not per request
         except Exception:
             log.exception("cannot load the model")
             await asyncio.to_thread(runner.stop)
@@ -109,6 +114,7 @@ class Service:
         self.defaults = ServerDefaults(defaults, self.settings.sampling_defaults())
         # The engine's thread uses its tokenizer; a fast tokenizer must not be used by two threads at once.
         self.tokenizer = copy.deepcopy(engine.tokenizer)
+        self.tool_template = ToolTemplate.of(engine.tokenizer.chat_template, engine.chat.supports_tools)
         self.model_name = self.settings.served_model_name or engine.name
         self.family = engine.family
         self.context_length = self._context_length(engine)
@@ -189,11 +195,13 @@ class Service:
             raise ModelNotFound(f"the model {name!r} does not exist; this server serves {self.model_name!r}",
                                 param="model")
 
-    def check_prompt(self, messages: list[dict[str, str]], prompt: str | list[int] | None = None) -> int:
+    def check_prompt(self, messages: list[dict], prompt: str | list[int] | None = None,
+                     tools: list[dict] | None = None) -> int:
         """The prompt's length in tokens (the messages through the chat template, or a raw prompt as the engine
         reads it); 413 past max_prompt_tokens or with no room left for an answer."""
         if prompt is None:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                      add_generation_prompt=True)
             count = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         else:
             count = len(prompt) if isinstance(prompt, list) else len(self.tokenizer(prompt)["input_ids"])
@@ -221,7 +229,7 @@ class Service:
     def submit(self, request_id: str, messages: list[dict], ttt_fields: dict, sampling_fields: dict,
                timeout: float | None, ttt_prefix: str, max_tokens_param: str, return_adapter: bool = False,
                prompt: str | list[int] | None = None, continuations: list[str] | None = None,
-               max_tokens_sent: bool | None = None) -> Job:
+               max_tokens_sent: bool | None = None, tools: list[dict] | None = None) -> Job:
         """Validate a request's parameters, prompt and length, then queue it (the deadline: at most the server's).
         A legacy completion (server/completions.py) sends a raw `prompt` instead of messages, and may send
         continuations to score; max_tokens_sent says whether its length was the client's (else it is cut to fit)."""
@@ -229,12 +237,13 @@ class Service:
         request = engine_request(messages, ttt_fields, sampling_fields, self.defaults, ttt_prefix, return_adapter)
         if prompt is not None:
             request = dataclasses.replace(request, messages=None, prompt=prompt, continuations=continuations)
+        request.tools = tools  # rendered by the chat template (server/tools.py)
         if return_adapter and not self.adapters.enabled:
             raise BadRequest("this server keeps no adapters (max_adapters is 0)", param=ttt_prefix + "return_adapter")
         try:
             messages = self.runner.engine.check(request)
         except InvalidParameter as error:
-            if error.param.startswith(("messages", "prompt")) or error.param in SAMPLING_PARAMS:  # top-level fields
+            if error.param.startswith(("messages", "prompt")) or error.param in TOP_LEVEL_PARAMS:
                 raise
             raise InvalidParameter(ttt_prefix + error.param, str(error)) from None
         if return_adapter:
@@ -242,7 +251,7 @@ class Service:
             if size > self.adapters.max_bytes:
                 raise BadRequest(f"this adapter would take {size} bytes; this server keeps at most "
                                  f"{self.adapters.max_bytes} (max_adapter_bytes)", param=ttt_prefix + "return_adapter")
-        prompt_tokens = self.check_prompt(messages, prompt)
+        prompt_tokens = self.check_prompt(messages, prompt, tools)
         sent = sampling_fields["max_tokens"] is not None if max_tokens_sent is None else max_tokens_sent
         request = self.fit_context(request, prompt_tokens, sent, max_tokens_param)
         deadline = min(timeout or self.settings.request_timeout, self.settings.request_timeout)

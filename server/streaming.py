@@ -36,6 +36,7 @@ from .protocol import (
     choice_logprobs,
 )
 from .runner import HEARTBEAT, Job
+from .tools import ToolStream, ToolUse, parse_reply
 
 HEARTBEAT_SECONDS = 10.0  # well under the idle timeouts of common proxies (nginx: 60 s)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx: pass each event through at once
@@ -71,10 +72,13 @@ class ChatRenderer:
     """OpenAI's chat.completion.chunk stream."""
 
     def __init__(self, completion_id: str, created: int, model: str, include_usage: bool,
-                 ignored_fields: list[str] | None = None):
+                 ignored_fields: list[str] | None = None, tool_use: ToolUse | None = None):
         self.fields = {"id": completion_id, "created": created, "model": model}
         self.include_usage = include_usage
         self.ignored_fields = ignored_fields or []  # the request's top-level fields this server does not serve
+        self.tool_use = tool_use
+        self.tool_streams: dict[int, ToolStream] = {}  # by answer: its text read for tool calls
+        self.pending_logprobs: dict[int, list] = {}  # by answer: logprobs of text held back by its tool stream
 
     def _chunk(self, delta: DeltaMessage, finish_reason: str | None = None, trace: dict | None = None,
                index: int = 0, logprobs: ChoiceLogprobs | None = None) -> str:
@@ -90,18 +94,38 @@ class ChatRenderer:
         if isinstance(event, AgentDone):
             return agent_comment(event.turn)
         if isinstance(event, TextDelta):
+            if self.tool_use is not None:
+                stream = self.tool_streams.setdefault(event.index, ToolStream(self.tool_use))
+                return self._tool_chunks(event.index, stream.feed(event.text), event.logprobs)
             return self._chunk(DeltaMessage(content=event.text), index=event.index,
                                logprobs=choice_logprobs(event.logprobs))
         result = event.result
         # Each answer's finishing chunk; the trace (one training for all of them) rides on the last.
         last = len(result.choices) - 1
         trace = {**result.trace.to_dict(), "ignored_fields": self.ignored_fields}
-        text = "".join(self._chunk(DeltaMessage(), choice.finish_reason, trace if choice.index == last else None,
-                                   choice.index)
-                       for choice in result.choices)
+        text = ""
+        for choice in result.choices:
+            finish_reason = choice.finish_reason
+            if self.tool_use is not None:
+                stream = self.tool_streams.setdefault(choice.index, ToolStream(self.tool_use))
+                text += self._tool_chunks(choice.index, stream.finish(), None)
+                finish_reason = "tool_calls" if stream.calls else finish_reason
+            text += self._chunk(DeltaMessage(), finish_reason, trace if choice.index == last else None, choice.index)
         if self.include_usage:
             usage = ChatCompletionChunk(**self.fields, choices=[], usage=usage_of(result))
             text += data_line(usage.model_dump_json())
+        return text
+
+    def _tool_chunks(self, index: int, pieces: list, logprobs: list | None) -> str:
+        """An answer's content and tool-call deltas; the logprobs of text its tool stream holds back go out with
+        the next chunk it sends."""
+        pending = self.pending_logprobs.setdefault(index, [])
+        pending += logprobs or []
+        text = ""
+        for content, call in pieces:
+            sent, pending[:] = list(pending), []
+            text += self._chunk(DeltaMessage(content=content, tool_calls=[call] if call else None), index=index,
+                                logprobs=choice_logprobs(sent) if logprobs is not None or sent else None)
         return text
 
     def end(self) -> str:
@@ -180,12 +204,15 @@ async def run_to_end(job: Job, request: HTTPRequest) -> Result | None:
 
 
 def chat_response(result: Result, completion_id: str, created: int, model: str,
-                  ignored_fields: list[str] | None = None) -> ChatCompletionResponse:
+                  ignored_fields: list[str] | None = None, tool_use: ToolUse | None = None) -> ChatCompletionResponse:
     """The whole response; `ignored_fields` (the request's top-level fields this server does not serve) ride in
-    the trace, so that a client sees what was not applied."""
-    choices = [ChatCompletionChoice(index=choice.index, message=AssistantMessage(content=choice.text),
-                                    logprobs=choice_logprobs(choice.logprobs), finish_reason=choice.finish_reason)
-               for choice in result.choices]
+    the trace, so that a client sees what was not applied. With tools, each answer's calls are parsed out of it."""
+    choices = []
+    for choice in result.choices:
+        content, calls = parse_reply(choice.text, tool_use)
+        choices.append(ChatCompletionChoice(
+            index=choice.index, message=AssistantMessage(content=content, tool_calls=calls),
+            logprobs=choice_logprobs(choice.logprobs), finish_reason="tool_calls" if calls else choice.finish_reason))
     return ChatCompletionResponse(id=completion_id, created=created, model=model, choices=choices,
                                   usage=usage_of(result),
                                   relat={**result.trace.to_dict(), "ignored_fields": ignored_fields or []})

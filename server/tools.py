@@ -132,6 +132,7 @@ class ToolUse:
     mode: Literal["auto", "required", "named"]
     names: tuple[str, ...]
     name: str | None = None
+    parallel: bool = True  # OpenAI's parallel_tool_calls: False allows one call at most
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ class AnswerShape:
 
 
 def answer_shape(response_format: ResponseFormat | None, tools: list[ChatTool] | None,
-                 tool_choice: ToolChoice | None, template: ToolTemplate) -> AnswerShape:
+                 tool_choice: ToolChoice | None, template: ToolTemplate, parallel: bool | None = None) -> AnswerShape:
     """The request's response_format, tools and tool_choice as the engine takes them; a combination that cannot
     be served is a 400 that names the field."""
     structured = None
@@ -179,13 +180,14 @@ def answer_shape(response_format: ResponseFormat | None, tools: list[ChatTool] |
                            ToolUse("named", tuple(names), tool.function.name))
     if choice == "required":
         _no_both(structured)
-        return AnswerShape(StructuredOutput.from_schema(_required_schema(tools), field="tools"), template_tools,
-                           ToolUse("required", tuple(names)))
+        schema = _required_schema(tools, parallel is not False)
+        return AnswerShape(StructuredOutput.from_schema(schema, field="tools"), template_tools,
+                           ToolUse("required", tuple(names), parallel=parallel is not False))
     if template.parser is None:
         raise InvalidParameter("tool_choice", "tool_choice auto needs the model's tool calls in a format relat "
                                "parses (Hermes <tool_call> tags); this model's template writes another: use "
                                "tool_choice required, or name a function")
-    return AnswerShape(structured, template_tools, ToolUse("auto", tuple(names)))
+    return AnswerShape(structured, template_tools, ToolUse("auto", tuple(names), parallel=parallel is not False))
 
 
 def _no_both(structured: StructuredOutput | None) -> None:
@@ -194,12 +196,13 @@ def _no_both(structured: StructuredOutput | None) -> None:
                                "required or a named function) each constrain the whole answer: send one")
 
 
-def _required_schema(tools: list[ChatTool]) -> dict:
-    """One or more calls, each {"name": one of the tools, "parameters": its arguments} (vLLM's form)."""
+def _required_schema(tools: list[ChatTool], parallel: bool) -> dict:
+    """One or more calls (exactly one unless parallel), each {"name": one of the tools, "parameters": its
+    arguments} (vLLM's form)."""
     calls = [{"type": "object", "properties": {"name": {"const": tool.function.name},
                                                "parameters": tool.function.parameters or {"type": "object"}},
               "required": ["name", "parameters"], "additionalProperties": False} for tool in tools]
-    return {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    return {"type": "array", "minItems": 1, "items": {"anyOf": calls}, **({} if parallel else {"maxItems": 1})}
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,7 @@ def parse_reply(text: str, use: ToolUse | None) -> tuple[str | None, list[ToolCa
     calls = []
     for match in _HERMES_CALL.finditer(text):
         call = _hermes_call(match.group(1), use)
-        if call is not None:
+        if call is not None and (use.parallel or not calls):  # without parallel calls, the first is the call
             calls.append(call)
     if not calls:
         return text, []
@@ -321,6 +324,9 @@ class ToolStream:
                 return out
             block = rest[:end + len(HERMES_CLOSE)]
             call = _hermes_call(block[len(HERMES_OPEN):-len(HERMES_CLOSE)].strip(), self.use)
+            if call is not None and self.calls and not self.use.parallel:  # one call at most: the rest is dropped
+                self.sent += len(block)
+                continue
             out.append((None, self._whole(self.calls, call)) if call is not None else (block, None))
             self.calls += call is not None
             self.sent += len(block)

@@ -82,9 +82,9 @@ def test_text_agents_read_the_earlier_agents_text(engine, monkeypatch):
     prompts: list[str] = []
     real_prefill = engine.thinker._prefill
 
-    def recording_prefill(token_lists):
+    def recording_prefill(token_lists, *args, **kwargs):
         prompts.extend(engine.tokenizer.decode(ids) for ids in token_lists)
-        return real_prefill(token_lists)
+        return real_prefill(token_lists, *args, **kwargs)
 
     monkeypatch.setattr(engine.thinker, "_prefill", recording_prefill)
     for team in ("sequential", "hierarchical"):
@@ -206,8 +206,8 @@ def test_answer_formats():
 def test_a_single_model_gets_an_explicit_answer_format(engine, monkeypatch):
     prompts: list[str] = []
     real_prefill = engine.thinker._prefill
-    monkeypatch.setattr(engine.thinker, "_prefill", lambda ids: prompts.extend(map(engine.tokenizer.decode, ids))
-                        or real_prefill(ids))
+    monkeypatch.setattr(engine.thinker, "_prefill", lambda ids, *rest: prompts.extend(map(engine.tokenizer.decode, ids))
+                        or real_prefill(ids, *rest))
     result = engine.run(Request(RED, TTTParams(method="direct", answer_format="boxed"), SamplingParams(max_tokens=2)))
     assert result.trace.answer_format == "boxed"
     assert QUESTION + "\n" + AgentPrompts().formats["boxed"] in prompts[0]

@@ -102,6 +102,29 @@ def test_direct_and_a_kept_request_have_shift_zero(engine):
         assert (entry.logprob, entry.base_logprob) == pytest.approx((expected.logprob, expected.base_logprob), abs=1e-5)
 
 
+def test_a_structured_answers_base_logprobs_are_masked_by_its_grammar(engine):
+    """The base distribution under the same grammar as the answer's (a fresh matcher walked along the answer, over
+    a plain forward's logits): the shift is what the request changed within the grammar, not the grammar's."""
+    from relat_core.params import StructuredOutput
+
+    output = StructuredOutput(json_object=True)
+    result = engine.run(Request(QUESTION, VARIANTS["relat-question"],
+                                SamplingParams(max_tokens=6, logprobs=True, structured_output=output)))
+    entries = result.choices[0].logprobs
+    prompt = engine.chat.segments(normalise_messages(QUESTION), TRAIN.reconstruction_instruction, "restate",
+                                  latent=False).prompt_ids
+    with torch.no_grad():
+        logits = engine.model(input_ids=torch.tensor([prompt + result.token_ids])).logits[0].float()
+    grammar = engine.grammars.matcher(output)
+    assert result.token_ids and [entry.token_id for entry in entries] == result.token_ids
+    for position, entry in enumerate(entries):
+        row = logits[len(prompt) - 1 + position].clone()[None]
+        engine.grammars.mask(row, {0: grammar})
+        expected = torch.log_softmax(row[0], dim=-1).clamp(min=-9999.0)[entry.token_id]
+        assert entry.base_logprob == pytest.approx(float(expected), abs=1e-4) and entry.base_logprob > -9999
+        grammar.accept(entry.token_id)
+
+
 def decoding_rows(engine: Engine, request: Request) -> tuple[int, int]:
     """(answer rows, plain rows) of the decoding batch once the request decodes alone."""
     engine.add_request("rows", request)

@@ -62,7 +62,7 @@ def test_minimal_chat_request_and_openai_shapes():
 
 @pytest.mark.parametrize("fields, param", [
     ({"messages": []}, "messages"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "function", "content": "x"}]}, "messages[0].role"),  # OpenAI's deprecated role
     ({"n": 0}, "n"),
     ({"n": 129}, "n"),
     ({"temperature": 2.5}, "temperature"),
@@ -96,9 +96,9 @@ def test_a_body_that_is_not_an_object_is_a_400(body):
 
 def test_unknown_openai_fields_are_accepted_and_logged(caplog):
     with caplog.at_level(logging.INFO, logger="relat_server"):
-        body = chat(response_format={"type": "text"}, parallel_tool_calls=False, relat={"steps": 1})
-    assert body.model_extra == {"response_format": {"type": "text"}, "parallel_tool_calls": False}
-    assert "response_format" in caplog.text and "parallel_tool_calls" in caplog.text
+        body = chat(service_tier="auto", prediction=None, relat={"steps": 1})
+    assert body.model_extra == {"service_tier": "auto", "prediction": None}
+    assert "service_tier" in caplog.text and "prediction" in caplog.text
 
 
 @pytest.mark.parametrize("model, body, param, message", [

@@ -33,14 +33,14 @@ def test_a_typo_on_the_native_endpoint_is_a_400_with_the_closest_name(server):
 
 
 def test_openais_fields_this_server_does_not_serve_are_listed_in_the_trace(server):
-    body = chat(server, response_format={"type": "text"}, parallel_tool_calls=False, relat={"method": "direct"})
+    body = chat(server, service_tier="auto", prediction=None, relat={"method": "direct"})
     reply = server.http.post("/v1/chat/completions", json=body)
     assert reply.status_code == 200, reply.text
-    assert reply.json()["relat"]["ignored_fields"] == ["parallel_tool_calls", "response_format"]
+    assert reply.json()["relat"]["ignored_fields"] == ["prediction", "service_tier"]
     with server.http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as streamed:
         chunks = [json.loads(line[6:]) for line in sse_lines(streamed)
                   if line.startswith("data: ") and line != "data: [DONE]"]
     traces = [chunk["relat"] for chunk in chunks if chunk.get("relat")]
-    assert len(traces) == 1 and traces[0]["ignored_fields"] == ["parallel_tool_calls", "response_format"]
+    assert len(traces) == 1 and traces[0]["ignored_fields"] == ["prediction", "service_tier"]
     plain = server.http.post("/v1/chat/completions", json=chat(server, relat={"method": "direct"})).json()
     assert plain["relat"]["ignored_fields"] == []

@@ -49,6 +49,9 @@ class Answerer:
         """Rows that have read their thought or prompt join the decoding batch, behind the rows already in it; a
         request asking for n answers joins as n rows."""
         rows, state, hidden = self._with_answers(rows, state, hidden)
+        for row in rows:  # an answer starts its grammar afresh (a gated request's, after training too)
+            if isinstance(row, _Sequence) and row.sampling.structured_output and not row.writes_agent_text:
+                row.grammar = self.context.grammars.matcher(row.sampling.structured_output)
         if self.decoding is not None:
             state = SequenceState.concatenate(self.context.model, [self.decoding.state, state])
             hidden = torch.cat([self.decoding.hidden, hidden])
@@ -88,7 +91,7 @@ class Answerer:
             seed = row.sampling.seed + k
             generator.manual_seed(seed - 2**64 if seed >= 2**64 else seed)
         return dataclasses.replace(row, choice=k, leader=row, siblings=[], ended={}, tokens=[], logprobs=[],
-                                   unsent_logprobs=[], generator=generator,
+                                   grammar=None, unsent_logprobs=[], generator=generator,
                                    detokenizer=IncrementalDetokenizer(self.context.tokenizer, row.sampling.stop))
 
     def run(self) -> list[tuple[str, Event]]:
@@ -98,6 +101,10 @@ class Answerer:
         batch = self.decoding
         with torch.no_grad():
             logits = self._guided_logits(batch.rows, context.lm_head(batch.hidden).float())  # (B, V)
+            constrained = {i: row.grammar for i, row in enumerate(batch.rows)
+                           if isinstance(row, _Sequence) and row.grammar is not None}
+            if constrained:  # structured outputs: each constrained row's logits, masked by its own grammar
+                context.grammars.mask(logits, constrained)
             greedy = logits.argmax(-1).tolist()
         events: list[tuple[str, Event]] = []
         chosen: dict[int, int] = {}  # by id of the request going on: its token
@@ -217,12 +224,18 @@ class Answerer:
                      ) -> torch.Tensor | None:
         """logprob_shift: the base model's logits on the plain prompt at this answer's position, its plain row's
         (guidance mixes the owner's, never the plain row's), or its own where the answer is the base model's on the
-        plain prompt (rows.py's needs_plain_row); None when not asked for."""
+        plain prompt (rows.py's needs_plain_row); None when not asked for. A structured answer's are masked by its
+        grammar as its own are, so that the shift is what the request changed within it, not the grammar."""
         if not (row.ttt.logprob_shift and row.sampling.logprobs) or row.writes_agent_text:
             return None
         if not row.needs_plain_row:
             return logits[index]
-        return logits[plain_of[id(row)]]
+        base = logits[plain_of[id(row)]]
+        if row.grammar is not None:
+            base = base[None].clone()
+            self.context.grammars.mask(base, {0: row.grammar})  # the grammar's place before this token
+            base = base[0]
+        return base
 
     def _logprob(self, row: _Sequence, logits: torch.Tensor, token: int,
                  base: torch.Tensor | None = None) -> TokenLogprob | None:
@@ -231,7 +244,8 @@ class Answerer:
         None unless the answer asked for them."""
         if not row.sampling.logprobs or row.writes_agent_text:
             return None
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        # A token a grammar masked out has logprob -inf, which JSON cannot carry: -9999, as vLLM reports it.
+        log_probs = torch.log_softmax(logits.float(), dim=-1).clamp(min=-9999.0)
         decode = self.context.tokenizer.decode
         top: tuple[tuple[str, float], ...] = ()
         if row.sampling.top_logprobs:
@@ -260,9 +274,12 @@ class Answerer:
         finish_reason = None
         if limit == 0:  # max_tokens 0: the prompt was read (its logprobs, the training), and nothing is answered
             finish_reason = "length"
-        elif token in context.stop_ids and (agent_text or not row.sampling.ignore_eos):
+        elif token in context.stop_ids and (agent_text or not row.sampling.ignore_eos or row.grammar is not None):
+            # A structured answer ends at the stop token its completed grammar allows, ignore_eos or not.
             finish_reason = "stop"  # the stop token is not part of the answer, nor its logprob
         else:
+            if row.grammar is not None:
+                row.grammar.accept(token)
             row.tokens.append(token)
             if entry is not None:
                 row.logprobs.append(entry)

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from functools import cached_property
 
 import torch
 
 from ..adapter_cache import AdapterCache
 from ..agents import AgentPrompts, Role
 from ..chat import ChatFormat
+from ..grammar import Grammars
 from ..latent import LatentMap, SequenceState, Truncation, extend, latent_rollout, reconstruction_loss
 from ..loading import LoadedModel
 from ..lora import Binding, SlotBank
@@ -57,6 +59,12 @@ class EngineContext:
         self.agent_prompts = agent_prompts or AgentPrompts()
         # Off unless given one (an empty cache is falsy: it has a length).
         self.adapter_cache = adapter_cache if adapter_cache is not None else AdapterCache(max_entries=0, max_bytes=0)
+
+    @cached_property
+    def grammars(self) -> Grammars:
+        """The structured-output backend, built on first use (a server builds it at start-up: Service.load), so
+        that engines that never constrain an answer never import it."""
+        return Grammars(self.tokenizer, self.vocabulary, self.stop_ids)
 
     def _stop_token_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}

@@ -31,6 +31,9 @@ class Request:
     # request's one training and thought). choices[k] is continuation k, with its tokens' logprobs (lm-eval's
     # loglikelihood of a multiple-choice option, with relat's adapter trained once for all of them).
     continuations: list[str] | None = None
+    # OpenAI's function tools, rendered into the prompt by the chat template (which must support them: Engine.check);
+    # the reply's tool calls are the caller's to parse (server/tools.py), and a forced call is a structured output.
+    tools: list[dict] | None = None
 
 
 @dataclass

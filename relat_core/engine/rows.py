@@ -17,6 +17,7 @@ import torch
 from ..agents import Role
 from ..chat import Segments
 from ..decoding import IncrementalDetokenizer
+from ..grammar import RowGrammar
 from ..latent import SequenceState
 from ..lora import Binding
 from ..models.huginn import RowRecurrence
@@ -52,7 +53,8 @@ class _Draft:
         """One draft token's confidence, from the model's own distribution (temperature 1, whatever the sampler)."""
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         top = log_probs.topk(2).values.exp().tolist()
-        self.entropies.append(float(-(log_probs.exp() * log_probs).sum()))
+        probs = log_probs.exp()  # xlogy: a token a grammar masked out (probability 0) adds 0, not nan
+        self.entropies.append(float(-torch.special.xlogy(probs, probs).sum()))
         self.margins.append(top[0] - top[1])
         self.logprobs.append(float(log_probs[token]))
 
@@ -101,6 +103,7 @@ class _Sequence:
     depth: RowRecurrence | None = None  # how a recurrent-depth model iterates this request's positions
     answer_depths: list[int] = field(default_factory=list)  # recurrences of each answer position read back
     detokenizer: IncrementalDetokenizer | None = None
+    grammar: RowGrammar | None = None  # a structured answer's place in its grammar, from when it joins the batch
     tokens: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)  # TokenLogprob of each token in `tokens`, when asked for
     unsent_logprobs: list = field(default_factory=list)  # those not yet carried by a TextDelta

@@ -34,7 +34,7 @@ import torch
 
 from ..adapter_cache import AdapterCache
 from ..agents import TEAMS, AgentPrompts, resolve_answer_format, with_format
-from ..chat import normalise_messages, raw_segments
+from ..chat import normalise_messages, question_index, raw_segments
 from ..loading import LoadedModel
 from ..models.huginn import DEFAULT_EXIT_THRESHOLDS, RowRecurrence
 from ..params import HUGINN_ATTENTION_TARGETS, InvalidParameter, TTTParams
@@ -100,7 +100,8 @@ class Engine(EngineContext):
     def check(self, request: Request) -> list[dict[str, str]]:
         """Refuse what this engine cannot run (InvalidParameter); returns the normalised messages.
 
-        Cheap and thread-safe (no tokenizer, no tensors), so a server can call it before queueing a request.
+        Cheap and thread-safe (no tokenizer, no tensors; a structured output's grammar is compiled once and cached),
+        so a server can call it before queueing a request.
         """
         completion.check_request(request, self.vocabulary)  # a raw prompt, prompt logprobs, continuations
         messages = normalise_messages(request.messages) if request.prompt is None else []
@@ -121,6 +122,15 @@ class Engine(EngineContext):
         if ttt.logprob_shift and not request.sampling.logprobs:
             raise InvalidParameter("logprob_shift", "logprob_shift needs logprobs: true (it adds each answer token's "
                                    "logprob under the base model to its logprobs)")
+        if request.tools and not self.chat.supports_tools:
+            raise InvalidParameter("tools", f"the chat template of {self.name} has no tool support: it does not write "
+                                   "tools into the prompt")
+        if request.tools and ttt.agents != "single":
+            raise InvalidParameter("tools", "tools are for single-agent requests: each agent writes its own prompt")
+        if request.tools and request.prompt is not None:
+            raise InvalidParameter("tools", "tools are rendered by the chat template: a raw prompt has none")
+        if request.sampling.structured_output is not None:
+            self.grammars.compile(request.sampling.structured_output)  # a 400 before the request queues
         if request.return_adapter and not ttt.trains:
             raise InvalidParameter("return_adapter", "return_adapter needs an adapter to return: method relat with "
                                    f"steps >= 1, got method {ttt.method} with steps {ttt.steps}")
@@ -141,11 +151,13 @@ class Engine(EngineContext):
             segments = raw_segments(self.tokenizer, request.prompt, ttt.reconstruction_instruction, ttt.follow_up,
                                     latent=thinks)
         else:
-            question = messages[-1]["content"]
+            asked = question_index(messages)
+            question = messages[asked]["content"]
             answer_format = resolve_answer_format(ttt, question)
             if not team and answer_format != "text":
-                messages[-1] = {"role": "user", "content": with_format(question, answer_format, self.agent_prompts)}
-            segments = self.chat.segments(messages, ttt.reconstruction_instruction, ttt.follow_up, latent=thinks)
+                messages[asked] = {"role": "user", "content": with_format(question, answer_format, self.agent_prompts)}
+            segments = self.chat.segments(messages, ttt.reconstruction_instruction, ttt.follow_up, latent=thinks,
+                                          tools=request.tools)
         forced = None
         if request.continuations is not None:  # scored as the answers: n of them, each forced to its end
             forced = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in request.continuations]
