@@ -22,7 +22,7 @@ from starlette.requests import Request as HTTPRequest
 
 from relat_core import Finished, Result, TextDelta, TokenLogprob
 
-from .errors import BadRequest, ErrorInfo, describe
+from .errors import ErrorInfo, describe
 from .protocol import (
     Answers,
     AnswersField,
@@ -80,8 +80,8 @@ class CompletionRelatOptions(RelatOptions):
     continuations: list[Continuation] | None = Field(
         None, min_length=1, description="score these texts as the completion, each forced to its end after the "
                                         "request's one training and thought, instead of writing one: choices[k] is "
-                                        "continuation k with its tokens' logprobs (with logprobs); n must be 1 and "
-                                        "max_tokens is not used")
+                                        "continuation k with its tokens' logprobs (with logprobs); n and max_tokens "
+                                        "are not used")
 
 
 class CompletionRequest(OpenAIBaseModel):
@@ -121,11 +121,6 @@ class CompletionRequest(OpenAIBaseModel):
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             return [prompt]
         return list(prompt)
-
-    def check(self) -> None:
-        """What a schema cannot say: continuations are the choices, so n must be 1."""
-        if self.relat is not None and self.relat.continuations is not None and self.n not in (None, 1):
-            raise BadRequest("continuations are the choices: n must be 1", param="n")
 
     def sampling_fields(self) -> dict[str, Any]:
         echo_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
@@ -424,7 +419,6 @@ async def stream(jobs: list[Job], renderer: CompletionStream, on_error) -> Async
 
 async def respond(service: Any, request: HTTPRequest, body: CompletionRequest) -> Response:
     """Submit each prompt as a request (together, so that the engine batches them), then answer as OpenAI does."""
-    body.check()
     relat = body.relat
     prompts = body.prompts()
     sampling = body.sampling_fields()

@@ -206,10 +206,9 @@ BEYOND_THE_SCHEMA = {
     (400, "invalid_value", "relat.return_adapter"), (400, "invalid_value", "return_adapter"),
     (400, "context_length_exceeded", "max_completion_tokens"), (400, "context_length_exceeded", "max_tokens"),
     (413, "context_length_exceeded", "messages"),  # the prompt alone fills the context
-    # /v1/completions: token ids past the loaded model's vocabulary; a prompt that fills the context; continuations
-    # are the choices (n 1); a gate that reads a draft, on a request that decodes none (max_tokens 0)
-    (400, "invalid_value", "prompt"), (413, "context_length_exceeded", "prompt"), (400, "invalid_value", "n"),
-    (400, "invalid_value", "relat.gate"),
+    # /v1/completions: token ids past the loaded model's vocabulary; a prompt that fills the context; a gate that
+    # reads a draft, on a request that decodes none (max_tokens 0, or continuations)
+    (400, "invalid_value", "prompt"), (413, "context_length_exceeded", "prompt"), (400, "invalid_value", "relat.gate"),
     # The layers the loaded model has (targets).
     (400, "invalid_value", "relat.targets"), (400, "invalid_value", "targets"),
 }
