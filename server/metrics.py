@@ -2,7 +2,8 @@
 
 Each app owns its registry (tests run several apps in one process). Labels never carry a request, adapter or
 user name: only the TTT method, the outcome, the HTTP status, the kind of an agent's turn and a gate and its
-decision, all from small fixed sets.
+decision, all from small fixed sets, and the tenant's name (server/tenants.py), which the operator chose: never a
+key.
 """
 
 from __future__ import annotations
@@ -66,6 +67,16 @@ class Metrics:
                                        registry=r)
         self.cache_bytes = Gauge("relat_adapter_cache_bytes", "Bytes the adapter cache holds", registry=r)
         self.cache_entries = Gauge("relat_adapter_cache_entries", "Adapters the adapter cache holds", registry=r)
+        # Per tenant (server/tenants.py), labelled by its name, never its key. Requests, tokens and training time
+        # count as a request finishes (Service.count_tenant); the 429s as the runner refuses one.
+        self.tenant_requests = Counter("relat_tenant_requests", "Requests the engine finished, by tenant and outcome",
+                                       ["tenant", "outcome"], registry=r)
+        self.tenant_tokens = Counter("relat_tenant_tokens", "Tokens of finished requests, by tenant and kind (prompt "
+                                     "or completion)", ["tenant", "kind"], registry=r)
+        self.tenant_train_seconds = Counter("relat_tenant_train_seconds", "Test-time training seconds, by tenant",
+                                            ["tenant"], registry=r)
+        self.tenant_rejected = Counter("relat_tenant_rejected", "Requests refused with 429 (queue full or rate "
+                                       "limit), by tenant and reason", ["tenant", "reason"], registry=r)
         self._cache_seen = CacheStats()
 
     def observe_cache(self, stats: CacheStats) -> None:
