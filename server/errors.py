@@ -79,6 +79,12 @@ class QueueFull(APIError):
     status, type, code = 429, "rate_limit_error", "queue_full"
 
 
+class RateLimited(QueueFull):
+    """The tenant's requests-per-minute limit (server/fair_queue.py); Retry-After: seconds until it may send one."""
+
+    code = "rate_limited"
+
+
 class Unavailable(APIError):
     """Loading, draining or failed: the request never reached the engine."""
 

@@ -1,7 +1,8 @@
 """Everything that drives the engine: admission, a bounded queue, the scheduling thread, cancellation, deadlines.
 
 The engine batches requests (continuous batching) but is synchronous and not thread-safe, so one thread owns it:
-it admits queued jobs into the engine's batch up to `max_concurrency` (and while adapter slots are free), calls
+it admits queued jobs into the engine's batch up to `max_concurrency` (and while adapter slots are free), taking
+them from the tenants' queues by turns and within each tenant's share (server/fair_queue.py), calls
 `Engine.step`, and forwards each request's events to its job with `loop.call_soon_threadsafe`. Between steps it
 aborts the requests whose client went away or whose deadline passed (their slots are free for the next step);
 the others in the batch go on undisturbed, as they do when one request fails.
@@ -12,18 +13,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import threading
 import time
-from collections import deque
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from relat_core import AgentDone, Engine, Finished, Request, Result, TextDelta, TrainStep
 from relat_core.engine import Event, Failed
 
-from .errors import Cancelled, DeadlineExceeded, QueueFull, Unavailable
+from .errors import Cancelled, DeadlineExceeded, QueueFull, RateLimited, Unavailable
+from .fair_queue import FairQueue
 from .metrics import Metrics
+from .tenants import ANONYMOUS, Tenant
 
 log = logging.getLogger("relat_server")
 
@@ -37,11 +39,16 @@ class Job:
     request: Request
     deadline: float  # time.monotonic()
     loop: asyncio.AbstractEventLoop
+    tenant: Tenant = ANONYMOUS
     submitted: float = field(default_factory=time.monotonic)
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # bounded by steps + agents + max_tokens + 1 events
     key: str = field(default_factory=lambda: str(next(_job_keys)))  # unique in the engine, unlike X-Request-Id
     started: float | None = None  # when the engine took it
     last_text: float | None = None
+    # Admission numbers, in the runner's order: how many requests the runner had admitted when this one was
+    # queued, and this one's own number. Their difference is how many others were admitted while it waited.
+    queued_at: int | None = None
+    admission: int | None = None
     # Set by the runner while the job waits in its queue: takes the job out of the queue when it is cancelled.
     withdraw: Callable[[Job], None] | None = None
     _cancelled: threading.Event = field(default_factory=threading.Event)
@@ -105,7 +112,7 @@ class Runner:
     def __init__(self, load_engine: Callable[[], Engine], metrics: Metrics, max_queue: int,
                  max_concurrency: int = 1, batch_window: float = 0.0,
                  on_death: Callable[[BaseException], None] | None = None,
-                 on_result: Callable[[Result], None] | None = None):
+                 on_result: Callable[[Result, Job], None] | None = None, tenants: tuple[Tenant, ...] = ()):
         # An idle engine waits this long after a request arrives for others to join it: requests that start
         # together train together, while a request that arrives a moment late waits a whole training step and
         # stays a step out of phase (bench/RESULTS.md, section 6.4).
@@ -117,7 +124,9 @@ class Runner:
         self.capacity = max_concurrency + max_queue  # requests admitted at once, running or waiting
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._waiting: deque[Job] = deque()
+        # The waiting jobs, one queue per tenant (`tenants`: the keys file's, known from the start; others are
+        # added as they come).
+        self._waiting = FairQueue(max_concurrency, max_queue, tenants)
         self._running: dict[str, Job] = {}  # by job key, in the engine's batch
         self._service_seconds = 0.0  # moving average of a request's time in the engine, for Retry-After
         self._stopping = False
@@ -141,18 +150,22 @@ class Runner:
         self._thread.start()
         return await loaded
 
-    def submit(self, request_id: str, request: Request, timeout: float) -> Job:
-        """Queue a request or refuse it at once (429 with a Retry-After estimate, 503 when stopping)."""
-        job = Job(request_id, request, time.monotonic() + timeout, asyncio.get_running_loop())
+    def submit(self, request_id: str, request: Request, timeout: float, tenant: Tenant = ANONYMOUS) -> Job:
+        """Queue a request or refuse it at once: 429 with Retry-After when the server's queue, the tenant's queue or
+        the tenant's rate limit is full (server/fair_queue.py), 503 when stopping."""
+        now = time.monotonic()
+        job = Job(request_id, request, now + timeout, asyncio.get_running_loop(), tenant)
         with self._lock:
             if self._stopping:
                 raise Unavailable("the server is shutting down")
-            if len(self._waiting) + len(self._running) >= self.capacity:
+            refusal = self._waiting.refusal(tenant, self._running_by_tenant(), now, self._service_seconds)
+            if refusal is not None:
                 self.metrics.requests.labels(job.method, "rejected").inc()
-                raise QueueFull(f"the server is at capacity ({self.capacity} requests admitted); retry later",
-                                retry_after=self._retry_after())
+                self.metrics.tenant_rejected.labels(tenant.name, refusal.reason).inc()
+                error = RateLimited if refusal.reason == "rate_limited" else QueueFull
+                raise error(refusal.message, retry_after=refusal.retry_after)
             job.withdraw = self._withdraw
-            self._waiting.append(job)
+            self._waiting.push(job, now)
             self.metrics.waiting.set(len(self._waiting))
             self._wake.notify()
         return job
@@ -162,9 +175,8 @@ class Runner:
         and the scheduling thread, which would drop it at its next admission, may be a long training step away.
         Until then it would hold a place that a live request is refused for (429)."""
         with self._lock:
-            if job not in self._waiting:  # admitted already: the scheduling thread stops it between steps
+            if not self._waiting.remove(job):  # admitted already: the scheduling thread stops it between steps
                 return
-            self._waiting.remove(job)
             self.metrics.waiting.set(len(self._waiting))
         reason = job.stop_reason() or "cancelled"
         job.post(_stop_error(reason))
@@ -172,10 +184,9 @@ class Runner:
         log.info("request %s: %s %s after %.2f s queued, never started", job.request_id, job.method, reason,
                  time.monotonic() - job.submitted)
 
-    def _retry_after(self) -> int:
-        """Seconds until a place is likely free: a request's time in the engine over the places that free
-        together, at least a second."""
-        return max(1, math.ceil(self._service_seconds / self.max_concurrency))
+    def _running_by_tenant(self) -> Counter[str]:
+        """Under the lock: requests in the engine's batch by tenant name."""
+        return Counter(job.tenant.name for job in self._running.values())
 
     def counts(self) -> tuple[int, int]:
         """Requests (running in the engine, waiting in the queue)."""
@@ -226,8 +237,7 @@ class Runner:
         log.critical("the engine's thread died", exc_info=error)
         with self._lock:
             self._stopping = True
-            jobs = [*self._waiting, *self._running.values()]
-            self._waiting.clear()
+            jobs = [*self._waiting.clear(), *self._running.values()]
             self._running.clear()
         for job in jobs:
             job.post(error)
@@ -266,17 +276,24 @@ class Runner:
                     self._forward(job, event)
 
     def _admit(self) -> list[Job]:
-        """Under the lock: take waiting jobs, oldest first, while the batch has room and, for a job that trains
-        an adapter, a free slot (a job that would wait for a slot keeps its place at the head of the line)."""
+        """Under the lock: take waiting jobs, by tenant in turn and within each tenant's share (FairQueue.next_job),
+        while the batch has room and, for a job that trains an adapter, a free slot (a job that would wait for a
+        slot keeps its place at the head of its tenant's line; other tenants' jobs that need none may go)."""
         admitted = []
         free_slots = len(self.engine.bank.free)
-        while self._waiting and len(self._running) < self.max_concurrency:
-            job = self._waiting[0]
+        running = self._running_by_tenant()
+        waiting_for_a_slot: set[str] = set()
+        while len(self._running) < self.max_concurrency:
+            job = self._waiting.next_job(running, waiting_for_a_slot)
+            if job is None:
+                break
             if job.request.ttt.trains and not job.stop_reason():
                 if free_slots == 0:
-                    break
+                    waiting_for_a_slot.add(job.tenant.name)
+                    continue
                 free_slots -= 1
-            self._waiting.popleft()
+            self._waiting.admit(job)
+            running[job.tenant.name] += 1
             self._running[job.key] = job
             admitted.append(job)
         self.metrics.waiting.set(len(self._waiting))
@@ -320,7 +337,7 @@ class Runner:
             job.last_text = now
         if isinstance(event, Finished) and self.on_result is not None:
             try:
-                self.on_result(event.result)
+                self.on_result(event.result, job)
             except Exception as error:  # a server bug: this request's 500, not the engine thread's death
                 self._end(job, "error", error)
                 return
@@ -345,8 +362,8 @@ class Runner:
             self._wake.notify()
         self.metrics.slots.set(self.engine.slots_in_use)
         self.metrics.requests.labels(job.method, outcome).inc()
-        log.info("request %s: %s %s, %.2f s queued, %.2f s in the engine", job.request_id, job.method, outcome,
-                 started - job.submitted, now - started)
+        log.info("request %s: %s %s, %.2f s queued (%d admitted before it), %.2f s in the engine", job.request_id,
+                 job.method, outcome, started - job.submitted, _overtaken(job), now - started)
 
     def _observe_result(self, event: Finished, job: Job, now: float) -> None:
         result, metrics = event.result, self.metrics
@@ -365,6 +382,13 @@ class Runner:
             metrics.recon_before.observe(trace.recon_loss_before)
         if trace.recon_loss_after is not None:
             metrics.recon_after.observe(trace.recon_loss_after)
+
+
+def _overtaken(job: Job) -> int:
+    """How many requests were admitted while this one waited."""
+    if job.admission is None or job.queued_at is None:
+        return 0
+    return job.admission - job.queued_at
 
 
 def _stop_error(reason: str) -> Exception:
