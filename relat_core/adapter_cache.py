@@ -11,6 +11,8 @@ agent's turn, the reconstruction target), every TTT option that shapes the train
 training objective among them, and entropy_tokens where the objective is "entropy"), and the adapter's seed.
 What it leaves out: what only shapes the answer (sampling, max_tokens, stop; guidance, the answer's context, the
 adapter while answering, the final thought's contrastive feedback) and the per-request switch itself.
+One more thing goes in that shapes nothing: the request's cache partition (Request.cache_partition), an opaque
+string by which a caller keeps apart requests that must not learn of each other's training (a server's tenants).
 
 Entries are bounded by count and by bytes, evicted least recently used first; a size of 0 turns the cache off.
 Only an adapter whose training finished is stored: one abandoned by the non-finite guard, or from a request that
@@ -36,15 +38,17 @@ NOT_IN_KEY: frozenset[str] = frozenset({"guidance", "answer_context", "adapter_d
 
 
 def training_key(model: str, pieces: list[tuple[list[int], int, int]], recon_ids: list[int],
-                 recon_labels: list[int], ttt: TTTParams, seed: int) -> str:
+                 recon_labels: list[int], ttt: TTTParams, seed: int, partition: str = "") -> str:
     """SHA-256 of everything that determines a request's trained adapter. pieces: (token ids, question start,
-    latent steps) of each part of the latent thought the training runs through."""
+    latent steps) of each part of the latent thought the training runs through. partition: the request's
+    Request.cache_partition, opaque here; requests in different partitions never share an entry, whatever else
+    they share."""
     options = {name: value for name, value in asdict(ttt).items() if name not in NOT_IN_KEY}
     if ttt.objective != "entropy":
         del options["entropy_tokens"]  # the entropy objective's draft length shapes no other training
     options["targets"] = sorted(ttt.targets)  # the same layers in another order are the same adapter
     text = json.dumps({"model": model, "pieces": pieces, "recon_ids": recon_ids, "recon_labels": recon_labels,
-                       "options": options, "seed": seed}, sort_keys=True, separators=(",", ":"))
+                       "options": options, "seed": seed, "partition": partition}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -5,10 +5,15 @@ id, at most `max_adapters` of them and `max_adapter_bytes` in all, each for `ada
 out the oldest past either bound, and expired ones go at every put and get. The zip is built when fetched, so the
 store's memory is the tensors' bytes alone, the figure the bound counts. Written from the engine's thread (as each
 request finishes), read from the event loop: one lock.
+
+An adapter belongs to the tenant whose request made it (server/tenants.py): it was trained to rebuild that tenant's
+prompt and can leak it. Asked for by another tenant, it is not there: the same None (a 404 with the same body) as
+an id never issued, so that an id's existence is not confirmed either. Ids hold 128 random bits.
 """
 
 from __future__ import annotations
 
+import hmac
 import io
 import secrets
 import threading
@@ -26,6 +31,7 @@ class KeptAdapter:
     id: str
     export: AdapterExport
     expires_at: float  # unix time
+    owner: str  # the tenant's name
 
     @property
     def url(self) -> str:
@@ -58,9 +64,10 @@ class AdapterStore:
     def enabled(self) -> bool:
         return self.max_count > 0
 
-    def put(self, export: AdapterExport) -> KeptAdapter:
-        """Keep an export (one over max_bytes on its own is the caller's to refuse beforehand)."""
-        kept = KeptAdapter("adapter-" + secrets.token_hex(16), export, self.clock() + self.ttl)
+    def put(self, export: AdapterExport, owner: str) -> KeptAdapter:
+        """Keep an export for the tenant `owner` (one over max_bytes on its own is the caller's to refuse
+        beforehand)."""
+        kept = KeptAdapter("adapter-" + secrets.token_hex(16), export, self.clock() + self.ttl, owner)
         with self._lock:
             self._expire()
             while self._kept and (len(self._kept) >= self.max_count
@@ -69,10 +76,14 @@ class AdapterStore:
             self._kept[kept.id] = kept
         return kept
 
-    def get(self, adapter_id: str) -> KeptAdapter | None:
+    def get(self, adapter_id: str, owner: str) -> KeptAdapter | None:
+        """The adapter if it is kept and `owner`'s; None alike for an unknown id and another tenant's."""
         with self._lock:
             self._expire()
-            return self._kept.get(adapter_id)
+            kept = self._kept.get(adapter_id)
+        # compare_digest: the time taken does not tell a near-miss name from a far one (names are not secret, but
+        # nothing here should hint at whose an id is).
+        return kept if kept is not None and hmac.compare_digest(kept.owner, owner) else None
 
     def __len__(self) -> int:
         with self._lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -26,18 +27,21 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from relat_core import Engine, InvalidParameter
 
+from .access_log import RequestRecord, logged
 from .errors import APIError, ErrorInfo, Unauthorized, Unavailable, describe
 from .openapi import openapi_document
 from .routes import STATIC_DIR, PlaygroundFiles, admin, api, playground, probes
 from .served_schema import ServedModel
 from .service import Service, default_loader
 from .settings import Settings
+from .tenants import ANONYMOUS
 
 OPEN_PATHS = frozenset({"/health", "/ready"})  # probes: kubelets and load balancers send no key
 # The playground's page and files hold no data (the page asks for the key), so they need none.
 PLAYGROUND_PATHS = frozenset({"/"})
 STATIC_PREFIX = "/static/"
 DOCUMENT_PATH = "/openapi.json"
+WORK_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/relat"})  # counted per tenant
 
 
 def requires_key(service: Service, path: str) -> bool:
@@ -75,10 +79,19 @@ def _route_path(scope: Scope) -> str:
     return path[len(root):] if root and path.startswith(root) else path
 
 
+def _outcome(status: int) -> str:
+    """A work request's outcome for the per-tenant metric, from its HTTP status."""
+    if status < 400:
+        return "success"
+    return "rejected" if status == 429 else "error"
+
+
 class RequestContext:
     """Pure ASGI middleware (it must not wrap `receive`): X-Request-Id on every response, the API key check before
-    any route (unknown paths and the OpenAPI document included), and the 500 of last resort, so that even an
-    unexpected error gets the OpenAI error shape, the id, and no stack trace."""
+    any route (unknown paths and the OpenAPI document included), which names the request's tenant
+    (`request.state.tenant`; `anonymous` on a keyless server), and the 500 of last resort, so that even an
+    unexpected error gets the OpenAI error shape, the id, and no stack trace. Once the response has gone out: the
+    access log's line (server/access_log.py) and the per-tenant request count."""
 
     def __init__(self, app: ASGIApp, service: Service):
         self.app = app
@@ -90,36 +103,64 @@ class RequestContext:
             return
         sent = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = sent if _REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-        started = False
+        path = _route_path(scope)
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        # Until a key names one, a keyed server's request has no tenant (only the open paths go on without one).
+        state["tenant"] = None if self.service.has_keys else ANONYMOUS
+        record = None
+        if self.service.access_log.enabled and logged(path):
+            record = RequestRecord(None, time.monotonic(), RequestRecord.now())
+        state["access"] = record
+        status = 500  # what the log says if no response starts
 
         async def send_with_id(message: Message) -> None:
-            nonlocal started
+            nonlocal status
             if message["type"] == "http.response.start":
-                started = True
+                status = message["status"]
                 MutableHeaders(scope=message)["X-Request-Id"] = request_id
             await send(message)
 
-        if requires_key(self.service, _route_path(scope)):
+        try:
+            await self._respond(scope, receive, send_with_id, path)
+        finally:
+            tenant = state["tenant"]
+            if tenant is not None and path in WORK_PATHS:
+                self.service.metrics.tenant_requests.labels(tenant.name, _outcome(status)).inc()
+            if record is not None:
+                record.tenant = tenant
+                self.service.access_log.write(record, request_id, scope.get("method", ""), path, status,
+                                              time.monotonic() - record.started)
+
+    async def _respond(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        started = False
+
+        async def send_marked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        if requires_key(self.service, path):
             try:
-                self.service.authorize(dict(scope["headers"]).get(b"authorization", b""))
+                scope["state"]["tenant"] = self.service.authorize(dict(scope["headers"]).get(b"authorization", b""))
             except Unauthorized as error:
-                await error_response(self.service, describe(error))(scope, receive, send_with_id)
+                await error_response(self.service, describe(error))(scope, receive, send_marked)
                 return
-        if _route_path(scope) == DOCUMENT_PATH and served_model(self.service) is None:
+        if path == DOCUMENT_PATH and served_model(self.service) is None:
             # The document describes the loaded model: until it is loaded there is none to serve (a client that
             # kept the document of every model would send options this one refuses). Loading or failed: a 503.
             try:
                 self.service.check_ready()
             except Unavailable as error:
-                await error_response(self.service, describe(error))(scope, receive, send_with_id)
+                await error_response(self.service, describe(error))(scope, receive, send_marked)
                 return
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, send_marked)
         except Exception as error:
             if started:  # the status line went out already; all we can do is end the connection
                 raise
-            await error_response(self.service, describe(error))(scope, receive, send_with_id)
+            await error_response(self.service, describe(error))(scope, receive, send_marked)
 
 
 def _handler(service: Service) -> Callable[[HTTPRequest, Exception], Awaitable[JSONResponse]]:

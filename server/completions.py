@@ -430,7 +430,9 @@ async def respond(service: Any, request: HTTPRequest, body: CompletionRequest) -
                 f"{request.state.request_id}" + (f"/{i}" if len(prompts) > 1 else ""), [],
                 relat.ttt_fields() if relat else {}, sampling, relat.timeout if relat else None, ttt_prefix="relat.",
                 max_tokens_param="max_tokens", return_adapter=bool(relat and relat.return_adapter), prompt=prompt,
-                continuations=continuations, max_tokens_sent=body.max_tokens is not None))
+                continuations=continuations, max_tokens_sent=body.max_tokens is not None,
+                tenant=request.state.tenant, cache_salt=relat.cache_salt if relat else None,
+                record=request.state.access))
     except Exception:  # a prompt refused (400, 413, 429): the ones queued before it are withdrawn
         for job in jobs:
             job.cancel()

@@ -134,6 +134,9 @@ class RelatOptions(OpenAIBaseModel, TTTOptions):
     return_adapter: bool | None = Field(
         None, description="keep the trained adapter (method relat, steps >= 1): the trace's adapter.url serves it "
                           "as a zip of PEFT's files for a while")
+    cache_salt: str | None = Field(
+        None, min_length=1, max_length=256, description="partitions the adapter cache within your tenant (vLLM's "
+                                                        "name): only requests with the same salt share adapters")
 
 
 class ChatCompletionRequest(OpenAIBaseModel):

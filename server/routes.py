@@ -99,7 +99,9 @@ async def chat_completions(request: HTTPRequest) -> Response:
     job = service.submit(request.state.request_id, messages, relat.ttt_fields() if relat else {},
                          {**body.sampling_fields(), "structured_output": shape.structured_output},
                          relat.timeout if relat else None, ttt_prefix="relat.", max_tokens_param=body.max_tokens_param,
-                         return_adapter=bool(relat and relat.return_adapter), tools=shape.tools)
+                         return_adapter=bool(relat and relat.return_adapter), tools=shape.tools,
+                         tenant=request.state.tenant, cache_salt=relat.cache_salt if relat else None,
+                         record=request.state.access)
     completion_id, created = new_id("chatcmpl"), now()
     ignored = sorted(body.model_extra or {})  # OpenAI's fields this server does not serve: logged, and listed
     if body.stream:
@@ -129,7 +131,8 @@ async def relat(request: HTTPRequest) -> Response:
     job = service.submit(request.state.request_id, body.messages(), body.ttt_fields(),
                          {**body.sampling_fields(), "structured_output": shape.structured_output},
                          body.timeout, ttt_prefix="", max_tokens_param=body.max_tokens_param,
-                         return_adapter=bool(body.return_adapter))
+                         return_adapter=bool(body.return_adapter), tenant=request.state.tenant,
+                         cache_salt=body.cache_salt, record=request.state.access)
     fields = {"id": new_id("relat"), "created": now(), "model": service.model_name}
     if body.stream:
         return stream_response(service, job, NativeRenderer(fields))
@@ -142,8 +145,9 @@ async def relat(request: HTTPRequest) -> Response:
 @api.get("/adapters/{adapter_id}")
 async def adapter(request: HTTPRequest, adapter_id: str) -> Response:
     """An adapter a request kept (`return_adapter`), as a zip of PEFT's files (adapter_config.json and
-    adapter_model.safetensors); 404 once it has expired or newer ones have pushed it out."""
-    kept = service_of(request).adapters.get(adapter_id)
+    adapter_model.safetensors); 404 once it has expired or newer ones have pushed it out, and to another tenant
+    (the same 404: an id's existence is not confirmed)."""
+    kept = service_of(request).adapters.get(adapter_id, request.state.tenant.name)
     if kept is None:
         raise AdapterNotFound(f"no adapter {adapter_id!r}: it expired, was evicted, or never was", param="adapter_id")
     body = await asyncio.to_thread(kept.archive)  # serialising megabytes: off the event loop

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
-import hashlib
-import hmac
+import json
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +31,7 @@ from relat_core import (
 )
 from relat_core.export import adapter_bytes
 
+from .access_log import AccessLog, RequestRecord
 from .adapters import AdapterStore
 from .errors import (
     BadRequest,
@@ -45,6 +46,7 @@ from .metrics import Metrics
 from .protocol import ServerDefaults, engine_request, now, request_models
 from .runner import Job, Runner
 from .settings import Settings
+from .tenants import ANONYMOUS, Tenant
 from .tools import ToolTemplate
 
 SAMPLING_PARAMS = frozenset(field.name for field in dataclasses.fields(SamplingParams))
@@ -80,8 +82,13 @@ class Service:
         self.phase = "loading"
         self.created = now()
         self._load_engine = load_engine
-        # Digests of equal length: comparing them takes the same time whatever the key sent, even its length.
-        self._key_digests = [_digest(key.get_secret_value().encode()) for key in settings.api_keys]
+        # Every key's digest and its tenant (server/tenants.py): --api-key keys are `default`, a keys file names more.
+        self.tenants = settings.tenants()
+        self.access_log = AccessLog(settings.access_log, settings.log_prompts)
+        # The tenant and access-log record of each engine request in flight, by id(Request) (the runner's on_result
+        # gives back the job, hence the Request). Registered before the job is queued, so the result cannot arrive
+        # first; an entry leaves with its result, or with the Request when there is none.
+        self._callers: dict[int, tuple[Tenant, RequestRecord | None]] = {}
         self.models = request_models(settings.limits(), settings.answers_limit)
         self.context_length: int | None = None  # prompt + answer, in tokens; known once the model is loaded
         self.runner: Runner | None = None
@@ -99,7 +106,7 @@ class Service:
         loop = asyncio.get_running_loop()
         runner = Runner(self._load_engine, self.metrics, self.settings.max_queue, self.settings.max_concurrency,
                         self.settings.batch_window, on_death=lambda _: loop.call_soon_threadsafe(self._fail),
-                        on_result=self.keep_adapter)
+                        on_result=self.on_result, tenants=tuple(self.tenants.tenants))
         try:
             engine = await runner.start()  # loaded on the thread that will run it
             defaults = self._defaults(engine)
@@ -166,23 +173,22 @@ class Service:
     async def stop(self) -> None:
         if self.runner is not None:
             await asyncio.to_thread(self.runner.stop)
+        self.access_log.close()
 
     # -- request checks, in the order a request meets them -------------------------------------------------
 
     @property
     def has_keys(self) -> bool:
-        return bool(self._key_digests)
+        return self.tenants.has_keys
 
-    def authorize(self, header: bytes) -> None:
-        """Raises Unauthorized unless `header` is `Bearer <one of the keys>`; the key is never logged or echoed."""
+    def authorize(self, header: bytes) -> Tenant:
+        """The tenant of `Bearer <key>`; Unauthorized unless the key is one of the server's. The key is never logged
+        or echoed, and every digest is compared (TenantDirectory.find): the time says nothing of which came close."""
         scheme, _, token = header.partition(b" ")
-        given = _digest(token.strip())
-        # compare_digest with every key, no early exit: the time taken says nothing about which key came close.
-        matched = False
-        for digest in self._key_digests:
-            matched |= hmac.compare_digest(given, digest)
-        if scheme.lower() != b"bearer" or not matched:
+        tenant = self.tenants.find(token.strip())
+        if scheme.lower() != b"bearer" or tenant is None:
             raise Unauthorized("missing or invalid API key; send Authorization: Bearer <key>")
+        return tenant
 
     def check_ready(self) -> None:
         reasons = {"loading": "the model is still loading", "draining": "the server is shutting down",
@@ -229,12 +235,17 @@ class Service:
     def submit(self, request_id: str, messages: list[dict], ttt_fields: dict, sampling_fields: dict,
                timeout: float | None, ttt_prefix: str, max_tokens_param: str, return_adapter: bool = False,
                prompt: str | list[int] | None = None, continuations: list[str] | None = None,
-               max_tokens_sent: bool | None = None, tools: list[dict] | None = None) -> Job:
+               max_tokens_sent: bool | None = None, tools: list[dict] | None = None,
+               tenant: Tenant = ANONYMOUS, cache_salt: str | None = None,
+               record: RequestRecord | None = None) -> Job:
         """Validate a request's parameters, prompt and length, then queue it (the deadline: at most the server's).
         A legacy completion (server/completions.py) sends a raw `prompt` instead of messages, and may send
-        continuations to score; max_tokens_sent says whether its length was the client's (else it is cut to fit)."""
+        continuations to score; max_tokens_sent says whether its length was the client's (else it is cut to fit).
+        The tenant (with the request's cache_salt) partitions the adapter cache and owns an exported adapter; the
+        record (its HTTP request's, for the access log) gets the result."""
         assert self.runner is not None and self.defaults is not None
         request = engine_request(messages, ttt_fields, sampling_fields, self.defaults, ttt_prefix, return_adapter)
+        request.cache_partition = cache_partition(tenant, cache_salt)
         if prompt is not None:
             request = dataclasses.replace(request, messages=None, prompt=prompt, continuations=continuations)
         request.tools = tools  # rendered by the chat template (server/tools.py)
@@ -255,18 +266,42 @@ class Service:
         sent = sampling_fields["max_tokens"] is not None if max_tokens_sent is None else max_tokens_sent
         request = self.fit_context(request, prompt_tokens, sent, max_tokens_param)
         deadline = min(timeout or self.settings.request_timeout, self.settings.request_timeout)
-        return self.runner.submit(request_id, request, deadline)
+        if record is not None and self.access_log.log_prompts:
+            record.prompts.append(messages if prompt is None else prompt)
+        key = id(request)
+        self._callers[key] = (tenant, record)
+        weakref.finalize(request, self._callers.pop, key, None)  # one that never finishes leaves with its Request
+        return self.runner.submit(request_id, request, deadline, tenant)  # its queue, share and limits
 
-    def keep_adapter(self, result: Result) -> None:
-        """On the engine's thread, as a request finishes: keep its exported adapter, and say in the trace where."""
+    def on_result(self, result: Result, job: Job) -> None:
+        """On the engine's thread, as a request finishes (before its route can answer): keep its exported adapter
+        for its tenant, count it for its tenant, and add it to its HTTP request's access-log record."""
+        tenant, record = self._callers.pop(id(job.request))
+        self.keep_adapter(result, tenant)
+        self.count_tenant(tenant, result)
+        if record is not None:
+            record.add(result, self.access_log.log_prompts)
+
+    def keep_adapter(self, result: Result, tenant: Tenant) -> None:
+        """Keep a result's exported adapter, its tenant's alone, and say in the trace where."""
         if result.adapter is not None:
-            kept = self.adapters.put(result.adapter)
+            kept = self.adapters.put(result.adapter, tenant.name)
             result.adapter = None  # the store holds it now
             result.trace.adapter = {**(result.trace.adapter or {}), **kept.reference()}
+
+    def count_tenant(self, tenant: Tenant, result: Result) -> None:
+        """A finished request's tokens and training time under its tenant's name (never its key)."""
+        metrics, name = self.metrics, tenant.name
+        metrics.tenant_tokens.labels(name, "prompt").inc(result.usage.prompt_tokens)
+        metrics.tenant_tokens.labels(name, "completion").inc(result.usage.completion_tokens)
+        if result.trace.cache != "hit":  # a hit trained nothing: its time was counted when its adapter trained
+            metrics.tenant_train_seconds.labels(name).inc(result.trace.timings.get("train_s", 0.0))
 
     def count_error(self, info: ErrorInfo) -> None:
         self.metrics.errors.labels(str(info.status)).inc()
 
 
-def _digest(key: bytes) -> bytes:
-    return hashlib.sha256(key).digest()
+def cache_partition(tenant: Tenant, cache_salt: str | None) -> str:
+    """The adapter cache's partition of a tenant's request (relat_core sees an opaque string): JSON, so that no
+    name and salt can spell another pair's partition."""
+    return json.dumps([tenant.name, cache_salt])

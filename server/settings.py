@@ -47,6 +47,8 @@ from relat_core.params import (
     TTTParams,
 )
 
+from .tenants import TenantDirectory
+
 SAMPLING_FIELDS: tuple[str, ...] = ("temperature", "top_p", "top_k")
 
 
@@ -221,7 +223,16 @@ class Settings(BaseSettings, TTTOptions):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
-        default_factory=list, description="accepted API keys (comma-separated in RELAT_API_KEYS); none: no auth")
+        default_factory=list, description="accepted API keys (comma-separated in RELAT_API_KEYS), the tenant "
+                                          "'default'; none and no keys_file: no auth")
+    keys_file: Path | None = Field(
+        None, description="a JSON file of tenants, each with the SHA-256 digest of its key and its limits "
+                          "(docs/api.md, Tenants); with api_keys too, 'default' is theirs")
+    access_log: str | None = Field(
+        None, description="a JSON-lines access log, one line per request (tenant, route, status, tokens, seconds, "
+                          "cache): a file to append to, or - for stderr (default: none)")
+    log_prompts: bool = Field(
+        False, description="the access log holds each request's prompt and answer too (default: never)")
     metrics_need_key: bool = Field(False, description="/metrics needs an API key too (default: open, as in vLLM)")
     log_level: str = Field("info", description="debug, info, warning or error")
 
@@ -266,6 +277,17 @@ class Settings(BaseSettings, TTTOptions):
             if value is not None and value > limit:
                 raise ValueError(f"the default {name} {value} is above {LIMITS[name]} {limit}")
         return self
+
+    @model_validator(mode="after")
+    def _check_tenants(self) -> Settings:
+        # Read here so that a bad keys file stops `relat serve` before the model loads, naming the problem; the
+        # service reads it again (it is small).
+        self.tenants()
+        return self
+
+    def tenants(self) -> TenantDirectory:
+        """The tenants of the keys (api_keys as 'default') and of keys_file; KeysFileError for a bad file."""
+        return TenantDirectory((key.get_secret_value() for key in self.api_keys), self.keys_file)
 
     @field_validator("agent_prompts")
     @classmethod

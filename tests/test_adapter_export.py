@@ -124,14 +124,14 @@ def test_the_store_evicts_the_oldest_and_drops_expired_ones(engine):
     export = engine.run(Request(QUESTION, TRAINED, SamplingParams(max_tokens=1), return_adapter=True)).adapter
     now = [1000.0]
     store = AdapterStore(max_count=2, ttl=60, max_bytes=10 * export.nbytes, clock=lambda: now[0])
-    first, second, third = (store.put(export) for _ in range(3))
-    assert store.get(first.id) is None and store.get(second.id) and store.get(third.id)  # the count
+    first, second, third = (store.put(export, "a") for _ in range(3))
+    assert store.get(first.id, "a") is None and store.get(second.id, "a") and store.get(third.id, "a")  # the count
     assert third.expires_at == 1060 and third.reference()["url"] == f"/v1/adapters/{third.id}"
     now[0] = 1060
-    assert store.get(second.id) is None and len(store) == 0  # expired
+    assert store.get(second.id, "a") is None and len(store) == 0  # expired
     small = AdapterStore(max_count=10, ttl=60, max_bytes=2 * export.nbytes, clock=lambda: now[0])
-    kept = [small.put(export) for _ in range(3)]
-    assert [small.get(k.id) is not None for k in kept] == [False, True, True]  # the bytes
+    kept = [small.put(export, "a") for _ in range(3)]
+    assert [small.get(k.id, "a") is not None for k in kept] == [False, True, True]  # the bytes
     assert small.nbytes == 2 * export.nbytes
 
 

@@ -34,6 +34,10 @@ class Request:
     # OpenAI's function tools, rendered into the prompt by the chat template (which must support them: Engine.check);
     # the reply's tool calls are the caller's to parse (server/tools.py), and a forced call is a structured output.
     tools: list[dict] | None = None
+    # Which part of the adapter cache this request may take from and add to: an opaque string mixed into the cache's
+    # key, so that requests in different partitions never share an adapter (a server makes it of the client's
+    # tenant and cache salt). Not a TTT parameter: it changes nothing of the training.
+    cache_partition: str = ""
 
 
 @dataclass

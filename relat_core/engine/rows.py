@@ -93,6 +93,7 @@ class _Sequence:
     slot: int | None = None  # the leased adapter slot (relat)
     return_adapter: bool = False  # copy the adapter into the result before the slot is released
     cache_key: str | None = None  # a miss's key: its adapter is cached once training ends
+    cache_partition: str = ""  # Request.cache_partition: mixed into the cache's key
     phase: str = "think"
     step: int = 0  # training steps taken
     adapted: bool = False  # training ended with an adapter the answer may use

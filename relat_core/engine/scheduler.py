@@ -171,7 +171,8 @@ class Engine(EngineContext):
                       agents=ttt.agents, answer_format=answer_format,
                       options=ttt.as_applied())
         sequence = _Sequence(request_id, segments, ttt, sampling, trace, time.perf_counter(),
-                             return_adapter=request.return_adapter, messages=messages, team=team, forced=forced)
+                             return_adapter=request.return_adapter, messages=messages, team=team, forced=forced,
+                             cache_partition=request.cache_partition)
         if self.recurrent:
             sequence.depth = RowRecurrence(ttt.num_steps, ttt.init_scale, ttt.exit_criterion, ttt.exit_threshold,
                                            ttt.backprop_depth, DEFAULT_ADAPTER_SEED if sampling.seed is None

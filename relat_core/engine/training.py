@@ -62,7 +62,8 @@ class Trainer:
         """The adapter cache's key: what the training of this request reads, and how it trains."""
         pieces = [(piece.token_ids, piece.question_start, piece.latent_steps) for piece in sequence.pieces]
         segments = sequence.segments
-        return training_key(self.context.name, pieces, segments.recon_ids, segments.recon_labels, sequence.ttt, seed)
+        return training_key(self.context.name, pieces, segments.recon_ids, segments.recon_labels, sequence.ttt, seed,
+                            sequence.cache_partition)
 
     def _trained_from_cache(self, sequence: _Sequence, cached: CachedAdapter) -> None:
         """A hit: the request skips training, its trace holding what the adapter's own training recorded."""
