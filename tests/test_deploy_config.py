@@ -172,6 +172,25 @@ def test_gateway_configuration_passes_nginx_t(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+def test_gateway_limits_each_key_and_each_address_on_the_api_with_429():
+    nginx = NGINX_CONF.read_text()
+    zones = dict(re.findall(r"^\s*limit_req_zone (\S+) zone=(\w+):\d+m rate=\d+r/s;", nginx, re.M))
+    zones = {zone: key for key, zone in zones.items()}
+    assert zones == {"relat_per_key": "$http_authorization", "relat_per_client": "$binary_remote_addr"}
+    assert re.search(r"^\s*limit_req_status 429;", nginx, re.M)
+    api = re.search(r"location /v1/ \{(.*?)\}", nginx, re.S).group(1)
+    limited = dict(re.findall(r"limit_req zone=(\w+) burst=(\d+) nodelay;", api))
+    assert set(limited) == set(zones), "every API request meets both limits"
+    # An address may carry several keys: its limit is the looser one.
+    rates = {zone: int(rate) for zone, rate in re.findall(r"zone=(\w+):\d+m rate=(\d+)r/s;", nginx)}
+    assert rates["relat_per_client"] >= rates["relat_per_key"]
+    assert int(limited["relat_per_client"]) >= int(limited["relat_per_key"])
+    # Probes stay unlimited (location /), and the key never reaches the access log.
+    assert "limit_req" not in re.search(r"location / \{(.*?)\}", nginx, re.S).group(1)
+    log_format = re.search(r"log_format relat (.*?);", nginx, re.S).group(1)
+    assert "authorization" not in log_format.lower()
+
+
 def test_prometheus_configuration_passes_promtool():
     result = run([tool("promtool"), "check", "config", str(PROMETHEUS_CONF)])
     assert result.returncode == 0, result.stdout + result.stderr

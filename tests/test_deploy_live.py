@@ -261,7 +261,23 @@ def test_dashboard_queries_name_only_exported_metrics_and_evaluate(relat, gatewa
         prometheus_query(prometheus, expr.replace("$__rate_interval", "1m"))
 
 
-# --- last: it uses up this client's rate-limit burst ---------------------------------------------------------------
+# --- last: they use up this client's rate-limit burst --------------------------------------------------------------
+
+def test_gateway_rate_limits_each_key_and_another_key_from_the_same_address_passes(relat, gateway):
+    """Keys relat does not know, so that what passes the gateway is relat's 401 (the model is never touched): one key
+    sent far over its burst is refused at the edge, and a second key from the same address then still reaches relat.
+    (Within the address's own, looser limit: 30 + 5 requests against its burst of 40.)"""
+    with httpx.Client(base_url=gateway.url, timeout=10) as client:
+        flooding = [client.get("/v1/models", headers={"Authorization": "Bearer sk-edge-flood"}) for _ in range(30)]
+        assert {r.status_code for r in flooding} == {401, 429}, [r.status_code for r in flooding]
+        refused = next(r for r in flooding if r.status_code == 429)
+        error = assert_openai_error(refused, 429)
+        assert error["code"] == "rate_limited" and refused.headers["retry-after"]
+        other = [client.get("/v1/models", headers={"Authorization": "Bearer sk-edge-other"}) for _ in range(5)]
+        assert [r.status_code for r in other] == [401] * 5, "the other key was limited with the first"
+        # Leave the address's bucket refilled for the next test.
+        assert poll(lambda: client.get("/v1/models", headers=AUTH).status_code == 200, 10)
+
 
 def test_gateway_rate_limits_each_client_in_openai_shape(relat, gateway):
     with httpx.Client(base_url=gateway.url, headers=AUTH, timeout=10) as client:
