@@ -211,6 +211,9 @@ BEYOND_THE_SCHEMA = {
     (400, "invalid_value", "prompt"), (413, "context_length_exceeded", "prompt"), (400, "invalid_value", "relat.gate"),
     # The layers the loaded model has (targets).
     (400, "invalid_value", "relat.targets"), (400, "invalid_value", "targets"),
+    # A JSON schema the grammar backend cannot compile (response_format): the document says "an object", and which
+    # objects are schemas xgrammar supports, no schema can say.
+    (400, "invalid_value", "response_format"),
 }
 
 
