@@ -40,6 +40,9 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-adapter", type=Path, metavar="DIR",
                         help="keep the trained adapter and write it to DIR in PEFT's format (adapter_config.json, "
                              "adapter_model.safetensors); method relat with steps >= 1")
+    parser.add_argument("--cache-salt", metavar="SALT",
+                        help="with --url: relat.cache_salt, only requests with the same salt share the server's "
+                             "cached adapters within your tenant")
 
 
 class NoAdapter(RuntimeError):
@@ -193,6 +196,7 @@ def _remote_events(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
     keep = args.save_adapter is not None
     options = {**ttt_fields_from_arguments(args), "max_tokens": args.max_tokens, "temperature": args.temperature,
                "top_p": args.top_p, "seed": args.seed, "system": args.system, "return_adapter": keep or None,
+               "cache_salt": args.cache_salt,
                **wire(sampling_fields_from_arguments(args))}
     with RelatClient(args.url, api_key=args.api_key) as client:
         for event in client.stream(args.question, **options):

@@ -212,3 +212,15 @@ def test_metrics_count_each_tenant_by_name_never_by_key(server):
     assert grew("relat_tenant_train_seconds_total", tenant="a") == 0
     text = httpx.get(f"{server.url}/metrics").text
     assert all(key not in text and digest(key) not in text for key in (KEY, KEY_A, KEY_B))
+
+
+def test_relat_ask_url_sends_the_cache_salt(server, capsys):
+    flags = ["ask", "--url", server.url, "--api-key", KEY_A, "--method", "relat", "--steps", "2", "--latent-steps",
+             "2", "--rank", "4", "--max-tokens", "3", "--json", "Ask with salt?"]
+
+    def cache(*extra: str) -> str:
+        assert main([*flags, *extra]) == 0
+        return json.loads(capsys.readouterr().out)["trace"]["cache"]
+
+    assert [cache("--cache-salt", "cli"), cache("--cache-salt", "cli"), cache(), cache("--cache-salt", "other")] == [
+        "miss", "hit", "miss", "miss"]
