@@ -57,8 +57,11 @@ def served_model(service: Service) -> ServedModel | None:
     engine = service.runner.engine if service.runner is not None else None
     if engine is None:
         return None
+    defaults = service.defaults.ttt if service.defaults is not None else None
     return ServedModel(recurrent=engine.recurrent, tools=service.tool_template.supported,
-                       vocabulary=engine.vocabulary, context_length=service.context_length)
+                       vocabulary=engine.vocabulary, context_length=service.context_length,
+                       defaults={name: getattr(defaults, name) for name in ("method", "steps", "latent_steps", "gate")}
+                       if defaults is not None else {}, targets=tuple(sorted(engine.bank.kinds)))
 
 
 # -- errors and request ids -------------------------------------------------------------------------------

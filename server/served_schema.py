@@ -12,7 +12,7 @@ Rules across fields that a JSON schema can state (`if`/`then`) are added here to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from relat_core.params import RECURRENCE_OPTIONS
@@ -32,6 +32,10 @@ class ServedModel:
     tools: bool  # its chat template writes tools into the prompt
     vocabulary: int  # token ids (logit_bias keys, a prompt's ids) are below it
     context_length: int | None  # prompt + answer, in tokens
+    # The server's TTT defaults, which a request's rules across options read where it leaves an option out (method,
+    # steps, latent_steps, gate); empty: no such rule is stated.
+    defaults: dict[str, Any] = field(default_factory=dict)
+    targets: tuple[str, ...] = ()  # the layers the model has, as `targets` names them (empty: not narrowed)
 
 
 def below(limit: int) -> str:
@@ -79,6 +83,73 @@ def _cross_field_rules(component: dict[str, Any]) -> None:
     component.setdefault("allOf", []).extend({"if": rule, "then": needs_logprobs} for rule in rules)
 
 
+def _set(name: str, value: dict[str, Any]) -> dict[str, Any]:
+    return {"required": [name], "properties": {name: value}}
+
+
+def _effective(name: str, value: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A request's option holds `value`: its own, or the server's default where it leaves it out or null."""
+    own = _set(name, value)
+    if not _holds(defaults.get(name), value):
+        return own
+    return {"anyOf": [own, {"not": {"required": [name]}}, _set(name, {"type": "null"})]}
+
+
+def _holds(default: Any, value: dict[str, Any]) -> bool:
+    """Whether a default value satisfies one of the simple schemas below (const, enum, minimum)."""
+    if default is None:
+        return False
+    if "const" in value:
+        return default == value["const"]
+    if "enum" in value:
+        return default in value["enum"]
+    return "minimum" in value and isinstance(default, (int, float)) and default >= value["minimum"]
+
+
+def _trains(defaults: dict[str, Any]) -> list[dict[str, Any]]:
+    """An options object that asks for training: method relat with at least one step."""
+    return [_effective("method", {"const": "relat"}, defaults), _effective("steps", {"minimum": 1}, defaults)]
+
+
+def _option_rules(component: dict[str, Any], served: ServedModel) -> None:
+    """The rules across TTT options, over the server's defaults: relat needs a latent step; return_adapter needs
+    an adapter (method relat, steps >= 1); and `targets` names only the layers the model has."""
+    properties = component.get("properties", {})
+    defaults = served.defaults
+    rules = []
+    if defaults and "method" in properties and "latent_steps" in properties:
+        rules.append({"if": _effective("method", {"const": "relat"}, defaults),
+                      "then": _effective("latent_steps", {"minimum": 1}, defaults)})
+    if defaults and "return_adapter" in properties:
+        rules.append({"if": _set("return_adapter", {"const": True}), "then": {"allOf": _trains(defaults)}})
+    if rules:
+        component.setdefault("allOf", []).extend(rules)
+    if served.targets:
+        for branch in _non_null(properties.get("targets", {})):
+            items = branch.get("items", {})
+            if "enum" in items:
+                items["enum"] = [name for name in items["enum"] if name in served.targets]
+
+
+def _draftless(component: dict[str, Any], served: ServedModel) -> None:
+    """/v1/completions: a request that decodes no answer of its own (max_tokens 0, or continuations) cannot train
+    behind a gate that reads a draft of it (confidence, auto)."""
+    if not served.defaults or "relat" not in component.get("properties", {}):
+        return
+    decodes_none = {"anyOf": [_set("max_tokens", {"const": 0}),
+                              _set("relat", {"type": "object", "required": ["continuations"],
+                                             "properties": {"continuations": {"type": "array"}}})]}
+    drafted = {"allOf": [*_trains(served.defaults),
+                         _effective("gate", {"enum": ["confidence", "auto"]}, served.defaults)]}
+    own = _set("relat", {"type": "object", "not": drafted})
+    defaults_draft = all(_holds(served.defaults.get(name), value) for name, value in
+                         (("method", {"const": "relat"}), ("steps", {"minimum": 1}),
+                          ("gate", {"enum": ["confidence", "auto"]})))
+    allowed = own if defaults_draft else {"anyOf": [own, {"not": {"required": ["relat"]}},
+                                                    _set("relat", {"type": "null"})]}
+    component.setdefault("allOf", []).append({"if": decodes_none, "then": allowed})
+
+
 def _sized(component: dict[str, Any], served: ServedModel) -> None:
     """Token ids below the vocabulary; an answer's length below the context (every prompt has a token at least:
     more than that is refused whatever the prompt; how much a given prompt leaves no schema can say)."""
@@ -107,6 +178,11 @@ def narrow(schemas: dict[str, dict[str, Any]], served: ServedModel | None) -> No
                 _sized(schemas[name], served)
     if served is None:
         return
+    for name in OPTION_COMPONENTS:
+        if name in schemas:
+            _option_rules(schemas[name], served)
+    if "CompletionRequest" in schemas:
+        _draftless(schemas["CompletionRequest"], served)
     if not served.recurrent:
         for name in OPTION_COMPONENTS:
             if name in schemas:

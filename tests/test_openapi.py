@@ -30,8 +30,11 @@ LIMITED = {"max_steps": 2, "max_latent_steps": 2, "max_rank": 4, "max_agent_toke
 
 
 # The tiny model the server below serves, as its document describes it: a transformer (no recurrence options)
-# whose chat template (the embedded tokenizer's, 49152 tokens) has no tool support, in a context of max_model_len.
-TINY = ServedModel(recurrent=False, tools=False, vocabulary=49152, context_length=LIMITED["max_model_len"])
+# whose chat template (the embedded tokenizer's, 49152 tokens) has no tool support, in a context of max_model_len,
+# with SERVED's TTT defaults (and the small-model default gate) and a Qwen3's layers.
+TINY = ServedModel(recurrent=False, tools=False, vocabulary=49152, context_length=LIMITED["max_model_len"],
+                   defaults={"method": "latent", "steps": 1, "latent_steps": 1, "gate": "fidelity"},
+                   targets=("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"))
 
 
 def document(served: ServedModel | None = None, **settings) -> dict:
@@ -179,6 +182,35 @@ def test_rules_across_fields_are_in_the_schema():
     assert valid("CompletionRequest", {"prompt": "Hi", "relat": {"logprob_shift": True}, "logprobs": 0})
 
 
+def test_rules_over_the_servers_defaults_are_in_the_schema():
+    """What the engine refuses given the server's defaults (TINY's: method latent, steps 1, latent_steps 1, gate
+    fidelity), the served document refuses too; an option left out reads the default."""
+    import jsonschema
+
+    doc = document(TINY)
+
+    def valid(component: str, body: dict) -> bool:
+        resolver = {**doc["components"]["schemas"][component], "components": doc["components"]}
+        return jsonschema.Draft202012Validator(resolver).is_valid(body)
+
+    for options, expected in (({"method": "relat"}, True), ({"method": "relat", "latent_steps": 0}, False),
+                              ({"latent_steps": 0}, True),  # latent, the default method, needs none
+                              ({"return_adapter": True}, False),  # the default method does not train
+                              ({"return_adapter": True, "method": "relat"}, True),
+                              ({"return_adapter": True, "method": "relat", "steps": 0}, False),
+                              ({"targets": ["q_proj"]}, True), ({"targets": ["Wqkv"]}, False)):
+        assert valid("RelatOptions", options) is expected, options
+        assert valid("RelatRequest", {"question": "Hi", **options}) is expected, options
+    trains = {"method": "relat", "gate": "confidence"}
+    for body, expected in (({"max_tokens": 0, "relat": trains}, False), ({"max_tokens": 1, "relat": trains}, True),
+                           ({"max_tokens": 0, "relat": {**trains, "steps": 0}}, True),
+                           ({"max_tokens": 0, "relat": {"method": "relat"}}, True),  # the default gate reads no draft
+                           ({"relat": {**trains, "continuations": [" a"]}}, False), ({"max_tokens": 0}, True)):
+        assert valid("CompletionRequest", {"prompt": "Hi", **body}) is expected, body
+    assert document(ServedModel(recurrent=False, tools=False, vocabulary=10, context_length=None))[
+        "components"]["schemas"]["RelatOptions"].get("allOf") is None  # no defaults given: no such rule
+
+
 # -- schemathesis against a running server -----------------------------------------------------------------------
 
 # Most generated requests leave the TTT fields and max_tokens out: the defaults keep them cheap too.
@@ -201,16 +233,10 @@ def server(tokenizer):
 # descriptions (status, code, param). Anything else refused is a document that promises too much. (The third rule,
 # the user's question last, question_last below keeps to, so that it refuses nothing.)
 BEYOND_THE_SCHEMA = {
-    (400, "invalid_value", "relat.latent_steps"), (400, "invalid_value", "latent_steps"),  # relat needs one
-    # return_adapter needs an adapter: method relat with steps >= 1 (the server's default method here is latent)
-    (400, "invalid_value", "relat.return_adapter"), (400, "invalid_value", "return_adapter"),
     (400, "context_length_exceeded", "max_completion_tokens"), (400, "context_length_exceeded", "max_tokens"),
     (413, "context_length_exceeded", "messages"),  # the prompt alone fills the context
-    # /v1/completions: token ids past the loaded model's vocabulary; a prompt that fills the context; a gate that
-    # reads a draft, on a request that decodes none (max_tokens 0, or continuations)
-    (400, "invalid_value", "prompt"), (413, "context_length_exceeded", "prompt"), (400, "invalid_value", "relat.gate"),
-    # The layers the loaded model has (targets).
-    (400, "invalid_value", "relat.targets"), (400, "invalid_value", "targets"),
+    # /v1/completions: a prompt that fills the context
+    (413, "context_length_exceeded", "prompt"),
     # A JSON schema the grammar backend cannot compile (response_format): the document says "an object", and which
     # objects are schemas xgrammar supports, no schema can say.
     (400, "invalid_value", "response_format"),

@@ -40,8 +40,7 @@ def documented(check: str, status: int, body: dict, error: dict) -> bool:
         return status in (400, 413)
     return status == 400 and (
         param == "messages"  # the last message must be the user's question (or tool results after one)
-        or param in ("response_format", "tools")  # a JSON schema the grammar backend cannot compile
-        or param.removeprefix("relat.") in ("latent_steps", "return_adapter", "targets", "gate"))
+        or param in ("response_format", "tools"))  # a JSON schema the grammar backend cannot compile
 
 
 def failures(report: str) -> list[tuple[str, int, dict, dict]]:
