@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .packing import pack_linears
+from .quantized import quantize_linears
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +117,10 @@ def resolve_source(source: str | None) -> tuple[str, str]:
 
 
 def load_model(source: str | None = None, device: str | None = None, dtype: str | torch.dtype | None = None,
-               name: str | None = None, pack_weights: bool = True) -> LoadedModel:
+               name: str | None = None, pack_weights: bool = True, weights: str = "fp32") -> LoadedModel:
     """Load weights frozen, in eval mode, on the chosen device. Downloads from the hub only for a hub id.
-    pack_weights: on CPU in fp32, run the linear layers on oneDNN-packed copies of their weights (packing.py)."""
+    pack_weights: on CPU in fp32, run the linear layers on oneDNN-packed copies of their weights (packing.py).
+    weights: fp32, or int8/int4 for the frozen linear layers but the LM head (CPU, quantized.py)."""
     where, served_name = resolve_source(source)
     torch_device = choose_device(device)
     torch_dtype = choose_dtype(torch_device, dtype)
@@ -129,25 +131,27 @@ def load_model(source: str | None = None, device: str | None = None, dtype: str 
             model, tokenizer = load_huginn(where, torch_device, torch_dtype)
         except (OSError, HuginnLoadError) as error:
             raise ModelLoadError(f"cannot load Huginn model {source!r}: {error}") from error
-        return prepare(model, tokenizer, name or served_name, torch_device, pack_weights)
+        return prepare(model, tokenizer, name or served_name, torch_device, pack_weights, weights)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, attn_implementation="sdpa")
     except OSError as error:
         raise ModelLoadError(f"cannot load model {source!r}: {error}") from error
-    return prepare(model, tokenizer, name or served_name, torch_device, pack_weights)
+    return prepare(model, tokenizer, name or served_name, torch_device, pack_weights, weights)
 
 
 def prepare(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str,
-            device: torch.device | str | None = None, pack_weights: bool = True) -> LoadedModel:
-    """Freeze and place an already-built model (tests build tiny ones from a config), and pack its linear layers'
-    weights where that applies (packing.py: fp32 on the CPU)."""
+            device: torch.device | str | None = None, pack_weights: bool = True, weights: str = "fp32"
+            ) -> LoadedModel:
+    """Freeze and place an already-built model (tests build tiny ones from a config), store its linear layers in
+    `weights` (quantized.py), and pack those left in fp32 where that applies (packing.py: fp32 on the CPU)."""
     if tokenizer.chat_template is None:
         raise ModelLoadError(f"model {name!r} has no chat template; relat needs an instruction-tuned model")
     if device is not None:
         model.to(device)
     model.eval()
     model.requires_grad_(False)
+    quantize_linears(model, weights)  # before packing: a quantised layer is not packed
     if pack_weights:
         pack_linears(model)
     if tokenizer.pad_token_id is None:
@@ -157,8 +161,9 @@ def prepare(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: st
 
 def weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 over every parameter and buffer of `model` (names and raw bytes, in name order): the base weights'
-    fingerprint, which no request may change. Adapter slots are not in it (they live in a SlotBank, not in the
-    module's state). Tensors go through host memory one at a time; hashlib releases the GIL while it hashes."""
+    fingerprint, which no request may change (a quantised layer's stored int8/int4 tensors and scales are buffers,
+    so they are in it). Adapter slots are not in it (they live in a SlotBank, not in the module's state). Tensors
+    go through host memory one at a time; hashlib releases the GIL while it hashes."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())

@@ -120,7 +120,8 @@ def pack_linears(model: nn.Module) -> int:
         return 0
     count = 0
     for module in model.modules():
-        if isinstance(module, nn.Linear) and not module.weight.requires_grad:
+        # A layer stored in int8/int4 (quantized.py) has no fp32 weight to pack: its `weight` is computed.
+        if isinstance(module, nn.Linear) and "weight" in module._parameters and not module.weight.requires_grad:
             if not isinstance(module.__dict__.get("forward"), PackedForward):
                 module.forward = PackedForward(module)
             count += 1

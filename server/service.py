@@ -65,7 +65,7 @@ def default_loader(settings: Settings) -> Callable[[], Engine]:
         # Before the model: a prompts file that went bad since the settings checked it fails in a moment.
         prompts = AgentPrompts.load(settings.agent_prompts) if settings.agent_prompts else None
         loaded = load_model(settings.model, settings.device, settings.dtype, name=settings.served_model_name,
-                            pack_weights=settings.pack_weights)
+                            pack_weights=settings.pack_weights, weights=settings.weights)
         cache = AdapterCache(settings.adapter_cache_entries, settings.adapter_cache_bytes)
         return Engine(loaded, max_rank=settings.max_rank, num_slots=settings.max_concurrency, agent_prompts=prompts,
                       adapter_cache=cache)

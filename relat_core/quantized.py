@@ -1,0 +1,216 @@
+"""The frozen linear layers in int8 or int4 on the CPU (`--weights`), forward and backward.
+
+relat's base model never trains, and a request alone reads every weight once per latent step forward, once more
+backward (the input's gradient, dx = dy W, which the latent thought's training needs) and once per answer token
+(bench/RESULTS.md, section 16). Fewer bytes per weight are the only way to fewer bytes read. The LoRA slots
+(lora.py), norms, embeddings and the LM head (tied to the embeddings in the embedded model) stay fp32.
+
+Formats (weight-only: activations, gradients and accumulation stay fp32):
+- int8: per-output-channel scales, symmetric: W[o] = s[o] * q[o], q in [-127, 127]. 1 byte a weight + 4 per row.
+- int4: groups of 32 inputs, asymmetric: W[o, i] = s[o, g] * q[o, i] + z[o, g], q in [0, 15]; two weights a byte,
+  plus 8 bytes per group (1.25 bytes a weight in all, against fp32's 4). Group 128 would halve the scales' cost,
+  but 576, the embedded model's width, is not a multiple of it; a layer whose inputs are not a multiple of 32
+  stays fp32.
+
+Kernels. torch's own weight-only kernels, `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` (what gpt-fast
+and torchao's CPU layouts run), took 2-6x as long as the fp32 product on this project's AVX2 CPU, even for one
+row, and torchao adds no faster CPU kernel nor a backward through int4 (bench/RESULTS.md, section 20). So the
+products run on small loops of our own (kernels/lowbit.cpp, built once with torch's C++ extension loader at load
+and cached): each row of W is read once, converted in registers and multiplied in fp32. The backward reads the same
+stored bytes (no transposed copy, no fp32 copy): dx = (dy * s) q for int8, and per group (dy * s[:, g]) q + dy z[:, g]
+for int4, so the gradient is exactly that of the dequantised weight (tests/test_quantized.py).
+
+Dispatch by rows, as packing.py does: a product of up to `KERNEL_MAX_ROWS[format]` rows (a request's latent and
+decoding steps) runs on the kernel; more rows (prompts, reconstructions, a batch's steps) dequantise the weight into
+a temporary fp32 matrix (one layer's, freed after the product) and run torch's fp32 product on it, which is
+compute-bound there. No packed fp32 copy is kept: it would cost the 4 bytes a weight the format saves. Where the
+kernels cannot be built (no C++ compiler), every product takes the dequantising path, and a warning says so.
+
+The module keeps its path and stays an nn.Linear (the LoRA hooks see it as before); its state dict holds the
+low-bit tensors (`weight_q`, `weight_scale`, `weight_zero`), so loading.weights_digest covers what is stored.
+`weight` is the dequantised fp32 matrix, computed when read (never in the hot path).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("fp32", "int8", "int4")
+GROUP = 32
+# Up to this many rows a product runs on the low-bit kernel; past it, on the dequantised weight through torch.
+# Measured per shape by bench/packing.py --quantized (bench/RESULTS.md, section 20).
+KERNEL_MAX_ROWS = {"int8": 2, "int4": 1}
+
+_kernels: Any = None
+_kernels_tried = False
+
+
+def kernels() -> Any | None:
+    """The compiled kernels of kernels/lowbit.cpp (built on first use, then loaded from torch's extension cache);
+    None where they cannot be built."""
+    global _kernels, _kernels_tried
+    if not _kernels_tried:
+        _kernels_tried = True
+        try:
+            from torch.utils.cpp_extension import load
+
+            source = Path(__file__).parent / "kernels" / "lowbit.cpp"
+            flags = ["-O3", "-ffast-math"] + (["-mavx2", "-mfma"] if _has_avx2() else [])
+            _kernels = load("relat_lowbit", [str(source)], extra_cflags=flags, verbose=False)
+        except Exception as error:  # no compiler, no ninja, a build error: the torch path still runs
+            log.warning("low-bit kernels unavailable (%s); products dequantise the weight instead (slower)", error)
+            _kernels = None
+    return _kernels
+
+
+def _has_avx2() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 (N, K), s fp32 (N,)): symmetric, per output channel."""
+    weight = weight.detach().float()
+    scale = weight.abs().amax(dim=1) / 127
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(weight / safe[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed uint8 (N, K/2), s (N, K/32), z (N, K/32)): asymmetric per group of 32 inputs; in a group's 16
+    bytes, byte j holds element j (low nibble) and element j + 16 (high nibble), the kernels' layout."""
+    weight = weight.detach().float()
+    rows, columns = weight.shape
+    groups = weight.view(rows, columns // GROUP, GROUP)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = (high - low) / 15
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round((groups - low[..., None]) / safe[..., None]).clamp(0, 15).to(torch.uint8)
+    packed = q[..., :GROUP // 2] | (q[..., GROUP // 2:] << 4)
+    return packed.reshape(rows, columns // 2).contiguous(), scale.contiguous(), low.contiguous()
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale[:, None]
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    rows = packed.shape[0]
+    groups = packed.view(rows, -1, GROUP // 2)
+    q = torch.cat([groups & 15, groups >> 4], dim=-1).float()  # (N, G, 32)
+    return (q * scale[..., None] + zero[..., None]).reshape(rows, -1)
+
+
+class QuantizedLinear(nn.Linear):
+    """A frozen nn.Linear whose weight is stored in int8 or int4 (its bias, if any, stays fp32)."""
+
+    def __init__(self, linear: nn.Linear, fmt: str):
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate an fp32 weight
+        if fmt not in ("int8", "int4"):
+            raise ValueError(f"unknown low-bit format {fmt!r}")
+        self.in_features, self.out_features, self.format = linear.in_features, linear.out_features, fmt
+        weight = linear.weight.detach()
+        if fmt == "int8":
+            q, scale = quantize_int8(weight)
+            self.register_buffer("weight_q", q)
+            self.register_buffer("weight_scale", scale)
+            self.weight_zero: torch.Tensor | None = None
+        else:
+            packed, scale, zero = quantize_int4(weight)
+            self.register_buffer("weight_q", packed)
+            self.register_buffer("weight_scale", scale)
+            self.register_buffer("weight_zero", zero)
+        self.bias = linear.bias
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        """The dequantised weight (fp32, a fresh tensor): what the products compute with."""
+        return self.dequantized()
+
+    def dequantized(self) -> torch.Tensor:
+        lib = kernels()
+        if self.format == "int8":
+            if lib is not None:
+                return lib.int8_dequantize(self.weight_q, self.weight_scale)
+            return dequantize_int8(self.weight_q, self.weight_scale)
+        if lib is not None:
+            return lib.int4_dequantize(self.weight_q, self.weight_scale, self.weight_zero)
+        return dequantize_int4(self.weight_q, self.weight_scale, self.weight_zero)
+
+    def product(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows W^T, rows: contiguous fp32 (M, K)."""
+        lib = kernels()
+        if lib is not None and rows.shape[0] <= KERNEL_MAX_ROWS[self.format]:
+            if self.format == "int8":
+                return lib.int8_forward(rows, self.weight_q, self.weight_scale)
+            return lib.int4_forward(rows, self.weight_q, self.weight_scale, self.weight_zero)
+        return rows @ self.dequantized().t()
+
+    def input_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """grad W, grad: contiguous fp32 (M, N): the same stored weights as the forward."""
+        lib = kernels()
+        if lib is not None and grad.shape[0] <= KERNEL_MAX_ROWS[self.format]:
+            if self.format == "int8":
+                return lib.int8_backward(grad, self.weight_q, self.weight_scale)
+            return lib.int4_backward(grad, self.weight_q, self.weight_scale, self.weight_zero)
+        return grad @ self.dequantized()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            return nn.functional.linear(x, self.dequantized().to(x.dtype), self.bias)
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = _LowBitProduct.apply(x, self)
+        else:
+            y = self.product(x.reshape(-1, self.in_features).contiguous()).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+
+
+class _LowBitProduct(torch.autograd.Function):
+    """y = x W^T on the stored low-bit weight; the backward gives x's gradient from the same weight (W is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: QuantizedLinear) -> torch.Tensor:
+        ctx.module = module
+        rows = x.reshape(-1, module.in_features).contiguous()
+        return module.product(rows).view(*x.shape[:-1], module.out_features)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        module: QuantizedLinear = ctx.module
+        rows = grad.reshape(-1, module.out_features).contiguous().float()
+        return module.input_gradient(rows).view(*grad.shape[:-1], module.in_features), None
+
+
+def quantize_linears(model: nn.Module, fmt: str) -> int:
+    """Store every frozen nn.Linear of `model` but the LM head in `fmt` (fp32: nothing changes). Returns how many
+    layers are quantised. CPU and fp32 models only: elsewhere (a GPU, bf16) the format is refused."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weights format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if fmt == "fp32":
+        return 0
+    parameter = next(model.parameters())
+    if parameter.device.type != "cpu" or parameter.dtype != torch.float32:
+        raise ValueError(f"--weights {fmt} runs on the CPU with fp32 models only (this one: {parameter.device}, "
+                         f"{parameter.dtype})")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    kernels()  # built (or found in the cache) now, at load, not during the first request
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (type(child) is not nn.Linear or child is head or child.weight.requires_grad
+                    or (fmt == "int4" and child.in_features % GROUP)):
+                continue
+            setattr(parent, name, QuantizedLinear(child, fmt))
+            count += 1
+    log.info("%d linear layers stored in %s", count, fmt)
+    return count
