@@ -111,10 +111,19 @@ def request_flops(config, t: Tokens, rank: int = 8, targets: tuple[str, ...] = (
     return result
 
 
-def request_bytes(config, t: Tokens, bytes_per_weight: int = 4) -> dict[str, float]:
-    """Weight bytes one request reads alone (see the module doc); C requests in lockstep read the same."""
+# Bytes a decoder-stack weight costs in each `--weights` format (relat_core/quantized.py), its scales included:
+# int8 one byte plus a 4-byte scale per output row (per weight: 4 / inputs); int4 half a byte plus a scale and a zero
+# (8 bytes) per group of 32. The LM head stays fp32 in every format.
+def stack_bytes_per_weight(fmt: str, inputs: int) -> float:
+    return {"fp32": 4.0, "int8": 1 + 4 / inputs, "int4": 0.5 + 8 / 32}[fmt]
+
+
+def request_bytes(config, t: Tokens, bytes_per_weight: int = 4, weights: str = "fp32") -> dict[str, float]:
+    """Weight bytes one request reads alone (see the module doc); C requests in lockstep read the same. `weights`:
+    the decoder stack's format (the LM head stays at `bytes_per_weight`)."""
     layers, d, vocab = config.num_hidden_layers, config.hidden_size, config.vocab_size
-    stack = layers * sum(i * o for i, o in shapes(config).values()) * bytes_per_weight
+    stack = layers * sum(i * o * (bytes_per_weight if weights == "fp32" else stack_bytes_per_weight(weights, i))
+                         for i, o in shapes(config).values())
     head = d * vocab * bytes_per_weight
     stack_reads = t.steps * 2 * (t.latent + 2) + (t.latent + 2 + t.answer - 1)
     head_reads = t.steps * 2 + t.answer
@@ -189,16 +198,18 @@ def floors(flops: float, weight_bytes: float, machine: dict[str, float], concurr
     return {"compute_s": compute, "bandwidth_s": memory, "floor_s": floor, "requests_per_s": concurrency / floor}
 
 
-def report(config, t: Tokens, machine: dict[int, dict[str, float]], concurrency: list[int]) -> str:
+def report(config, t: Tokens, machine: dict[int, dict[str, float]], concurrency: list[int], weights: str = "fp32"
+           ) -> str:
     """The floor as markdown: the request's work, the machine, and the floor per thread count and concurrency."""
-    flops, reads = request_flops(config, t), request_bytes(config, t)
+    flops, reads = request_flops(config, t), request_bytes(config, t, weights=weights)
     lines = [f"Floor of one request: P={t.prompt:.1f} prompt, L={t.latent} latent, R={t.recon:.1f} reconstruction "
              f"({t.scored:.1f} scored), F={t.follow:.1f} follow-up, A={t.answer} answer tokens, N={t.steps} steps. "
              f"FLOPs: train forward {flops['train_forward'] / 1e9:.1f} G, train backward (base frozen: input "
              f"gradients + LoRA gradients) {flops['train_backward'] / 1e9:.1f} G, answer {flops['answer'] / 1e9:.1f} "
              f"G, total {flops['total'] / 1e9:.1f} GFLOP. Weights read: {reads['stack_reads']:.0f} x "
              f"{reads['stack_bytes'] / 1e6:.0f} MB (decoder stack) + {reads['head_reads']:.0f} x "
-             f"{reads['head_bytes'] / 1e6:.0f} MB (LM head) = {reads['total'] / 1e9:.1f} GB.", ""]
+             f"{reads['head_bytes'] / 1e6:.0f} MB (LM head) = {reads['total'] / 1e9:.1f} GB (stack in {weights}).",
+             ""]
     lines += ["| threads | matmul peak GFLOP/s | bandwidth GB/s (matvec / read) | C | compute floor s | "
               "bandwidth floor s | floor requests/s |", "|---|---|---|---|---|---|---|"]
     for n, m in machine.items():
@@ -218,13 +229,18 @@ def main() -> None:
     parser.add_argument("--answer", type=int, default=64, help="answer tokens A")
     parser.add_argument("--questions", type=int, default=16, help="average token counts over the first K questions")
     parser.add_argument("--size", type=int, default=2048, help="side of the square matmul")
+    parser.add_argument("--weights", nargs="+", choices=("fp32", "int8", "int4"), default=["fp32"],
+                        help="the decoder stack's format(s) (relat serve --weights): one floor per format, one "
+                             "machine measurement (on the fp32 model's matvecs)")
     args = parser.parse_args()
     from relat_core import load_model
 
     loaded = load_model()
     questions = [json.loads(line)["question"] for line in DATA.open()][:args.questions]
     t = tokens_of(loaded.tokenizer, questions, args.latent_steps, args.steps, args.answer)
-    print(report(loaded.model.config, t, measure(loaded.model, args.threads, args.size), args.concurrency))
+    machine = measure(loaded.model, args.threads, args.size)
+    for weights in args.weights:
+        print(report(loaded.model.config, t, machine, args.concurrency, weights))
 
 
 if __name__ == "__main__":

@@ -11,12 +11,15 @@ Variants:
   - engine: `Engine(loaded, max_rank=16, num_slots=1)`, as served (weights packed on CPU fp32);
   - engine-plain: the same on plain weights (`load_model(pack_weights=False)`, `relat serve --no-pack-weights`);
   - naive: bench/naive.py's `naive_request`;
+  - engine-int8, engine-int4: the engine with its frozen linear layers stored low-bit (`load_model(weights=...)`,
+    `relat serve --weights int8|int4`);
   - engine@DIR (--code DIR): the engine of another checkout, such as a `git worktree` of an older commit, driven by
     that checkout's own bench/load.py.
 Every request is bench/load.py's paper setting (relat, L=16, N=5, rank 8, bridge, adapter on while answering),
 greedy, exactly --max-tokens answer tokens (EOS ignored), trained (no adapter cache); questions are
 knowledge_dev's first, round 0 a warm-up that is not counted. Records go to bench/results/single-<date>.jsonl
-(--results elsewhere); the table gives each variant's median seconds and its per-round ratios to naive.
+(--results elsewhere), each with the worker's resident peak so far (`peak_rss_mib`); the table gives each variant's
+median seconds and its per-round ratios to naive.
 
     python bench/single.py [--rounds 4] [--threads 2] [--variants engine engine-plain naive] [--code DIR]
     python bench/single.py --rounds 1 --latent-steps 1 --steps 1 --max-tokens 2 --results /tmp/single.jsonl
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -35,7 +39,9 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
-VARIANTS = ("engine", "engine-plain", "naive")
+VARIANTS = ("engine", "engine-plain", "naive", "engine-int8", "engine-int4")
+# The engine with its frozen linear layers stored low-bit (`relat serve --weights`, relat_core/quantized.py).
+WEIGHTS = {"engine-int8": "int8", "engine-int4": "int4"}
 
 
 # -- worker: one variant, one model, questions on stdin ----------------------------------------------------------
@@ -66,7 +72,10 @@ def worker(args: argparse.Namespace) -> None:
         from relat_core import Engine
 
         # No argument for the default: an older checkout's load_model may have no pack_weights.
-        loaded = load_model(pack_weights=False) if args.worker == "engine-plain" else load_model()
+        if args.worker in WEIGHTS:
+            loaded = load_model(weights=WEIGHTS[args.worker])
+        else:
+            loaded = load_model(pack_weights=False) if args.worker == "engine-plain" else load_model()
         load.touch_weights(loaded.model)
         engine = Engine(loaded, max_rank=16, num_slots=1)  # the server's max rank
 
@@ -81,7 +90,9 @@ def worker(args: argparse.Namespace) -> None:
     for line in sys.stdin:
         start = time.perf_counter()
         phases = answer(json.loads(line))
-        print(json.dumps({"seconds": time.perf_counter() - start, **phases}), flush=True)
+        seconds = time.perf_counter() - start
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the worker's resident peak so far
+        print(json.dumps({"seconds": seconds, **phases, "peak_rss_mib": round(peak_mib)}), flush=True)
 
 
 # -- driver ------------------------------------------------------------------------------------------------------
