@@ -20,7 +20,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from .completions import CompletionChunk, CompletionResponse
+from .completions_protocol import CompletionChunk, CompletionResponse
 from .errors import ErrorResponse, StreamError
 from .protocol import (
     AdminStatus,

@@ -232,7 +232,7 @@ class RequestModels:
 
     chat: type[ChatCompletionRequest]
     native: type[RelatRequest]
-    completions: type[BaseModel]  # server/completions.py's CompletionRequest, narrowed the same way
+    completions: type[BaseModel]  # server/completions_protocol.py's CompletionRequest, narrowed the same way
 
 
 def request_models(limits: dict[str, int], answers: int) -> RequestModels:
@@ -250,7 +250,7 @@ def request_models(limits: dict[str, int], answers: int) -> RequestModels:
                         n=n)
     native = create_model("RelatRequest", __base__=RelatRequest, __doc__=RelatRequest.__doc__, __module__=__name__,
                           **narrowed, n=n)
-    from .completions import completion_request_model  # it builds on this module's fields
+    from .completions_protocol import completion_request_model  # it builds on this module's fields
 
     return RequestModels(chat, native, completion_request_model(limits, answers))
 
