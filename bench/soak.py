@@ -30,6 +30,13 @@ Figures go to --out (JSON) and a summary in markdown to stdout (bench/RESULTS.md
 By default it starts `relat serve` itself (the embedded model unless --model) with an API key of its own, and stops
 it at the end; --url and --api-key soak a server that is already running (through a gateway, say) instead.
 
+With --tenants N (issue 28), the server also gets a keys file of N tenants: `hostile` and N-1 polite ones. The
+polite tenants share the mix above, request by request; the hostile one floods with --hostile-clients clients of
+plain requests, ignoring Retry-After (a refusal is retried after 0.05 s), for as long as the measured requests run,
+under its own limits from the keys file (--hostile-max-queue, --hostile-rpm). Its requests are reported apart and
+must be neither lost nor 5xx either; added checks: every polite tenant got answers, and the hostile one got answers
+and was refused with 429.
+
     python bench/soak.py                                  # the embedded model, 1,000 requests (minutes)
     python bench/soak.py --model /path/to/tiny --requests 200 --warmup 40 --max-concurrency 2 --max-queue 2
 """
@@ -40,6 +47,7 @@ import argparse
 import asyncio
 import collections
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -65,6 +73,7 @@ STREAM_CODES = {"deadline_exceeded": 504, "cancelled": 503, "not_ready": 503, "e
                 "internal_error": 500}
 DESIGNED_5XX = {503, 504}
 MEMORY_GROWTH_LIMIT = 0.05
+NO_TENANT = "wrong key"  # --tenants: the malformed requests sent with a key no tenant has
 
 
 @dataclass
@@ -142,10 +151,13 @@ def malformed(rng: random.Random, model: str, key: str, max_body: int) -> tuple[
     return rng.choice(cases)
 
 
-def plan(count: int, rng: random.Random, model: str, key: str, max_body: int) -> list[Plan]:
-    auth = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+def plan(count: int, rng: random.Random, model: str, key: str, max_body: int,
+         tenant_keys: list[str] | None = None) -> list[Plan]:
+    """The mix; with tenant_keys, request i is sent with tenant_keys[i % len] (malformed ones too)."""
     plans = []
-    for _ in range(count):
+    for index in range(count):
+        sender = tenant_keys[index % len(tenant_keys)] if tenant_keys else key
+        auth = {"Authorization": f"Bearer {sender}", "Content-Type": "application/json"}
         kind = rng.choices(("complete", "disconnect", "deadline", "malformed"), (45, 20, 15, 20))[0]
         endpoint = rng.choice(("chat", "native"))
         path = "/v1/chat/completions" if endpoint == "chat" else "/v1/relat"
@@ -259,6 +271,31 @@ async def closed_loop(url: str, plans: list[Plan], concurrency: int, client_time
     return sorted(outcomes, key=lambda o: o.index)
 
 
+async def soak_with_flood(url: str, plans: list[Plan], concurrency: int, client_timeout: float, hostile: Plan,
+                          hostile_clients: int) -> tuple[list[Outcome], list[Outcome]]:
+    """The closed loop of the polite requests, with the hostile tenant's flood beside it until they are done: each
+    of its clients sends the same plain request again at once, after 0.05 s when refused (no Retry-After)."""
+    flooded: list[Outcome] = []
+    done = asyncio.Event()
+    limits = httpx.Limits(max_connections=hostile_clients, max_keepalive_connections=hostile_clients)
+
+    async def flooder(client: httpx.AsyncClient) -> None:
+        while not done.is_set():
+            outcome = await send(client, -1 - len(flooded), hostile)
+            flooded.append(outcome)
+            if outcome.status != 200:
+                await asyncio.sleep(0.05)
+
+    async with httpx.AsyncClient(base_url=url, timeout=client_timeout, limits=limits) as client:
+        flood = [asyncio.create_task(flooder(client)) for _ in range(hostile_clients)]
+        try:
+            outcomes = await closed_loop(url, plans, concurrency, client_timeout)
+        finally:
+            done.set()
+            await asyncio.gather(*flood)  # each client's last request ends, answered or refused
+    return outcomes, flooded
+
+
 # -- the server -------------------------------------------------------------------------------------------------
 
 def free_port() -> int:
@@ -267,7 +304,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace, key: str, log: Path) -> tuple[subprocess.Popen, str]:
+def write_keys_file(folder: Path, tenants: dict[str, str], args: argparse.Namespace) -> Path:
+    """The keys file of --tenants: each tenant's key digest; the hostile one's limits."""
+    entries = []
+    for name, key in tenants.items():
+        entry = {"name": name, "key_sha256": hashlib.sha256(key.encode()).hexdigest()}
+        if name == "hostile":
+            entry |= {"max_queue": args.hostile_max_queue, "requests_per_minute": args.hostile_rpm}
+        entries.append(entry)
+    path = folder / "keys.json"
+    path.write_text(json.dumps({"tenants": entries}))
+    return path
+
+
+def start_server(args: argparse.Namespace, key: str, log: Path, keys_file: Path | None = None
+                 ) -> tuple[subprocess.Popen, str]:
     """`relat serve` with this soak's settings; returns once /ready answers 200."""
     port = free_port()
     relat = Path(sys.executable).with_name("relat")
@@ -279,6 +330,8 @@ def start_server(args: argparse.Namespace, key: str, log: Path) -> tuple[subproc
         command += ["--model", args.model]
     # The key goes through the environment, not the command line that `ps` shows.
     env = {**os.environ, "RELAT_API_KEYS": key, "OMP_NUM_THREADS": str(args.threads)}
+    if keys_file is not None:
+        env["RELAT_KEYS_FILE"] = str(keys_file)
     with open(log, "wb") as output:
         server = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -387,6 +440,19 @@ def checks(outcomes: list[Outcome], warm: dict, end: dict) -> dict[str, dict]:
     }
 
 
+def tenant_checks(by_tenant: dict[str, dict[str, int]]) -> dict[str, dict]:
+    """With --tenants: every polite tenant answered; the hostile one answered too, and refused at its limits."""
+    polite = {name: counts for name, counts in by_tenant.items() if name not in ("hostile", NO_TENANT)}
+    hostile = by_tenant.get("hostile", {})
+    return {
+        "every polite tenant answered": {"ok": bool(polite) and all(c.get("200") for c in polite.values()),
+                                         "answered": {name: c.get("200", 0) for name, c in polite.items()}},
+        "the hostile tenant answered and refused with 429": {
+            "ok": bool(hostile.get("200")) and bool(hostile.get("429")),
+            "answered": hostile.get("200", 0), "refused": hostile.get("429", 0)},
+    }
+
+
 def summary(outcomes: list[Outcome]) -> dict:
     by_status = collections.Counter(final_label(o) for o in outcomes)
     by_kind: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -409,6 +475,10 @@ def markdown(report: dict) -> str:
     totals = report["by_status"]
     lines.append("| **all** | " + " | ".join(f"**{totals.get(s, 0)}**" for s in statuses)
                  + f" | **{report['requests']}** |")
+    if report.get("by_tenant"):
+        lines += ["", "By tenant (the hostile one's flood is apart from the requests counted above):", ""]
+        lines += [f"- {name}: " + ", ".join(f"{label} x{count}" for label, count in sorted(counts.items()))
+                  for name, counts in report["by_tenant"].items()]
     lines += ["", "| check | result |", "|---|---|"]
     for name, check in report["checks"].items():
         details = ", ".join(f"{k} {v}" for k, v in check.items() if k not in ("ok", "examples", "sha256", "at_start"))
@@ -435,9 +505,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--api-key", default=None, help="its key (with --url; needed for the admin route)")
     parser.add_argument("--out", type=Path, default=None,
                         help="the JSON report (default bench/results/soak-<date>.json)")
+    parser.add_argument("--tenants", type=int, default=0,
+                        help="N >= 2: a keys file of N tenants, one hostile (flooding), the others sharing the mix")
+    parser.add_argument("--hostile-clients", type=int, default=None,
+                        help="the hostile tenant's clients at once (default: 2 x (max_concurrency + max_queue))")
+    parser.add_argument("--hostile-max-queue", type=int, default=2, help="the hostile tenant's max_queue")
+    parser.add_argument("--hostile-rpm", type=int, default=600, help="the hostile tenant's requests_per_minute")
     args = parser.parse_args(argv)
     if args.url and not args.api_key:
         parser.error("--url needs --api-key: the admin route needs a key")
+    if args.tenants == 1 or (args.tenants and args.url):
+        parser.error("--tenants takes 2 or more, and a server this soak starts (it writes the keys file)")
+    if args.hostile_clients is None:
+        args.hostile_clients = 2 * (args.max_concurrency + args.max_queue)
     if args.concurrency is None:
         args.concurrency = args.max_concurrency + args.max_queue + 2
     return args
@@ -448,10 +528,15 @@ def main(argv: list[str] | None = None) -> int:
     key = args.api_key or "sk-soak-" + secrets.token_hex(8)
     server = None
     log = Path(tempfile.mkdtemp(prefix="relat-soak-")) / "relat.log"
+    tenants = {name: f"sk-soak-{name}-" + secrets.token_hex(8)
+               for name in ["hostile"] + [f"polite{i}" for i in range(1, args.tenants)]} if args.tenants else {}
+    keys_file = write_keys_file(log.parent, tenants, args) if tenants else None
+    polite_keys = [k for name, k in tenants.items() if name != "hostile"] or None
+    flooded: list[Outcome] = []
     if args.url:
         url = args.url.rstrip("/")
     else:
-        server, url = start_server(args, key, log)
+        server, url = start_server(args, key, log, keys_file)
     origin = time.monotonic()
     sampler = MemorySampler(server.pid, origin) if server is not None else None
     if sampler is not None:
@@ -459,20 +544,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = model_name(url, key)
         rng = random.Random(args.seed)
-        warmup = plan(args.warmup, rng, model, key, args.max_body_bytes)
-        measured = plan(args.requests, rng, model, key, args.max_body_bytes)
+        warmup = plan(args.warmup, rng, model, key, args.max_body_bytes, polite_keys)
+        measured = plan(args.requests, rng, model, key, args.max_body_bytes, polite_keys)
         client_timeout = args.request_timeout + 60
         asyncio.run(closed_loop(url, warmup, args.concurrency, client_timeout))
         warm = idle_status(url, key)
         warmed_at = time.monotonic()
         started = time.monotonic()
-        outcomes = asyncio.run(closed_loop(url, measured, args.concurrency, client_timeout))
+        if tenants:
+            hostile = Plan("hostile", "direct", "chat", False, "/v1/chat/completions", json.dumps(body_for(
+                "chat", model, QUESTIONS[0], METHODS["direct"], False, 8)).encode(),
+                {"Authorization": f"Bearer {tenants['hostile']}", "Content-Type": "application/json"})
+            outcomes, flooded = asyncio.run(soak_with_flood(url, measured, args.concurrency, client_timeout, hostile,
+                                                            args.hostile_clients))
+        else:
+            outcomes = asyncio.run(closed_loop(url, measured, args.concurrency, client_timeout))
         seconds = time.monotonic() - started
         end = idle_status(url, key)
         healthy = httpx.get(f"{url}/health", timeout=10).status_code == 200
     finally:
         timeline = sampler.stop() if sampler is not None else []
         exit_code = stop_server(server) if server is not None else None
+    by_tenant = {}
+    if tenants:
+        names = {k: name for name, k in tenants.items()}
+        for outcome, item in zip(outcomes, measured, strict=True):
+            sender = names.get(item.headers["Authorization"].removeprefix("Bearer "), NO_TENANT)
+            counts = by_tenant.setdefault(sender, {})
+            counts[final_label(outcome)] = counts.get(final_label(outcome), 0) + 1
+        by_tenant["hostile"] = dict(collections.Counter(final_label(o) for o in flooded))
     report = {
         "date": datetime.date.today().isoformat(), "model": model, "requests": args.requests,
         "warmup": args.warmup, "concurrency": args.concurrency, "seed": args.seed, "seconds": seconds,
@@ -481,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
                    "request_timeout": args.request_timeout, "threads": args.threads, "url": args.url,
                    "exit_code": exit_code},
         **summary(outcomes),
-        "checks": checks(outcomes, warm, end) | {
+        "tenants": args.tenants, "by_tenant": by_tenant,
+        "checks": checks(outcomes + flooded, warm, end) | (tenant_checks(by_tenant) if tenants else {}) | {
             "healthy at the end": {"ok": healthy},
             # SIGTERM drains and exits 0; a server soaked through --url is not ours to stop.
             "clean shutdown": {"ok": exit_code in (0, None), "exit_code": exit_code}},

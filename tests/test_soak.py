@@ -40,6 +40,34 @@ def test_a_short_soak_on_a_tiny_model_passes_every_check(tmp_path, tokenizer):
     assert report["admin_at_end"]["adapter_slots"] == 2
 
 
+def test_a_soak_with_three_tenants_one_hostile_passes_every_check(tmp_path, tokenizer):
+    """Issue 28: two polite tenants share the mix while a third floods under its own limits (max_queue 1, 120
+    requests a minute): every check still passes, each polite tenant is answered, and the hostile one is answered
+    and refused with 429."""
+    model = save_tiny(tmp_path / "tiny-qwen3", tokenizer, seed=0)
+    out = tmp_path / "soak.json"
+    run = subprocess.run([sys.executable, str(SOAK), "--model", str(model), "--requests", "150", "--warmup", "30",
+                          "--max-concurrency", "2", "--max-queue", "4", "--threads", "1", "--tenants", "3",
+                          "--hostile-max-queue", "1", "--hostile-rpm", "120", "--out", str(out)],
+                         capture_output=True, text=True, timeout=900)
+    report = json.loads(out.read_text())
+    failed = {name: check for name, check in report["checks"].items() if not check["ok"]}
+    assert run.returncode == 0 and not failed, f"{failed}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    assert {"hostile", "polite1", "polite2"} <= set(report["by_tenant"])
+    assert "every polite tenant answered" in report["checks"]
+    assert report["by_tenant"]["hostile"].get("429")
+
+
+def test_the_tenant_checks_fail_on_what_they_are_there_to_catch(soak):
+    fine = {"polite1": {"200": 3, "429": 1}, "polite2": {"200": 1}, "hostile": {"200": 2, "429": 9},
+            "wrong key": {"401": 2}}
+    assert all(check["ok"] for check in soak.tenant_checks(fine).values())
+    starved = soak.tenant_checks({**fine, "polite2": {"429": 4}})
+    assert not starved["every polite tenant answered"]["ok"]
+    unlimited = soak.tenant_checks({**fine, "hostile": {"200": 11}})
+    assert not unlimited["the hostile tenant answered and refused with 429"]["ok"]
+
+
 def test_the_checks_fail_on_what_they_are_there_to_catch(soak):
     idle = {"requests_running": 0, "requests_waiting": 0, "adapter_slots_in_use": 0, "adapter_slots": 2,
             "base_weights_unchanged": True, "base_weights_sha256": "a", "base_weights_sha256_at_start": "a",
