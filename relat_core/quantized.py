@@ -14,7 +14,7 @@ Formats (weight-only: activations, gradients and accumulation stay fp32):
 
 Kernels. torch's own weight-only kernels, `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` (what gpt-fast
 and torchao's CPU layouts run), took 2-6x as long as the fp32 product on this project's AVX2 CPU, even for one
-row, and torchao adds no faster CPU kernel nor a backward through int4 (bench/RESULTS.md, section 21). So the
+row, and torchao adds no faster CPU kernel nor a backward through int4 (bench/RESULTS.md, section 22). So the
 products run on small loops of our own (kernels/lowbit.cpp, built once with torch's C++ extension loader at load
 and cached): each row of W is read once, converted in registers and multiplied in fp32. The backward reads the same
 stored bytes (no transposed copy, no fp32 copy): dx = (dy * s) q for int8, and per group (dy * s[:, g]) q + dy z[:, g]
@@ -46,7 +46,7 @@ FORMATS = ("fp32", "int8", "int4")
 GROUP = 32
 # Up to this many rows a product runs on the low-bit kernel; past it, on the dequantised weight through torch.
 # Measured per shape (1 thread, 40 weights of each shape in turn) by bench/results/quantized/products-scratch.py
-# (bench/RESULTS.md, section 21): int8 2.1-2.9x faster than fp32 at one row, about 2x at two, slower from 4.
+# (bench/RESULTS.md, section 22): int8 2.1-2.9x faster than fp32 at one row, about 2x at two, slower from 4.
 KERNEL_MAX_ROWS = {"int8": 2, "int4": 1}
 
 _kernels: Any = None

@@ -1,7 +1,7 @@
 // Weight-only int8 and int4 products for relat's frozen linear layers on the CPU (relat_core/quantized.py).
 //
 // Why our own: torch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` ran 2-6x slower than the fp32
-// product on this project's AVX2 CPU, even at one row (bench/RESULTS.md, section 21). These loops read each weight
+// product on this project's AVX2 CPU, even at one row (bench/RESULTS.md, section 22). These loops read each weight
 // byte once per call, convert it to fp32 in registers, and are bandwidth-bound at the few rows relat's latent and
 // decoding steps multiply; the compiler vectorises them (-O3 -mavx2 -mfma). Threads: ATen's pool (at::parallel_for).
 //
