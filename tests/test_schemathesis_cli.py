@@ -70,7 +70,11 @@ def failures(report: str) -> list[tuple[str, int, dict, dict]]:
     return found
 
 
-@pytest.mark.skipif(shutil.which("st") is None, reason="the schemathesis CLI is not installed")
+# The CLI beside this interpreter (`make test` runs the venv's python without the venv on PATH), else on PATH.
+ST = shutil.which("st", path=os.path.dirname(sys.executable)) or shutil.which("st")
+
+
+@pytest.mark.skipif(ST is None, reason="the schemathesis CLI is not installed")
 def test_st_run_finds_only_the_documented_exceptions(tmp_path, tokenizer):
     model = save_tiny(tmp_path / "tiny-qwen3", tokenizer, seed=3)
     port = free_port()
@@ -89,7 +93,7 @@ def test_st_run_finds_only_the_documented_exceptions(tmp_path, tokenizer):
 
         wait_for(ready, "relat serve to become ready", limit=300)
         report = tmp_path / "st.ndjson"
-        run = subprocess.run(["st", "run", f"{url}/openapi.json", "-H", f"Authorization: Bearer {KEY}", *ST_FLAGS,
+        run = subprocess.run([ST, "run", f"{url}/openapi.json", "-H", f"Authorization: Bearer {KEY}", *ST_FLAGS,
                               "--report", "ndjson", "--report-ndjson-path", str(report)],
                              capture_output=True, text=True, timeout=500, cwd=tmp_path)
         assert "Tested: 9" in run.stdout, run.stdout + run.stderr  # it reached every operation
