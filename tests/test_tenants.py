@@ -224,3 +224,24 @@ def test_relat_ask_url_sends_the_cache_salt(server, capsys):
 
     assert [cache("--cache-salt", "cli"), cache("--cache-salt", "cli"), cache(), cache("--cache-salt", "other")] == [
         "miss", "hit", "miss", "miss"]
+
+
+def test_a_tenants_rate_limit_is_a_429_with_retry_after_and_the_other_tenant_goes_on(tokenizer, tmp_path):
+    """Through HTTP, from the keys file: tenant a, at 2 requests a minute, is refused its third with a 429 that says
+    when to retry; tenant b, without a limit, is served meanwhile."""
+    path = keys_file(tmp_path, [{"name": "a", "key_sha256": digest(KEY_A), "requests_per_minute": 2},
+                                {"name": "b", "key_sha256": digest(KEY_B)}])
+    engine = Engine(build_tiny("qwen3", tokenizer, seed=7), max_rank=8, num_slots=2)
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 1, "relat": {"method": "direct"}}
+    with one_torch_thread(), ready_server(engine, keys_file=path) as served:
+        as_a = {"Authorization": f"Bearer {KEY_A}"}
+        as_b = {"Authorization": f"Bearer {KEY_B}"}
+        first = [httpx.post(f"{served.url}/v1/chat/completions", json=body, headers=as_a, timeout=60) for _ in range(2)]
+        assert [r.status_code for r in first] == [200, 200]
+        refused = httpx.post(f"{served.url}/v1/chat/completions", json=body, headers=as_a, timeout=60)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "rate_limited"
+        assert 0 < int(refused.headers["Retry-After"]) <= 60
+        others = [httpx.post(f"{served.url}/v1/chat/completions", json=body, headers=as_b, timeout=60)
+                  for _ in range(4)]
+        assert [r.status_code for r in others] == [200] * 4
