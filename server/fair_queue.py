@@ -7,10 +7,22 @@ The runner (server/runner.py) holds one FairQueue under its lock. What it decide
   therefore cannot make another wait behind its whole queue: a tenant with a request waiting gets the next place
   that frees ahead of every tenant that runs more than it does.
 - **Shares of max_concurrency.** A tenant with its own max_concurrency (keys file) never runs more than that. One
-  without it may use every place of the batch while nobody else waits: the share is work-conserving, because a
-  running request cannot be taken back (aborting it would throw its training away), and places left idle while
-  one tenant waits would only slow everyone. When several tenants wait, places go by the rule above, so running
-  counts even out as requests finish: with k tenants busy, each converges to max_concurrency / k.
+  without it may use every place of the batch (but the reserve, below) while nobody else waits: the share is
+  work-conserving, because a running request cannot be taken back (aborting it would throw its training away), and
+  places left idle while one tenant waits would only slow everyone. When several tenants wait, places go by the rule
+  above, so running counts even out as requests finish: with k tenants busy, each converges to max_concurrency / k.
+- **The reserve.** Work-conserving alone, a flood takes every place while the others are idle, and a request of
+  another tenant then waits for one of the flood's to finish, about one service time in a full batch, before it can
+  start: bench/RESULTS.md section 21 measured B's p95 at 4.25x alone for that. So when the server has more than one
+  tenant, a tenant that already runs a request may not take the last `tenant_reserve` places (settings:
+  `--tenant-reserve`, default 1 with several tenants and max_concurrency >= 2); they stay free for a tenant that
+  runs none, which is admitted at the engine's next step without waiting for anyone to finish. They are held only
+  while some known tenant runs none (at most one place each): when every tenant runs, nobody could use them. The
+  cost is throughput: a flood while the other tenants are idle runs in max_concurrency - tenant_reserve places, not
+  all of them (with 4 places and a reserve of 1, three quarters of the batch; what that cost in answers a second,
+  and what it bought: bench/RESULTS.md section 21.1). A running request cannot be taken back (its training would be
+  thrown away), so a place kept free is the only way to admit a newcomer at once. One tenant alone (a keyless
+  server, `--api-key` only) keeps none: the settings give it a reserve of 0.
 - **Queue limits.** A tenant's own max_queue bounds the requests it has waiting beyond its running share, as the
   server's max_queue bounds them all (capacity = running share + queue). The server's bound still holds. A tenant
   without its own max_queue may use the server's whole queue, less the places kept for the other tenants that have
@@ -66,9 +78,10 @@ class FairQueue:
     """The waiting requests of every tenant, and the rules that admit or refuse them. Not thread-safe: the runner
     calls it under its lock."""
 
-    def __init__(self, max_concurrency: int, max_queue: int, tenants: Iterable[Tenant] = ()):
+    def __init__(self, max_concurrency: int, max_queue: int, tenants: Iterable[Tenant] = (), reserve: int = 0):
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
+        self.reserve = reserve  # places a tenant that runs a request may not take (the docstring's reserve)
         self._queues: dict[str, _TenantQueue] = {}
         self._size = 0
         self.admissions = 0  # requests admitted so far: the next one's admission number
@@ -159,15 +172,27 @@ class FairQueue:
 
     def next_job(self, running: Counter[str], skip: set[str]) -> Job | None:
         """The request to admit next, left in its queue: the head of the queue of the tenant with the fewest
-        running, ties to the one admitted longest ago; tenants at their share or in `skip` wait."""
+        running, ties to the one admitted longest ago; tenants at their share or in `skip` wait, and so does a
+        tenant that runs a request when only the reserved places are free."""
+        reserved_from = self.max_concurrency - self.held_in_reserve(running)
+        in_use = sum(running.values())
         best: _TenantQueue | None = None
         for queue in self._queues.values():
             name = queue.tenant.name
             if not queue.waiting or name in skip or running[name] >= self.share(queue.tenant):
                 continue
+            if running[name] > 0 and in_use >= reserved_from:
+                continue
             if best is None or (running[name], queue.last_admitted) < (running[best.tenant.name], best.last_admitted):
                 best = queue
         return None if best is None else best.waiting[0]
+
+    def held_in_reserve(self, running: Counter[str]) -> int:
+        """The places kept free now for tenants that run none: the reserve, at most one per such tenant."""
+        if not self.reserve:
+            return 0
+        idle = sum(1 for name in self._queues if running[name] == 0)
+        return min(self.reserve, idle)
 
     def admit(self, job: Job) -> None:
         """Take the job next_job gave out of its queue; it gets the next admission number."""

@@ -112,7 +112,8 @@ class Runner:
     def __init__(self, load_engine: Callable[[], Engine], metrics: Metrics, max_queue: int,
                  max_concurrency: int = 1, batch_window: float = 0.0,
                  on_death: Callable[[BaseException], None] | None = None,
-                 on_result: Callable[[Result, Job], None] | None = None, tenants: tuple[Tenant, ...] = ()):
+                 on_result: Callable[[Result, Job], None] | None = None, tenants: tuple[Tenant, ...] = (),
+                 tenant_reserve: int = 0):
         # An idle engine waits this long after a request arrives for others to join it: requests that start
         # together train together, while a request that arrives a moment late waits a whole training step and
         # stays a step out of phase (bench/RESULTS.md, section 6.4).
@@ -125,8 +126,8 @@ class Runner:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         # The waiting jobs, one queue per tenant (`tenants`: the keys file's, known from the start; others are
-        # added as they come).
-        self._waiting = FairQueue(max_concurrency, max_queue, tenants)
+        # added as they come), and the places kept for a tenant that runs none (`tenant_reserve`).
+        self._waiting = FairQueue(max_concurrency, max_queue, tenants, tenant_reserve)
         self._running: dict[str, Job] = {}  # by job key, in the engine's batch
         self._service_seconds = 0.0  # moving average of a request's time in the engine, for Retry-After
         self._stopping = False

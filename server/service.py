@@ -106,7 +106,8 @@ class Service:
         loop = asyncio.get_running_loop()
         runner = Runner(self._load_engine, self.metrics, self.settings.max_queue, self.settings.max_concurrency,
                         self.settings.batch_window, on_death=lambda _: loop.call_soon_threadsafe(self._fail),
-                        on_result=self.on_result, tenants=tuple(self.tenants.tenants))
+                        on_result=self.on_result, tenants=tuple(self.tenants.tenants),
+                        tenant_reserve=self.settings.tenant_reserve_places(len(self.tenants.tenants)))
         try:
             engine = await runner.start()  # loaded on the thread that will run it
             defaults = self._defaults(engine)

@@ -242,6 +242,10 @@ class Settings(BaseSettings, TTTOptions):
     # -- limits and lifecycle ---------------------------------------------------------------------------------
     max_concurrency: int = Field(8, ge=1, description="requests batched together in the engine (one adapter slot each)")
     max_queue: int = Field(16, ge=0, description="requests waiting beyond those; more are answered 429")
+    tenant_reserve: int | None = Field(
+        None, ge=0, description="places of max_concurrency a tenant that runs a request may not take, kept for a "
+                                "tenant that runs none (default: 1 with several tenants and max_concurrency >= 2, "
+                                "else 0; one tenant: always 0)")
     batch_window: float = Field(0.02, ge=0, le=1, description="seconds an idle engine waits for a burst to batch")
     request_timeout: float = Field(600.0, gt=0, description="deadline of a request in seconds, queueing included")
     max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt accepted, in tokens (else 413)")
@@ -286,7 +290,18 @@ class Settings(BaseSettings, TTTOptions):
         # Read here so that a bad keys file stops `relat serve` before the model loads, naming the problem; the
         # service reads it again (it is small).
         self.tenants()
+        if self.tenant_reserve is not None and self.tenant_reserve >= self.max_concurrency:
+            raise ValueError(f"tenant_reserve {self.tenant_reserve} must be below max_concurrency "
+                             f"{self.max_concurrency}: the places it keeps are places of the batch")
         return self
+
+    def tenant_reserve_places(self, tenant_count: int) -> int:
+        """The reserve of server/fair_queue.py for a server with this many tenants: none for one tenant alone."""
+        if tenant_count < 2:
+            return 0
+        if self.tenant_reserve is not None:
+            return self.tenant_reserve
+        return 1 if self.max_concurrency >= 2 else 0
 
     def tenants(self) -> TenantDirectory:
         """The tenants of the keys (api_keys as 'default') and of keys_file; KeysFileError for a bad file."""

@@ -9,6 +9,8 @@ in bench/fairness.py.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from collections import Counter
 from types import SimpleNamespace
 
@@ -18,11 +20,13 @@ from relat_server.errors import QueueFull, RateLimited, describe
 from relat_server.fair_queue import FairQueue
 from relat_server.metrics import Metrics
 from relat_server.runner import Runner
+from relat_server.settings import Settings
 from relat_server.tenants import Tenant
 
 from relat_core import Engine, Finished, Request, SamplingParams, TTTParams
 
 from .conftest import build_tiny
+from .server_support import serve_in_thread, wait_for
 
 QUESTION = [{"role": "user", "content": "Name three colours."}]
 
@@ -93,6 +97,43 @@ def test_a_flooding_tenant_does_not_make_another_wait_behind_its_queue(engine):
     assert rejected(metrics, "a", "queue_full") == rejected(metrics, "b", "queue_full") == 0
 
 
+def flood_then_one_request(engine, reserve: int) -> tuple[list[str], list[str]]:
+    """Max_concurrency 4: A sends 12 requests of 48 tokens; once A runs all it may, B sends one of 4 tokens. A's
+    requests that had finished when B's ended, and those still running then."""
+    flooder, steady = Tenant("a"), Tenant("b")
+    runner = Runner(lambda: engine, Metrics(), max_queue=24, max_concurrency=4, tenants=(flooder, steady),
+                    tenant_reserve=reserve)
+
+    async def scenario():
+        await runner.start()
+        try:
+            flood = [runner.submit(f"a{i}", direct(48), 600, flooder) for i in range(12)]
+            while runner.counts()[0] < 4 - reserve:  # A fills what it may take
+                await asyncio.sleep(0.001)
+            job = runner.submit("b", direct(4), 600, steady)
+            [result] = [event.result async for event in job.events() if isinstance(event, Finished)]
+            assert result.usage.completion_tokens == 4
+            with runner._lock:
+                running = [other.request_id for other in runner._running.values() if other.tenant is flooder]
+            finished = [other.request_id for other in flood if other.started is not None
+                        and other.request_id not in running]
+            return finished, running
+        finally:
+            await asyncio.to_thread(runner.stop)
+
+    return asyncio.run(scenario())
+
+
+def test_with_a_reserve_a_flood_leaves_a_place_and_another_tenant_starts_without_waiting_for_it(engine):
+    """With a reserve of 1 of 4 places, A's flood runs 3, and B's request runs to its end while A's first three
+    still run (B needs 4 tokens, each of A's 48): it did not wait for any of A's to finish. Without a reserve
+    (the work-conserving rule alone), A runs all 4 and B starts only once one of A's has finished."""
+    finished, running = flood_then_one_request(engine, reserve=1)
+    assert finished == [] and sorted(running) == ["a0", "a1", "a2"]
+    finished, _ = flood_then_one_request(engine, reserve=0)
+    assert len(finished) >= 1  # (A's next one may have taken B's place by now: nothing is kept without a reserve)
+
+
 # --- the admission rule, on the queues alone ---------------------------------------------------------------------
 
 def jobs_of(tenant: Tenant, count: int) -> list[SimpleNamespace]:
@@ -139,6 +180,88 @@ def test_a_tenants_own_max_concurrency_caps_it_even_alone():
     assert admit_all(queues, running, 8) == ["capped0", "capped1"]
     running["capped"] -= 1
     assert admit_all(queues, running, 8) == ["capped2"]
+
+
+def test_a_reserve_keeps_the_last_places_for_a_tenant_that_runs_none():
+    a, b, c = Tenant("a"), Tenant("b"), Tenant("c")
+    queues = FairQueue(max_concurrency=4, max_queue=30, tenants=(a, b), reserve=1)
+    for job in jobs_of(a, 10):
+        queues.push(job, 0.0)
+    running = Counter()
+    assert admit_all(queues, running, 4) == ["a0", "a1", "a2"]  # A alone floods: the last place stays free
+    for job in jobs_of(b, 2):
+        queues.push(job, 0.0)
+    assert admit_all(queues, running, 4) == ["b0"]  # B at the next admission, none of A's having finished
+    running["a"] -= 1  # one of A's finishes while B runs: every tenant runs, nobody is left to keep a place for
+    assert admit_all(queues, running, 4) == ["b1"]  # B runs fewer (1 < 2): its turn first
+    running["b"] -= 2  # B's both finish: B runs none again, and its place is kept
+    assert admit_all(queues, running, 4) == ["a3"]
+    assert running == Counter(a=3, b=0)
+    # A third tenant, never seen before, arrives too: one place is kept, at most `reserve` in all.
+    for job in jobs_of(c, 1):
+        queues.push(job, 0.0)
+    assert admit_all(queues, running, 4) == ["c0"]
+    # Two places kept for two tenants that run none, one for one.
+    queues = FairQueue(max_concurrency=4, max_queue=30, tenants=(a, b, c), reserve=2)
+    for job in jobs_of(a, 10):
+        queues.push(job, 0.0)
+    running = Counter()
+    assert admit_all(queues, running, 4) == ["a0", "a1"]
+    for job in jobs_of(b, 3):
+        queues.push(job, 0.0)
+    assert admit_all(queues, running, 4) == ["b0"]  # C still runs none: one place kept for it
+
+
+def test_a_tenants_own_cap_still_holds_under_a_reserve_and_no_reserve_is_the_work_conserving_rule():
+    capped, other = Tenant("a", max_concurrency=2), Tenant("b")
+    queues = FairQueue(max_concurrency=4, max_queue=30, tenants=(capped, other), reserve=1)
+    for job in jobs_of(capped, 5):
+        queues.push(job, 0.0)
+    assert admit_all(queues, Counter(), 4) == ["a0", "a1"]
+    flooder = Tenant("a")
+    queues = FairQueue(max_concurrency=4, max_queue=30, tenants=(flooder, other), reserve=0)
+    for job in jobs_of(flooder, 6):
+        queues.push(job, 0.0)
+    running = Counter()
+    assert admit_all(queues, running, 4) == ["a0", "a1", "a2", "a3"]
+    for job in jobs_of(other, 1):
+        queues.push(job, 0.0)
+    assert admit_all(queues, running, 4) == []  # B waits for one of A's to finish
+    running["a"] -= 1
+    assert admit_all(queues, running, 4) == ["b0"]
+
+
+def two_tenant_keys_file(tmp_path) -> str:
+    path = tmp_path / "keys.json"
+    tenants = [{"name": name, "key_sha256": hashlib.sha256(f"sk-{name}".encode()).hexdigest()} for name in "ab"]
+    path.write_text(json.dumps({"tenants": tenants}))
+    return str(path)
+
+
+def test_the_reserve_defaults_to_one_place_with_several_tenants_and_none_for_one_tenant(tmp_path):
+    keys = two_tenant_keys_file(tmp_path)
+    several = 2  # a keys file of two tenants
+    assert Settings(max_concurrency=4, keys_file=keys).tenant_reserve_places(several) == 1
+    assert Settings(max_concurrency=1, keys_file=keys).tenant_reserve_places(several) == 0  # no place to keep
+    assert Settings(max_concurrency=4, keys_file=keys, tenant_reserve=0).tenant_reserve_places(several) == 0
+    assert Settings(max_concurrency=8, keys_file=keys, tenant_reserve=3).tenant_reserve_places(several) == 3
+    # One tenant (a keyless server, or --api-key alone): nobody to keep a place for, whatever is set.
+    assert Settings(max_concurrency=4).tenant_reserve_places(0) == 0
+    assert Settings(max_concurrency=4, api_keys=["sk-x"], tenant_reserve=2).tenant_reserve_places(1) == 0
+    with pytest.raises(ValueError, match="tenant_reserve 4 must be below max_concurrency 4"):
+        Settings(max_concurrency=4, tenant_reserve=4)
+
+
+@pytest.mark.parametrize("settings, reserve", [({"keys_file": "two tenants"}, 1),
+                                               ({"keys_file": "two tenants", "api_keys": ["sk-x"]}, 1),
+                                               ({"api_keys": ["sk-x"]}, 0), ({}, 0)])
+def test_the_server_runs_its_queue_with_the_reserve_for_its_tenants(engine, tmp_path, settings, reserve):
+    if "keys_file" in settings:
+        settings = {**settings, "keys_file": two_tenant_keys_file(tmp_path)}
+    with serve_in_thread(Settings(max_concurrency=4, **settings), lambda: engine) as served:
+        service = served.app.state.service
+        wait_for(lambda: service.runner is not None, "the runner")  # the model loads in the background
+        assert service.runner._waiting.reserve == reserve
 
 
 # --- refusals: per-tenant queue, rate limit, the server's queue --------------------------------------------------
