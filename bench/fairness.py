@@ -8,15 +8,20 @@ measures B's requests in three conditions, back to back, their order rotated fro
     --flood-pause seconds), far more than A's share (max_concurrency / 2 while B is busy too);
   - flood, same key: the same flood, with B sending on A's key: one tenant, one queue, first come first served,
     which is how every request was admitted before tenants had queues of their own. The control.
+  - flood, reserve R (with --compare-reserve R): the flood, on a second server that differs only in its
+    --tenant-reserve (0: no places kept for an idle tenant, as before the reserve), running beside the first and
+    idle while the others run, so that the reserve's effect is paired within each round.
 B retries a 429 after its Retry-After (as the openai SDK does); its latency counts from the first try.
 Between conditions the flood's clients leave (their requests are cancelled) and the server is let go idle.
 
 Every request is the same: direct (no training), --max-tokens tokens with ignore_eos, so that B's and A's requests
 cost the same and a latency difference is queueing, not work. Reported: B's p50 and p95 latency per condition over
-all rounds, their ratios against alone with a bootstrap interval over rounds, A's answered and refused requests,
-and whether the stated bound held: B's p95 under flood at most --bound times its p95 alone.
+all rounds, their ratios against alone with a bootstrap interval over rounds, A's answered and refused requests
+and the answers a second of both tenants during each flood (the reserve's cost in throughput), and whether the
+stated bound held: B's p95 under flood at most --bound times its p95 alone.
 
     python bench/fairness.py                        # the embedded model, 6 rounds (minutes)
+    python bench/fairness.py --tenant-reserve 1 --compare-reserve 0   # the reserve against none, paired
     python bench/fairness.py --model /path/to/tiny --rounds 1 --per-condition 3 --flood-clients 6
 """
 
@@ -73,7 +78,8 @@ def write_keys_file(folder: Path, keys: dict[str, str]) -> Path:
     return path
 
 
-def start_server(args: argparse.Namespace, keys_file: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(args: argparse.Namespace, keys_file: Path, log: Path, reserve: int | None
+                 ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     relat = Path(sys.executable).with_name("relat")
     command = [str(relat), "serve", "--host", "127.0.0.1", "--port", str(port),
@@ -81,6 +87,8 @@ def start_server(args: argparse.Namespace, keys_file: Path, log: Path) -> tuple[
                "--torch-threads", str(args.threads), "--log-level", "warning"]
     if args.model:
         command += ["--model", args.model]
+    if reserve is not None:
+        command += ["--tenant-reserve", str(reserve)]
     env = {**os.environ, "RELAT_KEYS_FILE": str(keys_file), "OMP_NUM_THREADS": str(args.threads)}
     with open(log, "wb") as output:
         server = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
@@ -160,10 +168,16 @@ async def wait_idle(client: httpx.AsyncClient, key: str, limit: float = 120.0) -
     raise RuntimeError("the server did not go idle")
 
 
+def conditions(args: argparse.Namespace) -> tuple[str, ...]:
+    compared = () if args.compare_reserve is None else (f"flood_reserve_{args.compare_reserve}",)
+    return CONDITIONS + compared
+
+
 async def condition(url: str, name: str, keys: dict[str, str], payload: dict, args: argparse.Namespace
                     ) -> tuple[list[float], int, dict[str, int]]:
-    """B's latencies in one condition, its 429s, and the flood's answers by status."""
+    """B's latencies in one condition, its 429s, and the flood's answers by status (and its seconds)."""
     counts: dict[str, int] = {"errors": 0}
+    started = time.monotonic()
     limits = httpx.Limits(max_connections=args.flood_clients + 4, max_keepalive_connections=args.flood_clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=args.client_timeout, limits=limits) as client:
         flooders = []
@@ -178,6 +192,7 @@ async def condition(url: str, name: str, keys: dict[str, str], payload: dict, ar
             for task in flooders:
                 task.cancel()
             await asyncio.gather(*flooders, return_exceptions=True)
+            counts["seconds"] = round(time.monotonic() - started, 3)
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         await wait_idle(client, keys["b"])
     return latencies, refused, counts
@@ -201,23 +216,27 @@ def bootstrap_ratio(rounds: list[dict], condition_name: str, q: float, seed: int
 
 def summarise(rounds: list[dict], args: argparse.Namespace) -> dict:
     rows = {}
-    for name in CONDITIONS:
+    names = conditions(args)
+    for name in names:
         values = [x for r in rounds for x in r["b_latency"][name]]
         rows[name] = {"n": len(values), "p50_s": percentile(values, 0.5), "p95_s": percentile(values, 0.95),
                       "max_s": max(values), "refused": sum(r["b_refused"][name] for r in rounds)}
     alone = rows["alone"]
-    for name in CONDITIONS[1:]:
+    for name in names[1:]:
         for q, label in ((0.5, "p50"), (0.95, "p95")):
             rows[name][f"{label}_ratio"] = rows[name][f"{label}_s"] / alone[f"{label}_s"]
             rows[name][f"{label}_ratio_95ci"] = bootstrap_ratio(rounds, name, q, args.seed) if len(rounds) > 1 \
                 else (None, None)
     flood_counts: dict[str, dict[str, int]] = {}
-    for name in CONDITIONS[1:]:
+    for name in names[1:]:
         total: dict[str, int] = {}
         for r in rounds:
             for status, count in r["flood"][name].items():
                 total[status] = total.get(status, 0) + count
         flood_counts[name] = total
+        # Both tenants' answers a second while the flood ran: what the batch served (the reserve's cost).
+        answered = total.get("200", 0) + rows[name]["n"]
+        rows[name]["answers_per_s"] = answered / total["seconds"] if total.get("seconds") else None
     return {"b": rows, "flood_answers": flood_counts,
             "bound": {"claim": f"B never refused, and B's p95 under A's flood <= {args.bound} x B's p95 alone",
                       "held": rows["flood"]["refused"] == 0 and rows["flood"]["p95_s"] <= args.bound * alone["p95_s"]}}
@@ -227,14 +246,19 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _reserve(value: int | None) -> str:
+    return "the server's default" if value is None else str(value)
+
+
 def markdown(report: dict) -> str:
     s = report["summary"]
     lines = [f"B's latency (s) over {report['rounds']} rounds x {report['per_condition']} requests per condition; "
              f"A: {report['flood_clients']} clients; max_concurrency {report['server']['max_concurrency']}, "
-             f"max_queue {report['server']['max_queue']}; {report['model']}, {report['date']}", "",
+             f"max_queue {report['server']['max_queue']}, tenant_reserve "
+             f"{_reserve(report['server'].get('tenant_reserve'))}; {report['model']}, {report['date']}", "",
              "| condition | n | B 429s | B p50 | B p95 | B max | p50 / alone | p95 / alone (95% CI over rounds) |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
-    for name in CONDITIONS:
+    for name in s["b"]:
         row = s["b"][name]
         low, high = row.get("p95_ratio_95ci", (None, None))
         ci = "" if low is None else f" ({_fmt(low)}–{_fmt(high)})"
@@ -242,7 +266,9 @@ def markdown(report: dict) -> str:
                      f"{_fmt(row['max_s'])} | "
                      f"{_fmt(row.get('p50_ratio'))} | {_fmt(row.get('p95_ratio'))}{ci} |")
     lines += ["", "A's answers during the flood: " + "; ".join(
-        f"{name}: " + ", ".join(f"{status} x{count}" for status, count in sorted(counts.items()) if count)
+        f"{name}: " + ", ".join(f"{status} x{count}" for status, count in sorted(counts.items())
+                                if count and status != "seconds")
+        + f" in {counts.get('seconds', 0):.0f} s ({_fmt(s['b'][name].get('answers_per_s'))} answers/s, A's and B's)"
         for name, counts in s["flood_answers"].items()),
         "", f"Bound: {s['bound']['claim']}: {'held' if s['bound']['held'] else 'NOT held'}."]
     return "\n".join(lines)
@@ -263,6 +289,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-concurrency", type=int, default=4)
     parser.add_argument("--max-queue", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    parser.add_argument("--tenant-reserve", type=int, default=None,
+                        help="the server's --tenant-reserve (default: the server's default)")
+    parser.add_argument("--compare-reserve", type=int, default=None,
+                        help="also run the flood on a second server with this --tenant-reserve (0: none), paired")
     parser.add_argument("--bound", type=float, default=3.0, help="the claim: B's p95 under flood / alone at most")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--client-timeout", type=float, default=300.0)
@@ -275,19 +305,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="relat-fairness-"))
     keys = {"a": "sk-a-" + secrets.token_hex(8), "b": "sk-b-" + secrets.token_hex(8)}
-    server, url = start_server(args, write_keys_file(scratch, keys), scratch / "relat.log")
+    keys_file = write_keys_file(scratch, keys)
+    server, url = start_server(args, keys_file, scratch / "relat.log", args.tenant_reserve)
+    servers = [server]
+    names = conditions(args)
+    urls = {name: url for name in names}
     rounds = []
     try:
+        if args.compare_reserve is not None:
+            compared, urls[names[-1]] = start_server(args, keys_file, scratch / "relat-compared.log",
+                                                     args.compare_reserve)
+            servers.append(compared)
         model = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {keys['b']}"},
                           timeout=30).json()["data"][0]["id"]
         payload = body(model, args.max_tokens)
-        asyncio.run(condition(url, "alone", keys, payload, args))  # warm-up, not counted
+        for warm in dict.fromkeys(urls.values()):  # warm-up, not counted
+            asyncio.run(condition(warm, "alone", keys, payload, args))
         started = time.monotonic()
         for index in range(args.rounds):
-            order = CONDITIONS[index % 3:] + CONDITIONS[:index % 3]  # each condition first, middle and last in turn
+            turn = index % len(names)
+            order = names[turn:] + names[:turn]  # each condition first, middle and last in turn
             record = {"order": list(order), "b_latency": {}, "b_refused": {}, "flood": {}}
             for name in order:
-                latencies, refused, counts = asyncio.run(condition(url, name, keys, payload, args))
+                latencies, refused, counts = asyncio.run(condition(urls[name], name, keys, payload, args))
                 record["b_latency"][name], record["b_refused"][name] = latencies, refused
                 if name != "alone":
                     record["flood"][name] = counts
@@ -296,14 +336,15 @@ def main(argv: list[str] | None = None) -> int:
             rounds.append(record)
         seconds = time.monotonic() - started
     finally:
-        exit_code = stop_server(server)
+        exit_codes = [stop_server(each) for each in servers]
     report = {
         "date": datetime.date.today().isoformat(), "model": model, "rounds": args.rounds,
         "per_condition": args.per_condition, "flood_clients": args.flood_clients, "flood_pause": args.flood_pause,
         "max_tokens": args.max_tokens, "seconds": seconds, "seed": args.seed,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "server": {"max_concurrency": args.max_concurrency, "max_queue": args.max_queue, "threads": args.threads,
-                   "exit_code": exit_code},
+                   "tenant_reserve": args.tenant_reserve, "compare_reserve": args.compare_reserve,
+                   "exit_code": exit_codes},
         "summary": summarise(rounds, args), "rounds_detail": rounds,
     }
     out = args.out or BENCH / "results" / "fairness" / f"fairness-{report['date']}.json"
