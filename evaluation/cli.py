@@ -232,7 +232,7 @@ def run(args: argparse.Namespace, files: list[DataFile], variants: list[Variant]
     else:
         from .runners import LocalRunner
 
-        runner = LocalRunner(args.model, args.device, args.dtype, args.batch, args.threads)
+        runner = LocalRunner(args.model, args.device, args.dtype, args.batch, args.threads, weights=args.weights)
         target = f"in-process (batch {args.batch})"
     run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     started = time.perf_counter()
@@ -306,6 +306,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--model", help="HF id, local folder or .gguf file (default: the embedded SmolLM2-135M)")
     target.add_argument("--device", help="cpu, cuda, ... (default: cuda if present)")
     target.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
+    target.add_argument("--weights", choices=("fp32", "int8", "int4"), default="fp32",
+                        help="the frozen linear layers' format on CPU, as relat serve --weights (default fp32)")
     target.add_argument("--batch", type=int, default=4, help="requests batched in the local engine (default 4)")
     target.add_argument("--threads", type=int, default=None, help="torch threads in this process (default torch's)")
     items = parser.add_argument_group("which items")
@@ -330,9 +332,9 @@ def main(args: argparse.Namespace) -> int:
             raise SystemExit(f"relat eval: --{name} must be at least 1")
     if args.limit is not None and args.limit < 1:
         raise SystemExit("relat eval: --limit must be at least 1")
-    if args.url and (args.model or args.device or args.dtype):
-        raise SystemExit("relat eval: --model, --device and --dtype are for an in-process run; a server (--url) "
-                         "serves its own model")
+    if args.url and (args.model or args.device or args.dtype or args.weights != "fp32"):
+        raise SystemExit("relat eval: --model, --device, --dtype and --weights are for an in-process run; a server "
+                         "(--url) serves its own model")
     try:
         variants = parse_variants(args.variants) if args.variants or not args.report_only else []
     except ValueError as error:

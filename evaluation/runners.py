@@ -57,14 +57,14 @@ class LocalRunner:
     depend on `batch`; the latencies do."""
 
     def __init__(self, model: str | None, device: str | None, dtype: str | None, batch: int, threads: int | None,
-                 agent_prompts: Any = None):
+                 agent_prompts: Any = None, weights: str = "fp32"):
         import torch
 
         from relat_core import Engine, load_model
 
         if threads:
             torch.set_num_threads(threads)
-        self.loaded = load_model(model, device=device, dtype=dtype)
+        self.loaded = load_model(model, device=device, dtype=dtype, weights=weights)
         self.engine = Engine(self.loaded, num_slots=batch, agent_prompts=agent_prompts)
         self.batch = batch
         self.model_name = self.loaded.name

@@ -138,6 +138,22 @@ def test_in_process_run_records_every_item_once_and_writes_the_report(tmp_path, 
     assert len(local_model) == loads and len(read_records(out)) == 10
 
 
+def test_weights_reach_the_models_loader(tmp_path, data, monkeypatch, tiny_model):
+    """--weights int8 loads the model in int8 (relat serve --weights' loader), fp32 by default."""
+    asked = []
+
+    def load(*args, **kwargs):
+        asked.append(kwargs.get("weights"))
+        return tiny_model
+
+    monkeypatch.setattr(relat_core, "load_model", load)
+    for weights, out in (("int8", "q"), (None, "f")):
+        extra = ["--weights", weights] if weights else []
+        assert relat(["eval", *data, "--variants", "direct", "--limit", "1", "--out", str(tmp_path / out),
+                      *extra]) == 0
+    assert asked == ["int8", "fp32"]
+
+
 def test_an_interrupted_run_resumes_without_repeating_or_losing_items(tmp_path, data, local_model, monkeypatch):
     out = tmp_path / "out"
     argv = ["eval", *data, "--variants", f"direct,relat=relat:{QUICK}", "--out", str(out), "--batch", "2"]
@@ -197,6 +213,7 @@ def test_a_variant_must_keep_its_options_and_an_item_its_question(tmp_path, data
     (["--data", "missing.jsonl", "--variants", "direct"], "no data file"),
     (["--variants", "direct=direct:steps=x"], "wants a number"),
     (["--variants", "direct", "--url", "http://127.0.0.1:9", "--model", "m"], "for an in-process run"),
+    (["--variants", "direct", "--url", "http://127.0.0.1:9", "--weights", "int8"], "for an in-process run"),
     (["--variants", "direct", "--batch", "0"], "at least 1"),
 ])
 def test_user_errors_are_one_line(tmp_path, data, argv, message):
