@@ -3,16 +3,18 @@
 Every field that the ReLAT paper (arXiv 2606.06252) leaves open is a parameter here. A field's default is the plain
 method (the answer after the thought, no guidance, no contrast); the engine's defaults per model size, chosen by
 measurement (bench/RESULTS.md, sections 3 and 7), are `relat_core.engine.defaults.default_ttt_params`.
-`InvalidParameter` names the offending field so that the server can answer with OpenAI's `param`.
+`InvalidParameter` names the offending field so that the server can answer with OpenAI's `param`. The numeric
+ranges are the tables here (`TTT_BOUNDS`, `SAMPLING_BOUNDS`), of `Bound`s (relat_core/bounds.py, re-exported here).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Literal
+
+from .bounds import Bound, is_int
 
 Method = Literal["direct", "latent", "relat"]
 Mapping = Literal["norm", "realign", "none", "soft"]
@@ -66,53 +68,6 @@ class InvalidParameter(ValueError):
 def _require(condition: bool, param: str, message: str) -> None:
     if not condition:
         raise InvalidParameter(param, message)
-
-
-@dataclass(frozen=True)
-class Bound:
-    """The range of a numeric parameter, stated once: the dataclasses below check it, and the server generates
-    its request validation and its OpenAPI document's minimum/maximum from it (server/settings.py), so that the
-    API cannot promise what the engine refuses."""
-
-    low: float | None = None  # None: unbounded
-    high: float | None = None
-    low_open: bool = False  # (low, ... rather than [low, ...
-    high_open: bool = False
-    integer: bool = False
-
-    def holds(self, value: object) -> bool:
-        if not (_is_int(value) if self.integer else _is_number(value)):
-            return False
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            return False
-        return self.high is None or (value < self.high if self.high_open else value <= self.high)
-
-    def describe(self) -> str:
-        """'an integer in [0, 256]', 'in (0, 1]', 'positive', 'a non-negative integer', ..."""
-        kind = "an integer" if self.integer else "a number"
-        if self.low is not None and self.high is not None:
-            opening, closing = "(" if self.low_open else "[", ")" if self.high_open else "]"
-            span = f"{opening}{_number(self.low)}, {_number(self.high)}{closing}"
-            return f"an integer in {span}" if self.integer else f"in {span}"
-        if self.low is None:
-            return kind
-        positive = self.low_open if self.low == 0 else (self.integer and self.low == 1 and not self.low_open)
-        if self.low == 0 or positive:
-            word = "positive" if positive else "non-negative"
-            return f"a {word} integer" if self.integer else word
-        return f"{kind} {'greater than' if self.low_open else 'at least'} {_number(self.low)}"
-
-    def message(self, name: str, value: object) -> str:
-        return f"{name} must be {self.describe()}, got {value!r}"
-
-    def json_schema(self) -> dict[str, object]:
-        """The range in JSON Schema (2020-12, as OpenAPI 3.1 has it)."""
-        schema: dict[str, object] = {"type": "integer" if self.integer else "number"}
-        if self.low is not None:
-            schema["exclusiveMinimum" if self.low_open else "minimum"] = self.low
-        if self.high is not None:
-            schema["exclusiveMaximum" if self.high_open else "maximum"] = self.high
-        return schema
 
 
 # The numeric TTT parameters' ranges (the others are enumerations, checked below).
@@ -377,7 +332,7 @@ class SamplingParams:
         _require(isinstance(self.logprobs, bool), "logprobs", "logprobs must be a boolean")
         _require(self.logprobs or not self.top_logprobs, "top_logprobs", "top_logprobs needs logprobs: true")
         _require(isinstance(self.logit_bias, dict) and len(self.logit_bias) <= MAX_LOGIT_BIAS
-                 and all(_is_int(k) and k >= 0 for k in self.logit_bias)
+                 and all(is_int(k) and k >= 0 for k in self.logit_bias)
                  and all(LOGIT_BIAS.holds(v) for v in self.logit_bias.values()), "logit_bias",
                  f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to numbers in [-100, 100]")
         for name, bound in SAMPLING_BOUNDS.items():
@@ -397,15 +352,3 @@ class SamplingParams:
     def shapes_logits(self) -> bool:
         """Whether penalties or biases change the logits the answer is chosen from."""
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value: float) -> str:
-    return str(value) if isinstance(value, int) else f"{value:g}"
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

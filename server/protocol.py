@@ -3,18 +3,17 @@
 OpenAI's requests accept unknown top-level fields, log them and list them in the response's trace
 (`ignored_fields`: an SDK newer than the server must keep working, and a client must see what was not served);
 the `relat` object and the native request, whose fields are ours, refuse them. Each field's type is taken
-strictly, as OpenAI does ("5" is not an integer); bounds live in the field types so that a bad value
-is a 400 naming its field. The numeric bounds come from relat_core/params.py through `bounded`, and a server's
-limits narrow them in its own request classes (`request_models`): the server validates with the classes its
-OpenAPI document is generated from, so the document is the API. `engine_request` is the one place that turns a
-request into engine parameters.
+strictly, as OpenAI does ("5" is not an integer); bounds live in the field types so that a bad value is a 400
+naming its field. The numeric bounds come from relat_core/params.py through `bounded` (server/bounded_fields.py),
+and a server's limits narrow them in its own request classes (`request_models`): the server validates with the
+classes its OpenAPI document is generated from, so the document is the API. `engine_request` is the one place that
+turns a request into engine parameters. What the server sends back (responses, stream chunks and events, probes,
+the model list) is server/response_models.py's, re-exported here.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-import uuid
 import warnings
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -24,9 +23,33 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchem
 from relat_core import InvalidParameter, Request, SamplingParams, TTTParams
 from relat_core.params import LOGIT_BIAS, MAX_LOGIT_BIAS
 
-from .logprobs import ChoiceLogprobs, choice_logprobs  # noqa: F401 (choice_logprobs: re-exported)
-from .settings import TTTOptions, bounded, invalid
-from .tools import ChatTool, DeltaToolCall, ResponseFormat, ToolCall, ToolCallParam, ToolChoice
+from .bounded_fields import bounded, invalid
+from .logprobs import ChoiceLogprobs, choice_logprobs  # noqa: F401 (re-exported)
+
+# Re-exported: the response side of the wire format was declared here before it had a module of its own.
+from .response_models import (  # noqa: F401
+    AdminStatus,
+    AgentTurn,
+    AssistantMessage,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    DeltaMessage,
+    Health,
+    ModelCard,
+    ModelList,
+    Readiness,
+    RelatChoice,
+    RelatResponse,
+    TokenEvent,
+    TrainStepEvent,
+    UsageInfo,
+    new_id,
+    now,
+)
+from .tools import ChatTool, ResponseFormat, ToolCallParam, ToolChoice
+from .ttt_options import TTTOptions
 
 log = logging.getLogger("relat_server")
 
@@ -42,10 +65,6 @@ class OpenAIBaseModel(BaseModel):
         if self.model_extra:
             log.info("%s: ignoring unknown fields %s", type(self).__name__, ", ".join(sorted(self.model_extra)))
         return self
-
-
-def _none(value: object) -> bool:
-    return value is None
 
 
 # -- fields shared by the chat and native requests (llama-cpp-python style) -----------------------------------
@@ -284,167 +303,3 @@ def engine_request(messages: list[dict], ttt_fields: dict[str, Any], sampling_fi
     if ttt.logprob_shift and not sampling.logprobs and "logprob_shift" not in ttt_fields:
         ttt = ttt.replace(logprob_shift=False)  # the server's default: it shifts the requests that ask for logprobs
     return Request(messages, ttt, sampling, return_adapter)
-
-
-# -- responses ------------------------------------------------------------------------------------------------
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def now() -> int:
-    return int(time.time())
-
-
-class UsageInfo(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None
-    refusal: None = None
-    tool_calls: list[ToolCall] = Field(default_factory=list)
-
-
-class ChatCompletionChoice(BaseModel):
-    index: int = 0
-    message: AssistantMessage
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length", "tool_calls"]
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatCompletionChoice]
-    usage: UsageInfo
-    system_fingerprint: None = None
-    relat: dict[str, Any] = Field(description="the trace: losses per step, phase timings")
-
-
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = Field(None, exclude_if=_none)
-    content: str | None = Field(None, exclude_if=_none)
-    tool_calls: list[DeltaToolCall] | None = Field(None, exclude_if=_none)
-
-
-class ChatCompletionStreamChoice(BaseModel):
-    index: int = 0
-    delta: DeltaMessage
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    system_fingerprint: None = None
-    choices: list[ChatCompletionStreamChoice]
-    usage: UsageInfo | None = Field(None, description="null except in the usage chunk, when asked for")
-    relat: dict[str, Any] | None = Field(None, exclude_if=_none, description="the trace, on the finishing chunk")
-
-
-class RelatChoice(BaseModel):
-    index: int
-    answer: str
-    finish_reason: Literal["stop", "length"]
-    logprobs: ChoiceLogprobs | None = Field(None, exclude_if=_none, description="with logprobs: true")
-
-
-class RelatResponse(BaseModel):
-    id: str
-    object: Literal["relat.result"] = "relat.result"
-    created: int
-    model: str
-    answer: str = Field(description="the first answer (choices[0], when n > 1)")
-    finish_reason: Literal["stop", "length"]
-    logprobs: ChoiceLogprobs | None = Field(None, exclude_if=_none,
-                                            description="the first answer's token logprobs, with logprobs: true")
-    choices: list[RelatChoice] | None = Field(None, exclude_if=_none, description="every answer, when n > 1")
-    usage: UsageInfo = Field(description="completion_tokens: of every answer")
-    trace: dict[str, Any]
-
-
-# -- the native stream's events (the `done` event is a RelatResponse, `error` a StreamError) ---------------------
-
-class TrainStepEvent(BaseModel):
-    """`ttt_step`: a finished training step of the adapter."""
-
-    step: int = Field(description="1-based")
-    steps: int
-    loss: float = Field(description="the training objective's loss before this step's update (the reconstruction's "
-                                    "unless the request's objective says otherwise; the trace's objective names it)")
-    grad_norm: float | None = Field(description="null when the step stopped training (stop_loss) before an update")
-    seconds: float
-
-
-class AgentTurn(BaseModel):
-    """`agent`: an agent of a multi-agent request finished its turn (as in the trace's agent_turns)."""
-
-    role: str
-    label: str
-    kind: Literal["text", "latent", "answer"]
-    prompt_tokens: int
-    latent_positions: int
-    completion_tokens: int
-    seconds: float
-    text: str | None = Field(None, exclude_if=_none, description="what a TextMAS agent wrote")
-
-
-class TokenEvent(BaseModel):
-    """`token`: a piece of the answer's text."""
-
-    text: str
-    index: int = Field(0, description="which answer (n > 1)")
-    logprobs: ChoiceLogprobs | None = Field(None, exclude_if=_none,
-                                            description="the tokens this text completes, with logprobs: true")
-
-
-# -- probes and models ------------------------------------------------------------------------------------------
-
-class Health(BaseModel):
-    status: Literal["ok", "failed"]
-
-
-class Readiness(BaseModel):
-    status: Literal["loading", "ready", "draining", "failed"]
-
-
-class AdminStatus(BaseModel):
-    """GET /admin/status: what a soak or an operator checks after load, that nothing leaked and nothing changed."""
-
-    phase: Literal["ready", "draining"]
-    base_weights_sha256: str = Field(description="SHA-256 of the base model's parameters and buffers, now")
-    base_weights_sha256_at_start: str = Field(description="the same, computed once the model was loaded")
-    base_weights_unchanged: bool
-    adapter_slots: int = Field(description="adapter slots of the engine (max_concurrency)")
-    adapter_slots_in_use: int
-    requests_running: int
-    requests_waiting: int
-    resident_memory_bytes: int | None = Field(
-        description="the server process's resident set, once the C allocator returned its free pages; null off Linux")
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "relat"
-    # Extensions, as vLLM adds max_model_len: what a client needs to know to ask this model for depth.
-    family: str = Field(description="the architecture: its config's model_type (qwen3, llama, ...), or huginn for "
-                                    "a recurrent-depth model")
-    max_model_len: int | None = Field(None, description="context length in tokens, prompt plus answer")
-    num_steps: int | None = Field(None, description="recurrent-depth models: the default recurrences per position")
-    max_num_steps: int | None = Field(None, description="recurrent-depth models: the most a request may ask for")
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
