@@ -28,8 +28,9 @@ from .completions_protocol import (
     CompletionRequest,
     CompletionResponse,
 )
+from .disconnect import unless_disconnected
 from .errors import ErrorInfo, describe
-from .protocol import UsageInfo, new_id, now
+from .response_models import UsageInfo, new_id, now
 from .runner import HEARTBEAT, Job
 from .streaming import HEARTBEAT_SECONDS, SSE_HEADERS, data_line
 
@@ -152,11 +153,6 @@ async def _merged(jobs: list[Job]) -> AsyncIterator[tuple[int, object]]:
             job.cancel()
 
 
-async def _disconnected(request: HTTPRequest) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 async def run_all(jobs: list[Job], request: HTTPRequest) -> list[Result] | None:
     """Every job's result, in order; None if the client disconnected first (the jobs are then cancelled)."""
     async def results() -> list[Result]:
@@ -166,16 +162,7 @@ async def run_all(jobs: list[Job], request: HTTPRequest) -> list[Result] | None:
                 found[position] = event.result
         return [found[position] for position in range(len(jobs))]
 
-    finished = asyncio.ensure_future(results())
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
-        return finished.result() if finished.done() else None
-    finally:
-        finished.cancel()
-        gone.cancel()
-        for job in jobs:
-            job.cancel()
+    return await unless_disconnected(results(), request, jobs)
 
 
 class CompletionStream:

@@ -8,7 +8,6 @@ the way out, so a client that disconnects stops its work at the next step or tok
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
@@ -18,22 +17,22 @@ from starlette.requests import Request as HTTPRequest
 
 from relat_core import AgentDone, Finished, Result, TextDelta, TrainStep
 
+from .disconnect import unless_disconnected
 from .errors import ErrorInfo, StreamError, describe
-from .protocol import (
+from .logprobs import ChoiceLogprobs, choice_logprobs
+from .response_models import (
     AgentTurn,
     AssistantMessage,
     ChatCompletionChoice,
     ChatCompletionChunk,
     ChatCompletionResponse,
     ChatCompletionStreamChoice,
-    ChoiceLogprobs,
     DeltaMessage,
     RelatChoice,
     RelatResponse,
     TokenEvent,
     TrainStepEvent,
     UsageInfo,
-    choice_logprobs,
 )
 from .runner import HEARTBEAT, Job
 from .tools import ToolStream, ToolUse, parse_reply
@@ -177,12 +176,6 @@ async def sse_stream(job: Job, renderer: ChatRenderer | NativeRenderer,
         job.cancel()
 
 
-async def _disconnected(request: HTTPRequest) -> None:
-    """Returns when the client goes away (the body was read already, so only http.disconnect can come)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 async def run_to_end(job: Job, request: HTTPRequest) -> Result | None:
     """The job's result, or None if the client disconnected first (the job is then cancelled)."""
 
@@ -192,15 +185,7 @@ async def run_to_end(job: Job, request: HTTPRequest) -> Result | None:
                 return event.result
         raise AssertionError("events ended without a result")
 
-    finished = asyncio.ensure_future(result())
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
-        return finished.result() if finished.done() else None
-    finally:
-        finished.cancel()
-        gone.cancel()
-        job.cancel()
+    return await unless_disconnected(result(), request, [job])
 
 
 def chat_response(result: Result, completion_id: str, created: int, model: str,
