@@ -16,15 +16,17 @@ Kernels. torch's own weight-only kernels, `_weight_int8pack_mm` and `_weight_int
 and torchao's CPU layouts run), took 2-6x as long as the fp32 product on this project's AVX2 CPU, even for one
 row, and torchao adds no faster CPU kernel nor a backward through int4 (bench/RESULTS.md, section 22). So the
 products run on small loops of our own (kernels/lowbit.cpp, built once with torch's C++ extension loader at load
-and cached): each row of W is read once, converted in registers and multiplied in fp32. The backward reads the same
-stored bytes (no transposed copy, no fp32 copy): dx = (dy * s) q for int8, and per group (dy * s[:, g]) q + dy z[:, g]
-for int4, so the gradient is exactly that of the dequantised weight (tests/test_quantized.py).
+and cached): each row of W is read once, converted in registers (AVX2) and multiplied in fp32 with up to 4 rows of
+the input at a time. The backward reads the same stored bytes (no transposed copy, no fp32 copy): dx = (dy * s) q
+for int8, and per group (dy * s[:, g]) q + dy z[:, g] for int4, so the gradient is exactly that of the dequantised
+weight (tests/test_quantized.py).
 
-Dispatch by rows, as packing.py does: a product of up to `KERNEL_MAX_ROWS[format]` rows (a request's latent and
-decoding steps) runs on the kernel; more rows (prompts, reconstructions, a batch's steps) dequantise the weight into
-a temporary fp32 matrix (one layer's, freed after the product) and run torch's fp32 product on it, which is
-compute-bound there. No packed fp32 copy is kept: it would cost the 4 bytes a weight the format saves. Where the
-kernels cannot be built (no C++ compiler), every product takes the dequantising path, and a warning says so.
+Dispatch by rows, as packing.py does: a product of up to `KERNEL_MAX_ROWS` rows (a request's latent and
+decoding steps, a batch of up to 8 answers) runs on the kernel; more rows (prompts, reconstructions, a batch's
+training passes) dequantise the weight into a temporary fp32 matrix (one layer's, freed after the product) and run
+torch's fp32 product on it, which is compute-bound there. No packed fp32 copy is kept: it would cost the 4 bytes
+a weight the format saves. Where the kernels cannot be built (no C++ compiler), every product takes the
+dequantising path, and a warning says so.
 
 The module keeps its path and stays an nn.Linear (the LoRA hooks see it as before); its state dict holds the
 low-bit tensors (`weight_q`, `weight_scale`, `weight_zero`), so loading.weights_digest covers what is stored.
@@ -45,9 +47,10 @@ log = logging.getLogger(__name__)
 FORMATS = ("fp32", "int8", "int4")
 GROUP = 32
 # Up to this many rows a product runs on the low-bit kernel; past it, on the dequantised weight through torch.
-# Measured per shape (1 thread, 40 weights of each shape in turn) by bench/results/quantized/products-scratch.py
-# (bench/RESULTS.md, section 22): int8 2.1-2.9x faster than fp32 at one row, about 2x at two, slower from 4.
-KERNEL_MAX_ROWS = {"int8": 2, "int4": 1}
+# Read off bench/lowbit.py's table (bench/RESULTS.md, section 22): the forward converts each weight once for up to
+# 4 rows at a time and beats the dequantising path up to 8 rows on every shape of the embedded model; the input
+# gradient, which accumulates into the rows of dx, up to 4.
+KERNEL_MAX_ROWS = {"int8": {"forward": 8, "input_gradient": 4}, "int4": {"forward": 8, "input_gradient": 4}}
 
 _kernels: Any = None
 _kernels_tried = False
@@ -148,7 +151,7 @@ class QuantizedLinear(nn.Linear):
     def product(self, rows: torch.Tensor) -> torch.Tensor:
         """rows W^T, rows: contiguous fp32 (M, K)."""
         lib = kernels()
-        if lib is not None and rows.shape[0] <= KERNEL_MAX_ROWS[self.format]:
+        if lib is not None and rows.shape[0] <= KERNEL_MAX_ROWS[self.format]["forward"]:
             if self.format == "int8":
                 return lib.int8_forward(rows, self.weight_q, self.weight_scale)
             return lib.int4_forward(rows, self.weight_q, self.weight_scale, self.weight_zero)
@@ -157,7 +160,7 @@ class QuantizedLinear(nn.Linear):
     def input_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         """grad W, grad: contiguous fp32 (M, N): the same stored weights as the forward."""
         lib = kernels()
-        if lib is not None and grad.shape[0] <= KERNEL_MAX_ROWS[self.format]:
+        if lib is not None and grad.shape[0] <= KERNEL_MAX_ROWS[self.format]["input_gradient"]:
             if self.format == "int8":
                 return lib.int8_backward(grad, self.weight_q, self.weight_scale)
             return lib.int4_backward(grad, self.weight_q, self.weight_scale, self.weight_zero)

@@ -75,7 +75,7 @@ def test_stored_weights_dequantise_to_within_half_a_step_of_the_original(fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("rows", [1, 2, 3, 17])  # the kernel (up to KERNEL_MAX_ROWS) and the dequantising path
+@pytest.mark.parametrize("rows", [1, 2, 3, 6, 17])  # the kernel (up to KERNEL_MAX_ROWS) and the dequantising path
 def test_forward_and_input_gradient_are_those_of_the_dequantised_weight(fmt, rows):
     torch.manual_seed(rows)
     linear = nn.Linear(96, 40, bias=True).requires_grad_(False)
@@ -94,6 +94,29 @@ def test_forward_and_input_gradient_are_those_of_the_dequantised_weight(fmt, row
     assert not any(t.requires_grad for t in layer.buffers())
 
 
+@pytest.mark.parametrize("inputs", [96, 40])  # 40: int8's loop tail (not a multiple of 16); int4 needs groups of 32
+def test_kernels_equal_fp64_products_at_every_row_count(inputs):
+    """The kernels take rows 4 at a time and the last 1-3 in a block of their own: every count up to 9, forward
+    and input gradient, against fp64 products on the dequantised weight."""
+    lib = kernels()
+    torch.manual_seed(inputs)
+    weight = torch.randn(24, inputs) * 0.05
+    q, scale = quantize_int8(weight)
+    formats = {"int8": ((q, scale), dequantize_int8(q, scale))}
+    if inputs % 32 == 0:
+        packed = quantize_int4(weight)
+        formats["int4"] = (packed, dequantize_int4(*packed))
+    for fmt, (stored, reference) in formats.items():
+        forward, backward = getattr(lib, f"{fmt}_forward"), getattr(lib, f"{fmt}_backward")
+        for rows in range(1, 10):
+            x, dy = torch.randn(rows, inputs), torch.randn(rows, 24)
+            expected = x.double() @ reference.double().t()
+            assert (forward(x, *stored).double() - expected).abs().max() <= PRODUCT_TOLERANCE * expected.abs().max()
+            expected_dx = dy.double() @ reference.double()
+            assert ((backward(dy, *stored).double() - expected_dx).abs().max()
+                    <= PRODUCT_TOLERANCE * expected_dx.abs().max())
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.filterwarnings("ignore:Input #0 requires gradient and is not a double")
 def test_gradcheck_through_the_low_bit_product(fmt):
@@ -101,7 +124,7 @@ def test_gradcheck_through_the_low_bit_product(fmt):
     analytic input gradient, within atol 1e-2 and rtol 1e-2 (fp32 rounding over 96 terms)."""
     torch.manual_seed(1)
     layer = QuantizedLinear(nn.Linear(96, 24, bias=False).requires_grad_(False), fmt)
-    for rows in (1, KERNEL_MAX_ROWS[fmt] + 3):
+    for rows in (1, 5, max(KERNEL_MAX_ROWS[fmt].values()) + 3):
         x = torch.randn(rows, 96, requires_grad=True)
         assert torch.autograd.gradcheck(layer, (x,), eps=1e-2, atol=1e-2, rtol=1e-2)
 

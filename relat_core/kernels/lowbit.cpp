@@ -2,8 +2,10 @@
 //
 // Why our own: torch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` ran 2-6x slower than the fp32
 // product on this project's AVX2 CPU, even at one row (bench/RESULTS.md, section 22). These loops read each weight
-// byte once per call, convert it to fp32 in registers, and are bandwidth-bound at the few rows relat's latent and
-// decoding steps multiply; the compiler vectorises them (-O3 -mavx2 -mfma). Threads: ATen's pool (at::parallel_for).
+// byte once per call and convert it to fp32 in registers, once for up to 4 rows of x: bandwidth-bound at the few
+// rows relat's latent and decoding steps multiply. AVX2 + FMA intrinsics where the compiler targets them (-mavx2
+// -mfma, set by quantized.py when torch reports AVX2), plain loops elsewhere. Threads: ATen's pool
+// (at::parallel_for).
 //
 // int8: q (N, K) int8, s (N) fp32, W = s[:, None] * q.
 // int4: p (N, K/2) uint8, groups of 32 along K; in a group's 16 bytes, byte j holds element j in its low nibble and
@@ -12,21 +14,67 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define RELAT_AVX2 1
+#endif
 
 namespace {
 
 constexpr int64_t kGroup = 32;
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#ifdef RELAT_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 8 int8 weights as fp32.
+inline __m256 int8_vector(const int8_t* q) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+}
+
+// The 32 weights of one int4 group, dequantised (q * s + z), as 4 vectors of 8 in order.
+inline void int4_group(const uint8_t* b, float scale, float zero, __m256 w[4]) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+  const __m128i mask = _mm_set1_epi8(15);
+  const __m128i low = _mm_and_si128(bytes, mask), high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+  const __m256 s = _mm256_set1_ps(scale), z = _mm256_set1_ps(zero);
+  w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(low)), s, z);
+  w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(low, 8))), s, z);
+  w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(high)), s, z);
+  w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(high, 8))), s, z);
+}
+#endif
+
+// R rows of x (row stride k) against one stored int8 row q: out[r] = x[r] . q (the scale is applied by the caller).
+// Each weight is loaded and converted once for the R rows; U independent sums per row hide the FMA's latency.
+template <int R, int U>
+inline void int8_dots(const float* x, int64_t k, const int8_t* q, float* out) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-  float total = 0;
-  for (int j = 0; j < 8; ++j) total += acc[j];
-  for (; i < n; ++i) total += a[i] * b[i];
-  return total;
+#ifdef RELAT_AVX2
+  __m256 acc[R][U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = _mm256_setzero_ps();
+  for (; i + 8 * U <= k; i += 8 * U)
+    for (int u = 0; u < U; ++u) {
+      const __m256 w = int8_vector(q + i + 8 * u);
+      for (int r = 0; r < R; ++r) acc[r][u] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * k + i + 8 * u), w, acc[r][u]);
+    }
+  for (int r = 0; r < R; ++r) {
+    for (int u = 1; u < U; ++u) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][u]);
+    out[r] = hsum(acc[r][0]);
+  }
+#else
+  for (int r = 0; r < R; ++r) out[r] = 0;
+#endif
+  for (; i < k; ++i)
+    for (int r = 0; r < R; ++r) out[r] += x[r * k + i] * static_cast<float>(q[i]);
 }
 
 // One row of W as fp32 (int8: without its scale, applied to the dot products).
@@ -38,43 +86,95 @@ inline void int4_row(const uint8_t* p, const float* s, const float* z, float* ou
   for (int64_t g = 0; g < k / kGroup; ++g) {
     const uint8_t* b = p + g * (kGroup / 2);
     float* w = out + g * kGroup;
+#ifdef RELAT_AVX2
+    __m256 v[4];
+    int4_group(b, s[g], z[g], v);
+    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(w + 8 * j, v[j]);
+#else
     const float scale = s[g], zero = z[g];
     for (int j = 0; j < kGroup / 2; ++j) w[j] = static_cast<float>(b[j] & 15) * scale + zero;
     for (int j = 0; j < kGroup / 2; ++j) w[j + kGroup / 2] = static_cast<float>(b[j] >> 4) * scale + zero;
+#endif
   }
 }
 
-// One row's dot product with x, straight from the packed bytes: s * (x . q) + z * sum(x) per group.
-inline float int4_dot(const uint8_t* p, const float* s, const float* z, const float* x, const float* x_sums,
-                      int64_t groups) {
-  float total = 0;
+// R rows of x against one stored int4 row: out[r] = x[r] . (q * s + z), the group dequantised in registers once
+// for the R rows.
+template <int R, int U>
+inline void int4_dots(const float* x, int64_t k, const uint8_t* p, const float* s, const float* z, float* out) {
+  const int64_t groups = k / kGroup;
+#ifdef RELAT_AVX2
+  __m256 acc[R][U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const uint8_t* b = p + g * (kGroup / 2);
-    const float* xg = x + g * kGroup;
-    float acc[kGroup / 2];
-    for (int j = 0; j < kGroup / 2; ++j)
-      acc[j] = xg[j] * static_cast<float>(b[j] & 15) + xg[j + kGroup / 2] * static_cast<float>(b[j] >> 4);
-    float sum = 0;
-    for (int j = 0; j < kGroup / 2; ++j) sum += acc[j];
-    total += s[g] * sum + z[g] * x_sums[g];
+    __m256 w[4];
+    int4_group(p + g * (kGroup / 2), s[g], z[g], w);
+    for (int j = 0; j < 4; ++j)
+      for (int r = 0; r < R; ++r)
+        acc[r][j % U] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * k + g * kGroup + 8 * j), w[j], acc[r][j % U]);
   }
-  return total;
+  for (int r = 0; r < R; ++r) {
+    for (int u = 1; u < U; ++u) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][u]);
+    out[r] = hsum(acc[r][0]);
+  }
+#else
+  float row[kGroup];
+  for (int r = 0; r < R; ++r) out[r] = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    int4_row(p + g * (kGroup / 2), s + g, z + g, row, kGroup);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < kGroup; ++j) out[r] += x[r * k + g * kGroup + j] * row[j];
+  }
+#endif
 }
 
-inline float int8_dot(const float* x, const int8_t* q, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += x[i + j] * static_cast<float>(q[i + j]);
-  float total = 0;
-  for (int j = 0; j < 8; ++j) total += acc[j];
-  for (; i < n; ++i) total += x[i] * static_cast<float>(q[i]);
-  return total;
+// Rows are taken 4 at a time (the last block 1-3): 4 rows x 2 sums (or 2 x 4, 1 x 4) fill the 16 vector registers
+// with the weights' vectors beside them.
+template <typename Dots>
+inline void row_blocks(int64_t m_rows, Dots dots) {
+  int64_t m = 0;
+  for (; m + 4 <= m_rows; m += 4) dots(m, std::integral_constant<int, 4>{});
+  switch (m_rows - m) {
+    case 3: dots(m, std::integral_constant<int, 3>{}); break;
+    case 2: dots(m, std::integral_constant<int, 2>{}); break;
+    case 1: dots(m, std::integral_constant<int, 1>{}); break;
+    default: break;
+  }
 }
 
-// Up to this many rows, each reads the weight's bytes itself (converted in registers); past it, a row of W is
-// converted to fp32 once and shared by the rows.
-constexpr int64_t kDirectRows = 2;
+constexpr int unroll(int rows) { return rows <= 2 ? 4 : 2; }
+
+// dx[:, i0:i0+width] += c W[:, i0:i0+width] (c: (M, N) coefficients, dx: (M, K)), W's rows converted by
+// `fill(o, row)` four at a time into a small buffer: each row of dx is then loaded and stored once per four rows of
+// W rather than once per row (stores, not loads, bound this loop).
+template <typename Fill>
+void accumulate_rows(const float* c, float* dx, int64_t m_rows, int64_t n, int64_t k, int64_t i0, int64_t width,
+                     Fill fill) {
+  constexpr int64_t kBlock = 4;
+  std::vector<float> buffer(kBlock * width);
+  float* rows[kBlock];
+  for (int64_t b = 0; b < kBlock; ++b) rows[b] = buffer.data() + b * width;
+  int64_t o = 0;
+  for (; o + kBlock <= n; o += kBlock) {
+    for (int64_t b = 0; b < kBlock; ++b) fill(o + b, rows[b]);
+    for (int64_t m = 0; m < m_rows; ++m) {
+      const float* cm = c + m * n + o;
+      const float c0 = cm[0], c1 = cm[1], c2 = cm[2], c3 = cm[3];
+      const float *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3];
+      float* d = dx + m * k + i0;
+      for (int64_t i = 0; i < width; ++i) d[i] += c0 * r0[i] + c1 * r1[i] + c2 * r2[i] + c3 * r3[i];
+    }
+  }
+  for (; o < n; ++o) {
+    fill(o, rows[0]);
+    for (int64_t m = 0; m < m_rows; ++m) {
+      const float coef = c[m * n + o];
+      float* d = dx + m * k + i0;
+      for (int64_t i = 0; i < width; ++i) d[i] += coef * rows[0][i];
+    }
+  }
+}
 
 void check(const torch::Tensor& x, const torch::Tensor& w, int64_t k) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous fp32 (M, K)");
@@ -95,16 +195,13 @@ torch::Tensor int8_forward(torch::Tensor x, torch::Tensor q, torch::Tensor s) {
   const float* sp = s.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, n, 16, [&](int64_t o0, int64_t o1) {
-    if (m_rows <= kDirectRows) {
-      for (int64_t o = o0; o < o1; ++o)
-        for (int64_t m = 0; m < m_rows; ++m) yp[m * n + o] = int8_dot(xp + m * k, qp + o * k, k) * sp[o];
-      return;
-    }
-    std::vector<float> row(k);
-    for (int64_t o = o0; o < o1; ++o) {
-      int8_row(qp + o * k, row.data(), k);
-      for (int64_t m = 0; m < m_rows; ++m) yp[m * n + o] = dot(xp + m * k, row.data(), k) * sp[o];
-    }
+    for (int64_t o = o0; o < o1; ++o)
+      row_blocks(m_rows, [&](int64_t m, auto rows) {
+        constexpr int R = decltype(rows)::value;
+        float dots[R];
+        int8_dots<R, unroll(R)>(xp + m * k, k, qp + o * k, dots);
+        for (int r = 0; r < R; ++r) yp[(m + r) * n + o] = dots[r] * sp[o];
+      });
   });
   return y;
 }
@@ -121,15 +218,8 @@ torch::Tensor int8_backward(torch::Tensor dy, torch::Tensor q, torch::Tensor s) 
   const int8_t* qp = q.data_ptr<int8_t>();
   float* dp = dx.data_ptr<float>();
   at::parallel_for(0, k, 64, [&](int64_t i0, int64_t i1) {
-    std::vector<float> row(i1 - i0);
-    for (int64_t o = 0; o < n; ++o) {
-      int8_row(qp + o * k + i0, row.data(), i1 - i0);
-      for (int64_t m = 0; m < m_rows; ++m) {
-        const float coef = cp[m * n + o];
-        float* d = dp + m * k + i0;
-        for (int64_t i = 0; i < i1 - i0; ++i) d[i] += coef * row[i];
-      }
-    }
+    accumulate_rows(cp, dp, m_rows, n, k, i0, i1 - i0,
+                    [&](int64_t o, float* row) { int8_row(qp + o * k + i0, row, i1 - i0); });
   });
   return dx;
 }
@@ -143,21 +233,14 @@ torch::Tensor int4_forward(torch::Tensor x, torch::Tensor p, torch::Tensor s, to
   const float* sp = s.data_ptr<float>();
   const float* zp = z.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  auto x_sums = x.view({m_rows, groups, kGroup}).sum(-1).contiguous();  // (M, groups): the zeros' share
-  const float* xs = x_sums.data_ptr<float>();
   at::parallel_for(0, n, 16, [&](int64_t o0, int64_t o1) {
-    if (m_rows <= kDirectRows) {
-      for (int64_t o = o0; o < o1; ++o)
-        for (int64_t m = 0; m < m_rows; ++m)
-          yp[m * n + o] = int4_dot(pp + o * (k / 2), sp + o * groups, zp + o * groups, xp + m * k,
-                                   xs + m * groups, groups);
-      return;
-    }
-    std::vector<float> row(k);
-    for (int64_t o = o0; o < o1; ++o) {
-      int4_row(pp + o * (k / 2), sp + o * groups, zp + o * groups, row.data(), k);
-      for (int64_t m = 0; m < m_rows; ++m) yp[m * n + o] = dot(xp + m * k, row.data(), k);
-    }
+    for (int64_t o = o0; o < o1; ++o)
+      row_blocks(m_rows, [&](int64_t m, auto rows) {
+        constexpr int R = decltype(rows)::value;
+        float dots[R];
+        int4_dots<R, unroll(R)>(xp + m * k, k, pp + o * (k / 2), sp + o * groups, zp + o * groups, dots);
+        for (int r = 0; r < R; ++r) yp[(m + r) * n + o] = dots[r];
+      });
   });
   return y;
 }
@@ -175,15 +258,9 @@ torch::Tensor int4_backward(torch::Tensor dy, torch::Tensor p, torch::Tensor s, 
   float* dp = dx.data_ptr<float>();
   at::parallel_for(0, groups, 2, [&](int64_t g0, int64_t g1) {
     const int64_t i0 = g0 * kGroup, width = (g1 - g0) * kGroup;
-    std::vector<float> row(width);
-    for (int64_t o = 0; o < n; ++o) {
-      int4_row(pp + o * (k / 2) + i0 / 2, sp + o * groups + g0, zp + o * groups + g0, row.data(), width);
-      for (int64_t m = 0; m < m_rows; ++m) {
-        const float coef = cp[m * n + o];
-        float* d = dp + m * k + i0;
-        for (int64_t i = 0; i < width; ++i) d[i] += coef * row[i];
-      }
-    }
+    accumulate_rows(cp, dp, m_rows, n, k, i0, width, [&](int64_t o, float* row) {
+      int4_row(pp + o * (k / 2) + i0 / 2, sp + o * groups + g0, zp + o * groups + g0, row, width);
+    });
   });
   return dx;
 }
