@@ -16,6 +16,9 @@ while answering), greedy, at most 64 answer tokens; questions are the first K of
     object; the time to first token is the first non-empty content delta, the tokens come from the usage chunk.
     --serve starts `relat serve --max-concurrency C --max-queue 64` for each C and stops it afterwards.
   - naive: bench/naive.py's `naive_request`, one after another, on its own freshly loaded model.
+--weights int8|int4 stores the engine's (or the served model's) frozen linear layers low-bit (relat serve
+--weights); --setting defaults sends relat at the served model's own defaults instead of the paper setting. The
+naive loop is the baseline either way: fp32, the paper setting.
 Each run starts with --warmup requests alone (not counted: first-call costs). Every request trains (the adapter
 cache is off) and decodes exactly 64 tokens: the naive loop ignores EOS, and the engine gets `ignore_eos` (over
 HTTP, vLLM's top-level field), so the work per request is the same everywhere.
@@ -28,6 +31,7 @@ counts closes the report, and the "of floor" column is the measured requests/s o
 
     python bench/load.py --target engine --concurrency 1 4 8 16 --naive --naive-requests 2 --threads 1
     python bench/load.py --target http --serve --port 8765 --concurrency 1 4 8 16 --threads 1
+    python bench/load.py --target http --serve --concurrency 8 --weights int8 --setting defaults --naive
     python bench/load.py --target engine --concurrency 1 --requests 1 --latent-steps 2 --steps 1 --max-tokens 4
 """
 
@@ -119,6 +123,8 @@ def method_params(args: argparse.Namespace) -> dict:
     # No adapter cache: every request trains, as the naive loop's does. With it, the server answered the first
     # timed question, which the warm-up had asked, from the cache (bench/RESULTS.md, section 15); reuse has its own
     # benchmark, bench/reuse.py.
+    if args.setting == "defaults":  # relat at the served model's defaults: only the method and the cache are named
+        return {"method": "relat", "cache": False, **levers}
     return {**METHOD, "latent_steps": args.latent_steps, "steps": args.steps, "cache": False, **levers}
 
 
@@ -171,7 +177,7 @@ def closed_loop(engine, concurrency: int, requests: list, records: list[Record],
 def run_engine(concurrency: int, count: int, args: argparse.Namespace) -> Run:
     from relat_core import Engine, load_model
 
-    loaded = load_model()
+    loaded = load_model(weights=args.weights)
     touch_weights(loaded.model)
     engine = Engine(loaded, max_rank=16, num_slots=concurrency)  # the server's defaults
     texts = questions(count)
@@ -292,7 +298,8 @@ def start_server(concurrency: int, args: argparse.Namespace) -> subprocess.Popen
     """`relat serve` on --port with this concurrency; returns once GET /ready answers 200."""
     relat = Path(sys.executable).with_name("relat")
     command = [str(relat), "serve", "--max-concurrency", str(concurrency), "--max-queue", "64", "--port",
-               str(args.port), "--torch-threads", str(args.threads), "--log-level", "warning"]
+               str(args.port), "--torch-threads", str(args.threads), "--log-level", "warning", "--weights",
+               args.weights]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     server = subprocess.Popen(command, env=env)
     deadline = time.monotonic() + 300
@@ -413,10 +420,11 @@ def floor_section(args: argparse.Namespace, concurrency: list[int]) -> tuple[str
     count = max(args.naive_requests, max(requests_for(c, args) for c in concurrency))
     tokens = floor.tokens_of(loaded.tokenizer, questions(count), args.latent_steps, args.steps, args.max_tokens)
     machine = floor.measure(loaded.model, [args.threads])
-    flops, reads = floor.request_flops(loaded.model.config, tokens), floor.request_bytes(loaded.model.config, tokens)
+    flops = floor.request_flops(loaded.model.config, tokens)
+    reads = floor.request_bytes(loaded.model.config, tokens, weights=args.weights)
     rps = {c: floor.floors(flops["total"], reads["total"], machine[args.threads], c)["requests_per_s"]
            for c in sorted(set(concurrency) | {1})}
-    return floor.report(loaded.model.config, tokens, machine, sorted(rps)), rps
+    return floor.report(loaded.model.config, tokens, machine, sorted(rps), args.weights), rps
 
 
 def requests_for(concurrency: int, args: argparse.Namespace) -> int:
@@ -440,6 +448,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-floor", action="store_true", help="skip bench/floor.py's analysis")
     parser.add_argument("--results", type=Path, default=None,
                         help="where to append the raw records (default bench/results/load-<date>.jsonl)")
+    parser.add_argument("--weights", choices=("fp32", "int8", "int4"), default="fp32",
+                        help="the engine's frozen linear layers (relat serve --weights); the naive loop stays fp32")
+    parser.add_argument("--setting", choices=("paper", "defaults"), default="paper",
+                        help="relat at the paper setting (L=16, N=5, bridge, adapter while answering) or at the "
+                             "served model's defaults (the naive loop runs the paper setting either way)")
     parser.add_argument("--backprop-latent-steps", type=int, default=0,
                         help="a lever (issue 15): relat trains through the thought's last K latent steps only "
                              "(0: all); a run that sets it names it in its setting line")
@@ -470,16 +483,22 @@ def main(argv: list[str] | None = None) -> None:
     date = datetime.datetime.now(datetime.timezone.utc)
     path = args.results or RESULTS / f"load-{date:%Y-%m-%d}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    setting = {**method_params(args), "max_tokens": args.max_tokens, "greedy": True, "ignore_eos": True,
-               "threads": args.threads, "date": info["date"]}
+    setting = {"max_tokens": args.max_tokens, "greedy": True, "ignore_eos": True, "threads": args.threads,
+               "date": info["date"]}
+    naive_setting = {**METHOD, "latent_steps": args.latent_steps, "steps": args.steps, "cache": False,
+                     "weights": "fp32", "setting": "paper"}  # bench/naive.py's loop, whatever the engine ran
+    engine_setting = {**method_params(args), "weights": args.weights, "setting": args.setting}
     with path.open("a", encoding="utf-8") as out:
         for run in runs:
             for record in run.records:
+                own = naive_setting if record.target == "naive" else engine_setting
                 out.write(json.dumps({**asdict(record), "latency": record.latency, "ttft": record.ttft,
-                                      **setting}) + "\n")
+                                      **own, **setting}) + "\n")
 
     print(" · ".join(f"{key}: {value}" for key, value in info.items()) + "\n")
-    print(f"relat, L={args.latent_steps}, N={args.steps}, rank 8, bridge, adapter on while answering, greedy, at most "
+    described = (f"L={args.latent_steps}, N={args.steps}, rank 8, bridge, adapter on while answering"
+                 if args.setting == "paper" else "the served model's defaults")
+    print(f"relat, {described}, weights {args.weights}, greedy, at most "
           f"{args.max_tokens} tokens (EOS ignored); closed loop, {args.warmup} warm-up request(s) per run; "
           f"target {args.target}"
           f"{' (relat serve started per C)' if args.serve else ''}.\n")
