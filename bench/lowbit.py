@@ -8,7 +8,8 @@ rows at which the kernel (forward + input gradient) beats the dequantising path 
 Each cell is the median milliseconds of one product (forward: x W^T; backward: dy W, the input gradient relat's
 training needs), over as many distinct weights of that shape as the embedded model has (30 layers), taken in turn so
 that they stream from memory as in a request rather than sit in the cache. fp32 is torch's product on a plain fp32
-weight (what `--weights fp32` reads, packed or not); "kernel" the low-bit kernel; "deq" the dequantising path.
+weight (what `--weights fp32` reads, packed or not); "kernel" the low-bit kernel; "deq" the dequantising path
+(into a reused scratch matrix, as relat_core/quantized.py does).
 Threads: --threads (1 by default, as bench/single.py's workers).
 
     python bench/lowbit.py [--rows 1 2 3 4 8 16 40] [--threads 1] [--out bench/results/quantized/lowbit-DATE.txt]
@@ -45,17 +46,19 @@ def median_ms(run: Callable[[], object], count: int, repeats: int = 7) -> float:
 
 
 def products(lib, x: torch.Tensor, dy: torch.Tensor, weights: list, int8: list, int4: list) -> dict:
-    """Each variant's (forward, backward) over every weight of the shape."""
+    """Each variant's (forward, backward) over every weight of the shape. The dequantising path writes into one
+    scratch matrix, as QuantizedLinear does."""
+    scratch = torch.empty(weights[0].shape)
     return {
         "fp32": (lambda: [x @ w.t() for w in weights], lambda: [dy @ w for w in weights]),
         "int8 kernel": (lambda: [lib.int8_forward(x, *q) for q in int8],
                         lambda: [lib.int8_backward(dy, *q) for q in int8]),
-        "int8 deq": (lambda: [x @ lib.int8_dequantize(*q).t() for q in int8],
-                     lambda: [dy @ lib.int8_dequantize(*q) for q in int8]),
+        "int8 deq": (lambda: [x @ lib.int8_dequantize(*q, scratch).t() for q in int8],
+                     lambda: [dy @ lib.int8_dequantize(*q, scratch) for q in int8]),
         "int4 kernel": (lambda: [lib.int4_forward(x, *q) for q in int4],
                         lambda: [lib.int4_backward(dy, *q) for q in int4]),
-        "int4 deq": (lambda: [x @ lib.int4_dequantize(*q).t() for q in int4],
-                     lambda: [dy @ lib.int4_dequantize(*q) for q in int4]),
+        "int4 deq": (lambda: [x @ lib.int4_dequantize(*q, scratch).t() for q in int4],
+                     lambda: [dy @ lib.int4_dequantize(*q, scratch) for q in int4]),
     }
 
 

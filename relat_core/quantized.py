@@ -23,10 +23,11 @@ weight (tests/test_quantized.py).
 
 Dispatch by rows, as packing.py does: a product of up to `KERNEL_MAX_ROWS` rows (a request's latent and
 decoding steps, a batch of up to 8 answers) runs on the kernel; more rows (prompts, reconstructions, a batch's
-training passes) dequantise the weight into a temporary fp32 matrix (one layer's, freed after the product) and run
-torch's fp32 product on it, which is compute-bound there. No packed fp32 copy is kept: it would cost the 4 bytes
-a weight the format saves. Where the kernels cannot be built (no C++ compiler), every product takes the
-dequantising path, and a warning says so.
+training passes) dequantise the weight into a temporary fp32 matrix and run torch's fp32 product on it, which is
+compute-bound there. The temporary is one scratch matrix per shape and thread, reused: a fresh allocation
+page-faulted every product. No packed fp32 copy is kept: it would cost the 4 bytes a weight the format saves.
+Where the kernels cannot be built (no C++ compiler), every product takes the dequantising path, and a warning
+says so.
 
 The module keeps its path and stays an nn.Linear (the LoRA hooks see it as before); its state dict holds the
 low-bit tensors (`weight_q`, `weight_scale`, `weight_zero`), so loading.weights_digest covers what is stored.
@@ -36,6 +37,7 @@ low-bit tensors (`weight_q`, `weight_scale`, `weight_zero`), so loading.weights_
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,7 @@ KERNEL_MAX_ROWS = {"int8": {"forward": 8, "input_gradient": 4}, "int4": {"forwar
 
 _kernels: Any = None
 _kernels_tried = False
+_scratch = threading.local()  # per thread: {(N, K): fp32 matrix} for the dequantising path (QuantizedLinear)
 
 
 def kernels() -> Any | None:
@@ -138,15 +141,29 @@ class QuantizedLinear(nn.Linear):
         """The dequantised weight (fp32, a fresh tensor): what the products compute with."""
         return self.dequantized()
 
-    def dequantized(self) -> torch.Tensor:
+    def dequantized(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The fp32 weight, written into `out` where given (the kernels' path) or into a fresh tensor."""
         lib = kernels()
+        if lib is None:
+            if self.format == "int8":
+                return dequantize_int8(self.weight_q, self.weight_scale)
+            return dequantize_int4(self.weight_q, self.weight_scale, self.weight_zero)
+        if out is None:
+            out = torch.empty(self.out_features, self.in_features)
         if self.format == "int8":
-            if lib is not None:
-                return lib.int8_dequantize(self.weight_q, self.weight_scale)
-            return dequantize_int8(self.weight_q, self.weight_scale)
-        if lib is not None:
-            return lib.int4_dequantize(self.weight_q, self.weight_scale, self.weight_zero)
-        return dequantize_int4(self.weight_q, self.weight_scale, self.weight_zero)
+            return lib.int8_dequantize(self.weight_q, self.weight_scale, out)
+        return lib.int4_dequantize(self.weight_q, self.weight_scale, self.weight_zero, out)
+
+    def scratch_weight(self) -> torch.Tensor:
+        """The dequantised weight in this thread's scratch matrix for the shape, overwritten by the next product:
+        read it only within the product that asked. A fresh (N, K) matrix per product would page-fault each of its
+        pages in (glibc hands large blocks back to the system on free): bench/lowbit.py measured that at 1-2.4 ms
+        a product of the embedded model's shapes, ten times the product itself."""
+        buffers = _scratch.__dict__.setdefault("buffers", {})
+        shape = (self.out_features, self.in_features)
+        if shape not in buffers:
+            buffers[shape] = torch.empty(shape)
+        return self.dequantized(buffers[shape])
 
     def product(self, rows: torch.Tensor) -> torch.Tensor:
         """rows W^T, rows: contiguous fp32 (M, K)."""
@@ -155,7 +172,7 @@ class QuantizedLinear(nn.Linear):
             if self.format == "int8":
                 return lib.int8_forward(rows, self.weight_q, self.weight_scale)
             return lib.int4_forward(rows, self.weight_q, self.weight_scale, self.weight_zero)
-        return rows @ self.dequantized().t()
+        return rows @ self.scratch_weight().t()
 
     def input_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         """grad W, grad: contiguous fp32 (M, N): the same stored weights as the forward."""
@@ -164,7 +181,7 @@ class QuantizedLinear(nn.Linear):
             if self.format == "int8":
                 return lib.int8_backward(grad, self.weight_q, self.weight_scale)
             return lib.int4_backward(grad, self.weight_q, self.weight_scale, self.weight_zero)
-        return grad @ self.dequantized()
+        return grad @ self.scratch_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu":

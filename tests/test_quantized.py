@@ -118,6 +118,25 @@ def test_kernels_equal_fp64_products_at_every_row_count(inputs):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_layers_of_one_shape_share_the_scratch_matrix_without_mixing_their_products(fmt):
+    """Past the kernels' rows each product dequantises into one scratch matrix per shape: a second layer's product
+    must not change the first's result, and `weight` stays a tensor of its own."""
+    torch.manual_seed(3)
+    first, second = (QuantizedLinear(nn.Linear(64, 32, bias=False).requires_grad_(False), fmt) for _ in range(2))
+    x = torch.randn(20, 64, requires_grad=True)  # 20 rows: the dequantising path, forward and backward
+    y_first = first(x)
+    y_second = second(x)
+    for layer, y in ((first, y_first), (second, y_second)):
+        expected = x.detach().double() @ layer.weight.double().t()
+        assert (y.double() - expected).abs().max() <= PRODUCT_TOLERANCE * expected.abs().max()
+    (dx,) = torch.autograd.grad(y_first.sum(), x)
+    assert torch.allclose(dx.double(), first.weight.double().sum(0).expand(20, -1), atol=1e-5)
+    weight = first.weight
+    second(x.detach())
+    assert torch.equal(weight, first.weight)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.filterwarnings("ignore:Input #0 requires gradient and is not a double")
 def test_gradcheck_through_the_low_bit_product(fmt):
     """torch.autograd.gradcheck in fp32 (the kernels are fp32): finite differences of eps 1e-2 against the

@@ -265,10 +265,16 @@ torch::Tensor int4_backward(torch::Tensor dy, torch::Tensor p, torch::Tensor s, 
   return dx;
 }
 
-// W as fp32 (N, K), for the products of many rows, which run on torch's fp32 kernels.
-torch::Tensor int8_dequantize(torch::Tensor q, torch::Tensor s) {
+// W as fp32 (N, K) written into `w`, for the products of many rows, which run on torch's fp32 kernels. The caller
+// passes a scratch matrix it keeps (quantized.py): a fresh one per product page-faults its every page in.
+void check_out(const torch::Tensor& w, int64_t n, int64_t k) {
+  TORCH_CHECK(w.scalar_type() == torch::kFloat && w.is_contiguous() && w.dim() == 2 && w.size(0) == n &&
+                  w.size(1) == k, "out: contiguous fp32 (", n, ", ", k, ")");
+}
+
+torch::Tensor int8_dequantize(torch::Tensor q, torch::Tensor s, torch::Tensor w) {
   const int64_t n = q.size(0), k = q.size(1);
-  auto w = torch::empty({n, k}, s.options());
+  check_out(w, n, k);
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = s.data_ptr<float>();
   float* wp = w.data_ptr<float>();
@@ -279,9 +285,9 @@ torch::Tensor int8_dequantize(torch::Tensor q, torch::Tensor s) {
   return w;
 }
 
-torch::Tensor int4_dequantize(torch::Tensor p, torch::Tensor s, torch::Tensor z) {
+torch::Tensor int4_dequantize(torch::Tensor p, torch::Tensor s, torch::Tensor z, torch::Tensor w) {
   const int64_t n = p.size(0), k = p.size(1) * 2, groups = k / kGroup;
-  auto w = torch::empty({n, k}, s.options());
+  check_out(w, n, k);
   const uint8_t* pp = p.data_ptr<uint8_t>();
   const float* sp = s.data_ptr<float>();
   const float* zp = z.data_ptr<float>();
