@@ -1,6 +1,6 @@
 """Token logprobs on the wire: OpenAI's choices[].logprobs objects, and relat's extension of each entry.
 
-The chat endpoint and the native one return the same objects (server/protocol.py's responses and stream events).
+The chat endpoint and the native one return the same objects (server/response_models.py's responses and stream events).
 With `relat.logprob_shift`, each entry also carries `relat_base_logprob`, the token's logprob under the base model
 on the plain prompt. The name is prefixed because the entry is OpenAI's object: a field OpenAI may add later cannot
 collide with it, and a client that knows only OpenAI's fields reads past it.
