@@ -233,5 +233,23 @@ def quantize_linears(model: nn.Module, fmt: str) -> int:
                 continue
             setattr(parent, name, QuantizedLinear(child, fmt))
             count += 1
+    _into_own_memory(model)
     log.info("%d linear layers stored in %s", count, fmt)
     return count
+
+
+def _into_own_memory(model: nn.Module) -> None:
+    """Copy every fp32 parameter and buffer left (embeddings, the LM head tied to them, norms, biases) into memory
+    of its own. transformers loads a safetensors checkpoint as views of one memory-mapped file: those few tensors
+    would keep the whole mapping, the quantised layers' fp32 pages included, resident (513 of the embedded model's
+    1,216 MiB after loading int8, by /proc/self/smaps)."""
+    seen: set[int] = set()
+    with torch.no_grad():
+        for module in model.modules():
+            for parameter in module.parameters(recurse=False):
+                if id(parameter) not in seen:  # a tied weight is one Parameter: copied once, still tied
+                    seen.add(id(parameter))
+                    parameter.data = parameter.data.clone()
+            if not isinstance(module, QuantizedLinear):  # its buffers are the quantised tensors, already its own
+                for name, buffer in module.named_buffers(recurse=False):
+                    module._buffers[name] = buffer.clone()

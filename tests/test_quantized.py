@@ -26,6 +26,7 @@ from relat_core.quantized import (
     kernels,
     quantize_int4,
     quantize_int8,
+    quantize_linears,
 )
 
 from .conftest import TINY, save_tiny
@@ -156,6 +157,26 @@ def test_every_linear_but_the_head_is_stored_low_bit(quantized):
     assert not any(name.endswith(".weight") and "layers." in name and ("proj" in name)
                    for name in model.state_dict())  # no fp32 copy of a quantised layer is kept
     assert all(isinstance(m.weight_q, torch.Tensor) for m in low)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_no_tensor_left_shares_memory_with_the_loaded_checkpoint(tokenizer, fmt):
+    """transformers loads safetensors as views of one memory-mapped file: a single fp32 tensor left on it (the
+    embeddings, a norm) would keep every quantised layer's fp32 pages resident. After quantising, each parameter
+    and buffer has storage of its own, equal in value, and tied weights stay tied."""
+    config = AutoConfig.for_model("qwen3", vocab_size=len(tokenizer), **{**TINY, "tie_word_embeddings": True},
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config.head_dim = 8
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).requires_grad_(False)
+    loaded = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    held = list(model.state_dict().values())  # the checkpoint's tensors, kept alive: their memory is not reused
+    checkpoint = {tensor.untyped_storage().data_ptr() for tensor in held}
+    quantize_linears(model, fmt)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    for name, tensor in model.state_dict().items():
+        assert tensor.untyped_storage().data_ptr() not in checkpoint, name
+        if name in loaded:
+            assert torch.equal(tensor, loaded[name]), name
 
 
 REQUESTS = {
