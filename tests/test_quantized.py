@@ -179,6 +179,22 @@ def test_no_tensor_left_shares_memory_with_the_loaded_checkpoint(tokenizer, fmt)
             assert torch.equal(tensor, loaded[name]), name
 
 
+@pytest.mark.slow
+def test_int4_holds_the_embedded_models_own_q4_1_weights_exactly(embedded_folder):
+    """The embedded SmolLM2 ships as a Q4_1 GGUF: each block of 32 weights is d * q + m with q in 0..15, the grid
+    int4's groups of 32 (scale and zero per group) store. So int4 loses nothing on it: every weight of the decoder
+    stack comes back bit for bit, and int8 (one scale per row) does not."""
+    model = AutoModelForCausalLM.from_pretrained(embedded_folder, dtype=torch.float32)
+    linears = [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in name]
+    assert len(linears) == 7 * model.config.num_hidden_layers
+    int8_exact = True
+    for layer in linears:
+        weight = layer.weight.detach()
+        assert torch.equal(dequantize_int4(*quantize_int4(weight)), weight)
+        int8_exact &= torch.equal(dequantize_int8(*quantize_int8(weight)), weight)
+    assert not int8_exact
+
+
 REQUESTS = {
     "direct": Request([{"role": "user", "content": "Name a metal."}], TTTParams(method="direct"),
                       SamplingParams(max_tokens=4)),
