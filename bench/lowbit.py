@@ -2,8 +2,9 @@
 
 What it measures and why: `--weights int8|int4` runs a product of few rows on relat's own kernels
 (relat_core/kernels/lowbit.cpp) and one of many rows by dequantising the layer's weight and calling torch's fp32
-product. Which is faster depends on the shape and the rows, so `KERNEL_MAX_ROWS` is read off this table: the most
-rows at which the kernel (forward + input gradient) beats the dequantising path on every shape of the model.
+product. Which is faster depends on the shape and the rows, so `KERNEL_MAX_ROWS` is read off this table: for the
+forward and for the input gradient, the most rows up to which the kernel beats the dequantising path on every
+shape of the model.
 
 Each cell is the median milliseconds of one product (forward: x W^T; backward: dy W, the input gradient relat's
 training needs), over as many distinct weights of that shape as the embedded model has (30 layers), taken in turn so
@@ -86,12 +87,13 @@ def format_row(row: dict) -> str:
     return f"| {row['shape']} | {row['rows']} | {cells} |"
 
 
-def kernel_max_rows(results: list[dict], fmt: str) -> int:
-    """The most rows up to which the kernel's forward + backward beats the dequantising path on every shape."""
+def kernel_max_rows(results: list[dict], fmt: str, direction: int) -> int:
+    """The most rows up to which the kernel beats the dequantising path on every shape, in one direction (0: the
+    forward, 1: the input gradient), as `KERNEL_MAX_ROWS` is read."""
     best = 0
     for m in sorted({r["rows"] for r in results}):
         at_m = [r for r in results if r["rows"] == m]
-        if all(sum(r[f"{fmt} kernel"]) < sum(r[f"{fmt} deq"]) for r in at_m):
+        if all(r[f"{fmt} kernel"][direction] < r[f"{fmt} deq"][direction] for r in at_m):
             best = m
         else:
             break
@@ -113,9 +115,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
               "|---|---|---|---|---|---|---|"]
     print("\n".join(header), flush=True)
     results = [row for inputs, outputs, count in SHAPES for row in measure(inputs, outputs, count, args.rows)]
-    footer = [f"\nkernel faster than the dequantising path on every shape up to: "
-              f"int8 {kernel_max_rows(results, 'int8')} rows, "
-              f"int4 {kernel_max_rows(results, 'int4')} rows (KERNEL_MAX_ROWS now: {quantized.KERNEL_MAX_ROWS})"]
+    limits = {fmt: {"forward": kernel_max_rows(results, fmt, 0), "input_gradient": kernel_max_rows(results, fmt, 1)}
+              for fmt in ("int8", "int4")}
+    footer = [f"\nthe kernel faster than the dequantising path on every shape up to (rows): {limits}; "
+              f"KERNEL_MAX_ROWS now: {quantized.KERNEL_MAX_ROWS}"]
     print(footer[0])
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

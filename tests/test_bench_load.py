@@ -30,14 +30,15 @@ def test_the_paper_setting_names_every_choice_and_the_defaults_only_the_method()
 def test_the_kernel_row_limit_is_the_last_count_before_the_kernel_loses_on_some_shape() -> None:
     lowbit = load_script("lowbit")
 
-    def row(shape: str, rows: int, kernel: float, deq: float) -> dict:
-        return {"shape": shape, "rows": rows, "int8 kernel": (kernel, kernel), "int8 deq": (deq, deq),
+    def row(shape: str, rows: int, kernel: float, deq: float) -> dict:  # the input gradient: the kernel at 2x
+        return {"shape": shape, "rows": rows, "int8 kernel": (kernel, 2 * kernel), "int8 deq": (deq, deq),
                 "int4 kernel": (deq, deq), "int4 deq": (kernel, kernel)}
 
-    results = [row("a", 1, 0.1, 0.5), row("b", 1, 0.1, 0.5), row("a", 4, 0.2, 0.5), row("b", 4, 0.2, 0.5),
+    results = [row("a", 1, 0.1, 0.5), row("b", 1, 0.1, 0.5), row("a", 4, 0.3, 0.5), row("b", 4, 0.3, 0.5),
                row("a", 8, 0.4, 0.5), row("b", 8, 0.6, 0.5), row("a", 16, 0.1, 0.5), row("b", 16, 0.1, 0.5)]
-    assert lowbit.kernel_max_rows(results, "int8") == 4  # shape b loses at 8; 16 does not count past a loss
-    assert lowbit.kernel_max_rows(results, "int4") == 0
+    assert lowbit.kernel_max_rows(results, "int8", 0) == 4  # shape b loses at 8; 16 does not count past a loss
+    assert lowbit.kernel_max_rows(results, "int8", 1) == 1  # its input gradient (0.6) loses at 4 rows
+    assert lowbit.kernel_max_rows(results, "int4", 0) == 0
 
 
 @pytest.mark.slow
