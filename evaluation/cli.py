@@ -41,6 +41,10 @@ from .runners import Job, Outcome, TargetFailed
 from .sandbox import run_program
 from .variants import Variant, parse_variants
 
+# relat_core.quantized.WEIGHT_CHOICES, spelled here so that `relat eval --help` does not import torch
+# (tests/test_eval_cli.py checks they agree).
+WEIGHT_CHOICES = ("auto", "fp32", "int8", "int4")
+
 REPO = Path(__file__).resolve().parents[1]
 HALVES = ("all", "search", "confirm")
 MC_SCORINGS = ("generation", "loglik")
@@ -233,7 +237,7 @@ def run(args: argparse.Namespace, files: list[DataFile], variants: list[Variant]
         from .runners import LocalRunner
 
         runner = LocalRunner(args.model, args.device, args.dtype, args.batch, args.threads, weights=args.weights)
-        target = f"in-process (batch {args.batch})"
+        target = f"in-process (batch {args.batch}, weights {runner.loaded.weights})"
     run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     started = time.perf_counter()
     deadline = started + args.max_minutes * 60 if args.max_minutes else None
@@ -306,8 +310,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--model", help="HF id, local folder or .gguf file (default: the embedded SmolLM2-135M)")
     target.add_argument("--device", help="cpu, cuda, ... (default: cuda if present)")
     target.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
-    target.add_argument("--weights", choices=("fp32", "int8", "int4"), default="fp32",
-                        help="the frozen linear layers' format on CPU, as relat serve --weights (default fp32)")
+    target.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto",
+                        help="the frozen linear layers' format on CPU, as relat serve --weights (default auto: int4 "
+                             "where it holds the checkpoint exactly, else fp32)")
     target.add_argument("--batch", type=int, default=4, help="requests batched in the local engine (default 4)")
     target.add_argument("--threads", type=int, default=None, help="torch threads in this process (default torch's)")
     items = parser.add_argument_group("which items")
@@ -332,7 +337,7 @@ def main(args: argparse.Namespace) -> int:
             raise SystemExit(f"relat eval: --{name} must be at least 1")
     if args.limit is not None and args.limit < 1:
         raise SystemExit("relat eval: --limit must be at least 1")
-    if args.url and (args.model or args.device or args.dtype or args.weights != "fp32"):
+    if args.url and (args.model or args.device or args.dtype or args.weights != "auto"):
         raise SystemExit("relat eval: --model, --device, --dtype and --weights are for an in-process run; a server "
                          "(--url) serves its own model")
     try:

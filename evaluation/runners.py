@@ -57,7 +57,7 @@ class LocalRunner:
     depend on `batch`; the latencies do."""
 
     def __init__(self, model: str | None, device: str | None, dtype: str | None, batch: int, threads: int | None,
-                 agent_prompts: Any = None, weights: str = "fp32"):
+                 agent_prompts: Any = None, weights: str = "auto"):
         import torch
 
         from relat_core import Engine, load_model

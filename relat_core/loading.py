@@ -38,6 +38,7 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     name: str  # what clients call it (`model` in the API)
+    weights: str = "fp32"  # the frozen linear layers' stored format (quantized.py): fp32, int8 or int4
 
 
 def cache_dir() -> Path:
@@ -120,7 +121,8 @@ def load_model(source: str | None = None, device: str | None = None, dtype: str 
                name: str | None = None, pack_weights: bool = True, weights: str = "fp32") -> LoadedModel:
     """Load weights frozen, in eval mode, on the chosen device. Downloads from the hub only for a hub id.
     pack_weights: on CPU in fp32, run the linear layers on oneDNN-packed copies of their weights (packing.py).
-    weights: fp32, or int8/int4 for the frozen linear layers but the LM head (CPU, quantized.py)."""
+    weights: fp32, int8/int4 for the frozen linear layers but the LM head (CPU, quantized.py), or auto (int4 where
+    it holds them exactly, else fp32)."""
     where, served_name = resolve_source(source)
     torch_device = choose_device(device)
     torch_dtype = choose_dtype(torch_device, dtype)
@@ -151,12 +153,12 @@ def prepare(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: st
         model.to(device)
     model.eval()
     model.requires_grad_(False)
-    quantize_linears(model, weights)  # before packing: a quantised layer is not packed
+    stored = quantize_linears(model, weights)  # before packing: a quantised layer is not packed
     if pack_weights:
         pack_linears(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, weights=stored)
 
 
 def weights_digest(model: torch.nn.Module) -> str:

@@ -49,6 +49,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 FORMATS = ("fp32", "int8", "int4")
+WEIGHT_CHOICES = ("auto", *FORMATS)  # auto: int4 where it is exact, else fp32 (quantize_linears)
 GROUP = 32
 # Up to this many rows a product runs on the low-bit kernel; past it, on the dequantised weight through torch.
 # Read off bench/lowbit.py's table (bench/RESULTS.md, section 22): the forward converts each weight once for up to
@@ -214,31 +215,46 @@ class _LowBitProduct(torch.autograd.Function):
         return module.input_gradient(rows).view(*grad.shape[:-1], module.in_features), None
 
 
-def quantize_linears(model: nn.Module, fmt: str) -> int:
-    """Store every frozen nn.Linear of `model` but the LM head in `fmt` (fp32: nothing changes). Returns how many
-    layers are quantised. CPU and fp32 models only: elsewhere (a GPU, bf16) the format is refused."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown weights format {fmt!r}; use one of {', '.join(FORMATS)}")
+def quantize_linears(model: nn.Module, fmt: str) -> str:
+    """Store every frozen nn.Linear of `model` but the LM head in `fmt`; returns the format the layers are stored
+    in. fp32: nothing changes. auto: int4 where int4 holds every one of those weights exactly (a checkpoint that
+    was itself 4-bit with groups of 32, such as the embedded SmolLM2's Q4_1 GGUF) and relat's kernels are built,
+    else fp32: either way the products use the checkpoint's own weights, bit for bit. int8 and int4 run on the
+    CPU with fp32 models only (elsewhere they are refused; auto keeps fp32)."""
+    if fmt not in WEIGHT_CHOICES:
+        raise ValueError(f"unknown weights format {fmt!r}; use one of {', '.join(WEIGHT_CHOICES)}")
     if fmt == "fp32":
-        return 0
+        return "fp32"
     parameter = next(model.parameters())
     if parameter.device.type != "cpu" or parameter.dtype != torch.float32:
+        if fmt == "auto":
+            return "fp32"
         raise ValueError(f"--weights {fmt} runs on the CPU with fp32 models only (this one: {parameter.device}, "
                          f"{parameter.dtype})")
+    stored = "int4" if fmt == "auto" else fmt
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    kernels()  # built (or found in the cache) now, at load, not during the first request
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if (type(child) is not nn.Linear or child is head or child.weight.requires_grad
-                    or (fmt == "int4" and child.in_features % GROUP)):
-                continue
-            setattr(parent, name, QuantizedLinear(child, fmt))
-            count += 1
+    replacements = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+                    if type(child) is nn.Linear and child is not head and not child.weight.requires_grad
+                    and not (stored == "int4" and child.in_features % GROUP)]
+    if not replacements:
+        return "fp32"
+    if kernels() is None and fmt == "auto":  # built (or found in the cache) now, at load, not in a request
+        log.info("weights auto: fp32 (int4 is fast only on relat's kernels, which could not be built here)")
+        return "fp32"
+    quantized = []
+    for _, _, child in replacements:  # all built before any is swapped in: auto may still keep fp32
+        layer = QuantizedLinear(child, stored)
+        if fmt == "auto" and not torch.equal(layer.dequantized(), child.weight):
+            log.info("weights auto: fp32 (int4 would not hold this checkpoint's linear layers exactly)")
+            return "fp32"
+        quantized.append(layer)
+    for layer, (parent, name, _) in zip(quantized, replacements, strict=True):
+        setattr(parent, name, layer)
     _into_own_memory(model)
     _return_free_memory()
-    log.info("%d linear layers stored in %s", count, fmt)
-    return count
+    log.info("%d linear layers stored in %s%s", len(quantized), stored,
+             " (auto: int4 holds them exactly)" if fmt == "auto" else "")
+    return stored
 
 
 def _return_free_memory() -> None:

@@ -158,6 +158,8 @@ class AdminStatus(BaseModel):
     base_weights_sha256: str = Field(description="SHA-256 of the base model's parameters and buffers, now")
     base_weights_sha256_at_start: str = Field(description="the same, computed once the model was loaded")
     base_weights_unchanged: bool
+    weights: Literal["fp32", "int8", "int4"] = Field(
+        description="the format the frozen linear layers are stored in (--weights; auto resolved at load)")
     adapter_slots: int = Field(description="adapter slots of the engine (max_concurrency)")
     adapter_slots_in_use: int
     requests_running: int

@@ -226,7 +226,8 @@ async def admin_status(request: HTTPRequest) -> AdminStatus:
     running, waiting = service.runner.counts()
     return AdminStatus(phase=service.phase, base_weights_sha256=digest,
                        base_weights_sha256_at_start=service.base_digest,
-                       base_weights_unchanged=digest == service.base_digest, adapter_slots=engine.bank.num_slots,
+                       base_weights_unchanged=digest == service.base_digest, weights=engine.weights_format,
+                       adapter_slots=engine.bank.num_slots,
                        adapter_slots_in_use=engine.slots_in_use, requests_running=running, requests_waiting=waiting,
                        resident_memory_bytes=memory)
 

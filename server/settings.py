@@ -53,9 +53,11 @@ class Settings(BaseSettings, TTTOptions):
     pack_weights: bool = Field(
         True, description="fp32 on CPU: run the linear layers on oneDNN-packed copies of their weights (faster; one "
                           "more copy of them in memory)")
-    weights: Literal["fp32", "int8", "int4"] = Field(
-        "fp32", description="CPU: store the frozen linear layers (not the LM head) in int8 (per-channel scales) or "
-                            "int4 (groups of 32), forward and backward; fp32 keeps them as loaded")
+    weights: Literal["auto", "fp32", "int8", "int4"] = Field(
+        "auto", description="CPU: store the frozen linear layers (not the LM head) in int8 (per-channel scales) or "
+                            "int4 (groups of 32), forward and backward; fp32 keeps them as loaded; auto stores int4 "
+                            "where it holds them exactly (a 4-bit checkpoint such as the embedded model) and relat's "
+                            "kernels are built, else fp32")
     max_rank: bounded("rank") = Field(16, description="largest LoRA rank a request may ask for (sizes every slot)")
     max_model_len: int | None = Field(
         None, ge=1, description="context length in tokens, prompt plus answer (default and at most: the model's)")

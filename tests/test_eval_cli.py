@@ -124,7 +124,8 @@ def test_in_process_run_records_every_item_once_and_writes_the_report(tmp_path, 
         assert record["max_tokens"] == (48 if record["task"] == "knowledge" else 32)
         assert isinstance(record["correct"], bool)
     (run,) = read_runs(out)
-    assert run["model"] == "tiny-qwen3" and run["target"] == "in-process (batch 3)" and run["records"] == 10
+    assert run["model"] == "tiny-qwen3" and run["records"] == 10
+    assert run["target"] == "in-process (batch 3, weights fp32)"  # auto on random weights: fp32
     # The full options: the engine's defaults under what the variant gave.
     assert run["variants"]["relat"]["options"]["steps"] == 1
     assert run["variants"]["relat"]["options"]["rank"] == 8
@@ -139,7 +140,8 @@ def test_in_process_run_records_every_item_once_and_writes_the_report(tmp_path, 
 
 
 def test_weights_reach_the_models_loader(tmp_path, data, monkeypatch, tiny_model):
-    """--weights int8 loads the model in int8 (relat serve --weights' loader), fp32 by default."""
+    """--weights int8 loads the model in int8 (relat serve --weights' loader), auto by default; the choices are
+    relat_core's (spelled in the CLI so that --help does not import torch)."""
     asked = []
 
     def load(*args, **kwargs):
@@ -151,7 +153,11 @@ def test_weights_reach_the_models_loader(tmp_path, data, monkeypatch, tiny_model
         extra = ["--weights", weights] if weights else []
         assert relat(["eval", *data, "--variants", "direct", "--limit", "1", "--out", str(tmp_path / out),
                       *extra]) == 0
-    assert asked == ["int8", "fp32"]
+    assert asked == ["int8", "auto"]
+    from evaluation.cli import WEIGHT_CHOICES
+    from relat_core.quantized import WEIGHT_CHOICES as CORE_CHOICES
+
+    assert WEIGHT_CHOICES == CORE_CHOICES
 
 
 def test_an_interrupted_run_resumes_without_repeating_or_losing_items(tmp_path, data, local_model, monkeypatch):

@@ -195,6 +195,49 @@ def test_int4_holds_the_embedded_models_own_q4_1_weights_exactly(embedded_folder
     assert not int8_exact
 
 
+def snapped_to_int4(tokenizer):
+    """A tiny model whose decoder-stack weights lie on a 4-bit grid with groups of 32, as a Q4_1 checkpoint's do:
+    q * 2^-6 - 2^-3 with q in 0..15, each group holding both ends (so its scale and zero are exact in fp32)."""
+    model = tiny_model(tokenizer, "fp32").model
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if type(module) is nn.Linear and ".layers." in name:
+                rows, columns = module.weight.shape
+                q = torch.randint(0, 16, (rows, columns // 32, 32), generator=generator).float()
+                q[..., 0], q[..., 1] = 0, 15
+                module.weight.copy_((q * 2**-6 - 2**-3).reshape(rows, columns))
+    return model
+
+
+def test_auto_stores_int4_only_where_it_holds_every_weight_exactly(tokenizer):
+    assert tiny_model(tokenizer, "auto").weights == "fp32"  # random fp32 weights: int4 would round them
+    random_model = tiny_model(tokenizer, "auto").model
+    assert not any(isinstance(m, QuantizedLinear) for m in random_model.modules())
+
+    model = snapped_to_int4(tokenizer)
+    before = {name: m.weight.clone() for name, m in model.named_modules()
+              if type(m) is nn.Linear and ".layers." in name}
+    assert quantize_linears(model, "auto") == "int4"
+    for name, weight in before.items():
+        layer = model.get_submodule(name)
+        assert isinstance(layer, QuantizedLinear) and layer.format == "int4"
+        assert torch.equal(layer.weight, weight)
+
+    one_off = snapped_to_int4(tokenizer)
+    with torch.no_grad():
+        one_off.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3  # one weight off the grid: all stay fp32
+    assert quantize_linears(one_off, "auto") == "fp32"
+    assert not any(isinstance(m, QuantizedLinear) for m in one_off.modules())
+
+
+def test_auto_keeps_fp32_where_low_bit_formats_are_refused(tokenizer):
+    model = snapped_to_int4(tokenizer).to(torch.bfloat16)
+    assert quantize_linears(model, "auto") == "fp32"
+    with pytest.raises(ValueError, match="fp32 models only"):
+        quantize_linears(model, "int4")
+
+
 REQUESTS = {
     "direct": Request([{"role": "user", "content": "Name a metal."}], TTTParams(method="direct"),
                       SamplingParams(max_tokens=4)),

@@ -423,6 +423,7 @@ def test_admin_status_sees_the_base_weights_slots_and_requests_as_they_are(serve
     digest = weights_digest(engine.model)
     assert status["base_weights_sha256"] == status["base_weights_sha256_at_start"] == digest
     assert status["base_weights_unchanged"] and status["phase"] == "ready"
+    assert status["weights"] == engine.weights_format == "fp32"  # a tiny random model: auto keeps fp32
     assert (status["adapter_slots"], status["adapter_slots_in_use"]) == (engine.bank.num_slots, 0)
     assert (status["requests_running"], status["requests_waiting"]) == (0, 0)
     assert status["resident_memory_bytes"] > 0

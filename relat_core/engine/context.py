@@ -46,6 +46,7 @@ class EngineContext:
         self.family = "huginn" if self.recurrent else str(getattr(self.model.config, "model_type", "unknown"))
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
+        self.weights_format = loaded.weights  # how the frozen linear layers are stored (quantized.py)
         # What an exported adapter names as its base: the folder or hub id the weights came from, else the name.
         self.base_model_name = getattr(self.model.config, "_name_or_path", "") or loaded.name
         self.device = self.model.device
