@@ -62,9 +62,10 @@ _kernels_tried = False
 _scratch = threading.local()  # per thread: {(N, K): fp32 matrix} for the dequantising path (QuantizedLinear)
 
 
-def kernels() -> Any | None:
+def kernels(warn: bool = True) -> Any | None:
     """The compiled kernels of kernels/lowbit.cpp (built on first use, then loaded from torch's extension cache);
-    None where they cannot be built."""
+    None where they cannot be built (with a warning at the first try, unless `warn` is off: --weights auto then
+    keeps fp32, and says so itself)."""
     global _kernels, _kernels_tried
     if not _kernels_tried:
         _kernels_tried = True
@@ -75,7 +76,8 @@ def kernels() -> Any | None:
             flags = ["-O3", "-ffast-math"] + (["-mavx2", "-mfma"] if _has_avx2() else [])
             _kernels = load("relat_lowbit", [str(source)], extra_cflags=flags, verbose=False)
         except Exception as error:  # no compiler, no ninja, a build error: the torch path still runs
-            log.warning("low-bit kernels unavailable (%s); products dequantise the weight instead (slower)", error)
+            (log.warning if warn else log.info)(
+                "low-bit kernels unavailable (%s); low-bit products dequantise the weight instead (slower)", error)
             _kernels = None
     return _kernels
 
@@ -238,21 +240,20 @@ def quantize_linears(model: nn.Module, fmt: str) -> str:
                     and not (stored == "int4" and child.in_features % GROUP)]
     if not replacements:
         return "fp32"
-    if kernels() is None and fmt == "auto":  # built (or found in the cache) now, at load, not in a request
-        log.info("weights auto: fp32 (int4 is fast only on relat's kernels, which could not be built here)")
-        return "fp32"
-    quantized = []
-    for _, _, child in replacements:  # all built before any is swapped in: auto may still keep fp32
-        layer = QuantizedLinear(child, stored)
-        if fmt == "auto" and not torch.equal(layer.dequantized(), child.weight):
+    if fmt == "auto":  # in plain torch first: a checkpoint that stays fp32 never builds the kernels
+        if not all(torch.equal(dequantize_int4(*quantize_int4(child.weight)), child.weight)
+                   for _, _, child in replacements):
             log.info("weights auto: fp32 (int4 would not hold this checkpoint's linear layers exactly)")
             return "fp32"
-        quantized.append(layer)
-    for layer, (parent, name, _) in zip(quantized, replacements, strict=True):
-        setattr(parent, name, layer)
+        if kernels(warn=False) is None:
+            log.info("weights auto: fp32 (int4 is fast only on relat's kernels, which could not be built here)")
+            return "fp32"
+    kernels()  # built (or found in the cache) now, at load, not during the first request
+    for parent, name, child in replacements:
+        setattr(parent, name, QuantizedLinear(child, stored))
     _into_own_memory(model)
     _return_free_memory()
-    log.info("%d linear layers stored in %s%s", len(quantized), stored,
+    log.info("%d linear layers stored in %s%s", len(replacements), stored,
              " (auto: int4 holds them exactly)" if fmt == "auto" else "")
     return stored
 

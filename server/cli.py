@@ -331,8 +331,10 @@ def prepare_model(args: argparse.Namespace) -> int:
     """Load (downloading or converting as needed) and cache a model, so that a later start needs nothing else."""
     from relat_core import load_model
 
-    loaded = load_model(args.model, device="cpu", dtype="float32")  # a hub id lands in HF_HOME, a GGUF in our cache
-    print(f"{loaded.name}: ready")
+    # A hub id lands in HF_HOME, a GGUF in our cache; with --weights auto's choice, relat's low-bit kernels are built
+    # now too where the model would use them (torch's extension cache), so that a first `relat serve` compiles nothing.
+    loaded = load_model(args.model, device="cpu", dtype="float32", weights="auto")
+    print(f"{loaded.name}: ready (weights {loaded.weights})")
     return 0
 
 
