@@ -8,7 +8,8 @@ round sends the same question to every worker in turn, in alternating order, so 
 the naive loop is taken within one round, a few minutes apart at most.
 
 Variants:
-  - engine: `Engine(loaded, max_rank=16, num_slots=1)`, as served (weights packed on CPU fp32);
+  - engine: `Engine(loaded, max_rank=16, num_slots=1)` on fp32 weights, packed (`relat serve --weights fp32`; the
+    served default, `--weights auto`, stores the embedded model in int4: engine-int4 below);
   - engine-plain: the same on plain weights (`load_model(pack_weights=False)`, `relat serve --no-pack-weights`);
   - naive: bench/naive.py's `naive_request`;
   - engine-int8, engine-int4: the engine with its frozen linear layers stored low-bit (`load_model(weights=...)`,
