@@ -16,7 +16,7 @@ Kernels. torch's own weight-only kernels, `_weight_int8pack_mm` and `_weight_int
 and torchao's CPU layouts run), took 2-6x as long as the fp32 product on this project's AVX2 CPU, even for one
 row, and torchao adds no faster CPU kernel nor a backward through int4 (bench/RESULTS.md, section 22). So the
 products run on small loops of our own (kernels/lowbit.cpp, built once with torch's C++ extension loader at load
-and cached): each row of W is read once, converted in registers (AVX2) and multiplied in fp32 with up to 4 rows of
+and cached): each row of W is read once, converted in registers (AVX2) and multiplied in fp32 with up to 8 rows of
 the input at a time. The backward reads the same stored bytes (no transposed copy, no fp32 copy): dx = (dy * s) q
 for int8, and per group (dy * s[:, g]) q + dy z[:, g] for int4, so the gradient is exactly that of the dequantised
 weight (tests/test_quantized.py).
@@ -52,8 +52,8 @@ FORMATS = ("fp32", "int8", "int4")
 WEIGHT_CHOICES = ("auto", *FORMATS)  # auto: int4 where it is exact, else fp32 (quantize_linears)
 GROUP = 32
 # Up to this many rows a product runs on the low-bit kernel; past it, on the dequantised weight through torch.
-# Read off bench/lowbit.py's table (bench/RESULTS.md, section 22): the forward converts each weight once for up to
-# 4 rows at a time and beats the dequantising path up to 8 rows on every shape of the embedded model; the input
+# Read off bench/lowbit.py's table (bench/RESULTS.md, section 22.1): the forward converts each weight once for up to
+# 8 rows at a time and beats the dequantising path up to 8 rows on every shape of the embedded model; the input
 # gradient, which accumulates into the rows of dx, up to 4.
 KERNEL_MAX_ROWS = {"int8": {"forward": 8, "input_gradient": 4}, "int4": {"forward": 8, "input_gradient": 4}}
 

@@ -2,7 +2,7 @@
 //
 // Why our own: torch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` ran 2-6x slower than the fp32
 // product on this project's AVX2 CPU, even at one row (bench/RESULTS.md, section 22). These loops read each weight
-// byte once per call and convert it to fp32 in registers, once for up to 4 rows of x: bandwidth-bound at the few
+// byte once per call and convert it to fp32 in registers, once for up to 8 rows of x: bandwidth-bound at the few
 // rows relat's latent and decoding steps multiply. AVX2 + FMA intrinsics where the compiler targets them (-mavx2
 // -mfma, set by quantized.py when torch reports AVX2), plain loops elsewhere. Threads: ATen's pool
 // (at::parallel_for).
@@ -129,13 +129,17 @@ inline void int4_dots(const float* x, int64_t k, const uint8_t* p, const float* 
 #endif
 }
 
-// Rows are taken 4 at a time (the last block 1-3): 4 rows x 2 sums (or 2 x 4, 1 x 4) fill the 16 vector registers
-// with the weights' vectors beside them.
+// Rows are taken 8 at a time (the last block 1-7), each weight converted once per block: 8 rows x 1 sum (or 4 x 2,
+// 2 x 4, 1 x 4 independent sums, enough to hide the FMA's latency) fit the 16 vector registers beside the weights'.
 template <typename Dots>
 inline void row_blocks(int64_t m_rows, Dots dots) {
   int64_t m = 0;
-  for (; m + 4 <= m_rows; m += 4) dots(m, std::integral_constant<int, 4>{});
+  for (; m + 8 <= m_rows; m += 8) dots(m, std::integral_constant<int, 8>{});
   switch (m_rows - m) {
+    case 7: dots(m, std::integral_constant<int, 7>{}); break;
+    case 6: dots(m, std::integral_constant<int, 6>{}); break;
+    case 5: dots(m, std::integral_constant<int, 5>{}); break;
+    case 4: dots(m, std::integral_constant<int, 4>{}); break;
     case 3: dots(m, std::integral_constant<int, 3>{}); break;
     case 2: dots(m, std::integral_constant<int, 2>{}); break;
     case 1: dots(m, std::integral_constant<int, 1>{}); break;
@@ -143,7 +147,7 @@ inline void row_blocks(int64_t m_rows, Dots dots) {
   }
 }
 
-constexpr int unroll(int rows) { return rows <= 2 ? 4 : 2; }
+constexpr int unroll(int rows) { return rows <= 2 ? 4 : rows <= 4 ? 2 : 1; }
 
 // dx[:, i0:i0+width] += c W[:, i0:i0+width] (c: (M, N) coefficients, dx: (M, K)), W's rows converted by
 // `fill(o, row)` four at a time into a small buffer: each row of dx is then loaded and stored once per four rows of
