@@ -26,8 +26,8 @@ def largest_difference(results: dict, baseline: dict, field: str) -> float | Non
     return max(gaps) if gaps else None
 
 
-def trained(records: dict) -> int:
-    return sum(1 for r in records.values() if (r.get("steps_run") or 0) > 0)
+def trained(records: dict, items: set) -> int:
+    return sum(1 for key in items if (records[key].get("steps_run") or 0) > 0)
 
 
 def compare(root: Path, formats: list[str]) -> list[dict]:
@@ -46,7 +46,8 @@ def compare(root: Path, formats: list[str]) -> list[dict]:
                          "correct": sum(bool(own[k].get("correct")) for k in own.keys() & base.keys()),
                          "wins": paired.wins, "losses": paired.losses, "p": paired.p,
                          "identical": paired.shared - paired.differ,
-                         "trained": (trained(base), trained(own)),
+                         "trained": (trained(base, own.keys() & base.keys()),
+                                     trained(own, own.keys() & base.keys())),
                          "l0_gap": largest_difference(own, base, "recon_before"),
                          "lN_gap": largest_difference(own, base, "recon_after")})
     return rows

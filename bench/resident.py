@@ -14,9 +14,7 @@ the bytes of the model's parameters and buffers, each storage counted once.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
-import gc
 import json
 import subprocess
 import sys
@@ -26,11 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def resident_mib() -> dict[str, float]:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: the figure includes the allocator's free blocks
-        pass
+    from relat_core.memory import return_free_memory
+
+    return_free_memory()  # gc, then glibc's malloc_trim, as /admin/status does before it reads
     fields = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")

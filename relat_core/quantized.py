@@ -36,8 +36,6 @@ low-bit tensors (`weight_q`, `weight_scale`, `weight_zero`), so loading.weights_
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import logging
 import threading
 from pathlib import Path
@@ -45,6 +43,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .memory import return_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -123,19 +123,20 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 class QuantizedLinear(nn.Linear):
     """A frozen nn.Linear whose weight is stored in int8 or int4 (its bias, if any, stays fp32)."""
 
-    def __init__(self, linear: nn.Linear, fmt: str):
+    def __init__(self, linear: nn.Linear, fmt: str, stored: tuple[torch.Tensor, ...] | None = None):
+        """`stored`: the layer's weight already quantised in `fmt` (quantize_int8's or quantize_int4's result)."""
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate an fp32 weight
         if fmt not in ("int8", "int4"):
             raise ValueError(f"unknown low-bit format {fmt!r}")
         self.in_features, self.out_features, self.format = linear.in_features, linear.out_features, fmt
         weight = linear.weight.detach()
         if fmt == "int8":
-            q, scale = quantize_int8(weight)
+            q, scale = stored or quantize_int8(weight)
             self.register_buffer("weight_q", q)
             self.register_buffer("weight_scale", scale)
             self.weight_zero: torch.Tensor | None = None
         else:
-            packed, scale, zero = quantize_int4(weight)
+            packed, scale, zero = stored or quantize_int4(weight)
             self.register_buffer("weight_q", packed)
             self.register_buffer("weight_scale", scale)
             self.register_buffer("weight_zero", zero)
@@ -240,33 +241,24 @@ def quantize_linears(model: nn.Module, fmt: str) -> str:
                     and not (stored == "int4" and child.in_features % GROUP)]
     if not replacements:
         return "fp32"
+    quantized: list[tuple[torch.Tensor, ...] | None] = [None] * len(replacements)
     if fmt == "auto":  # in plain torch first: a checkpoint that stays fp32 never builds the kernels
-        if not all(torch.equal(dequantize_int4(*quantize_int4(child.weight)), child.weight)
-                   for _, _, child in replacements):
-            log.info("weights auto: fp32 (int4 would not hold this checkpoint's linear layers exactly)")
-            return "fp32"
+        for index, (_, _, child) in enumerate(replacements):
+            quantized[index] = quantize_int4(child.weight)
+            if not torch.equal(dequantize_int4(*quantized[index]), child.weight):
+                log.info("weights auto: fp32 (int4 would not hold this checkpoint's linear layers exactly)")
+                return "fp32"
         if kernels(warn=False) is None:
             log.info("weights auto: fp32 (int4 is fast only on relat's kernels, which could not be built here)")
             return "fp32"
     kernels()  # built (or found in the cache) now, at load, not during the first request
-    for parent, name, child in replacements:
-        setattr(parent, name, QuantizedLinear(child, stored))
+    for (parent, name, child), tensors in zip(replacements, quantized, strict=True):
+        setattr(parent, name, QuantizedLinear(child, stored, tensors))
     _into_own_memory(model)
-    _return_free_memory()
+    return_free_memory()  # the quantising temporaries: ~600 MiB of the embedded model's server stayed resident
     log.info("%d linear layers stored in %s%s", len(replacements), stored,
              " (auto: int4 holds them exactly)" if fmt == "auto" else "")
     return stored
-
-
-def _return_free_memory() -> None:
-    """Hand the allocator's free pages back to the system once, at load: quantising every layer went through fp32
-    temporaries, which glibc keeps in its heap after they are freed (about 600 MiB of the embedded model's server
-    stayed resident without this). Not glibc: nothing to do."""
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _into_own_memory(model: nn.Module) -> None:

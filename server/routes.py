@@ -7,9 +7,6 @@ document is generated from (server/openapi.py). API keys are checked before any 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +19,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.types import Scope
 
 from relat_core import weights_digest
+from relat_core.memory import resident_memory_bytes
 
 from . import completions as completion
 from .errors import AdapterNotFound, Forbidden, PayloadTooLarge
@@ -230,26 +228,3 @@ async def admin_status(request: HTTPRequest) -> AdminStatus:
                        adapter_slots=engine.bank.num_slots,
                        adapter_slots_in_use=engine.slots_in_use, requests_running=running, requests_waiting=waiting,
                        resident_memory_bytes=memory)
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc's; musl and other systems have none
-    except (OSError, AttributeError):
-        return None
-
-
-MALLOC_TRIM = _malloc_trim()
-
-
-def resident_memory_bytes() -> int | None:
-    """This process's resident set from /proc/self/statm (pages), or None off Linux. The C allocator first returns
-    its free pages to the system (glibc's malloc_trim): it keeps tens of MB per thread after a batch's tensors
-    are freed, and without this the figure says more about when the last batch ended than about memory in use."""
-    if MALLOC_TRIM is not None:
-        MALLOC_TRIM(0)
-    try:
-        with open("/proc/self/statm", encoding="ascii") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
